@@ -1,0 +1,52 @@
+# Courier's verbs. `make run` and `make test` do all the set-up they need.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+COURIER_AMQP_URL ?= amqp://guest:guest@127.0.0.1:5672/
+export COURIER_AMQP_URL
+
+.PHONY: install run broker tools lint format test schemas clean demo bench
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+		{ echo "Courier needs Python 3.11 or newer (set PYTHON=...)"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	$(BIN)/courier run
+
+broker:
+	@scripts/ensure-rabbitmq.sh "$(COURIER_AMQP_URL)"
+
+tools:
+	@scripts/ensure-promtool.sh
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: install broker tools lint
+	$(BIN)/pytest
+
+schemas: install
+	$(BIN)/python -m tests.regen_schemas
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
+
+demo: install broker
+	$(BIN)/python -m scripts.demo
+
+bench: install broker
+	$(BIN)/python -m bench.run
