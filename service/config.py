@@ -1,0 +1,250 @@
+"""Settings: every variable of CONTRACT section 5, read once at start-up.
+
+Each variable may instead be given as ``<NAME>_FILE`` naming a file that holds
+the value (surrounding whitespace trimmed), as Kubernetes secrets are mounted.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import unquote, urlsplit
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+ENV_PREFIX = "COURIER_"
+_DURATION = re.compile(r"^\s*(\d+)\s*(ms|s|m|h|d)?\s*$", re.IGNORECASE)
+_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """Parse ``10s``, ``1m``, ``12h``, ``250ms`` or a plain number of seconds."""
+    match = _DURATION.match(text)
+    if match is None:
+        raise ValueError(f"{text!r} is not a duration such as 10s, 5m or 12h")
+    number, unit = match.groups()
+    return int(number) * _UNIT_SECONDS[(unit or "s").lower()]
+
+
+def _comma_list(value: Any) -> Any:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+def _default_event_source() -> str:
+    return f"urn:courier:{socket.gethostname()}"
+
+
+class ConfigError(Exception):
+    """A configuration value is invalid; ``variable`` names the culprit."""
+
+    def __init__(self, variable: str, problem: str) -> None:
+        super().__init__(f"{variable}: {problem}")
+        self.variable = variable
+        self.problem = problem
+
+
+class Settings(BaseSettings):
+    """The service's configuration; build it with :func:`load_settings`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="ignore", frozen=True, populate_by_name=True
+    )
+
+    amqp_url: str = "amqp://guest:guest@localhost:5672/"
+    queue: str = Field(default="courier.uploads", min_length=1, max_length=200)
+    events_exchange: str = Field(default="courier.events", min_length=1, max_length=200)
+    concurrency: int = Field(default=32, ge=1, le=1000)
+    max_attempts: int = Field(default=5, ge=1, le=100)
+    retry_delays: Annotated[tuple[int, ...], NoDecode] = (10, 60, 300, 1800)
+    max_redeliveries: int = Field(default=5, ge=1, le=1000)
+    shutdown_timeout: float = Field(default=25.0, ge=0)
+    http_host: str = "0.0.0.0"  # noqa: S104 - a container must listen on all interfaces
+    http_port: int = Field(default=8080, ge=0, le=65535)
+    inconvo_api_key: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("COURIER_INCONVO_API_KEY", "INCONVO_API_KEY"),
+    )
+    inconvo_base_url: str = Field(
+        default="https://app.inconvo.ai/api/v1",
+        validation_alias=AliasChoices("COURIER_INCONVO_BASE_URL", "INCONVO_BASE_URL"),
+    )
+    inconvo_agent_id: str | None = None
+    mindset_api_key: SecretStr | None = None
+    mindset_base_url: str = "https://a.api.mindset.ai"
+    aws_region: str | None = Field(
+        default=None, validation_alias=AliasChoices("AWS_REGION", "AWS_DEFAULT_REGION")
+    )
+    presign_ttl: Annotated[int, NoDecode] = 12 * 3600
+    source_allowed_hosts: Annotated[tuple[str, ...], NoDecode] = ()
+    source_allow_private: bool = False
+    s3_allowed_buckets: Annotated[tuple[str, ...], NoDecode] = ()
+    log_format: Literal["json", "console"] = "json"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    event_source: str = Field(default_factory=_default_event_source, min_length=1)
+    max_message_bytes: int = Field(default=1024 * 1024, ge=1024)
+    http_connect_timeout: float = Field(default=10.0, gt=0)
+    http_read_timeout: float = Field(default=60.0, gt=0)
+    destination_timeout: float = Field(default=60.0, gt=0)
+    publish_timeout: float = Field(default=10.0, gt=0)
+    tmp_dir: Path | None = None
+
+    @field_validator("retry_delays", mode="before")
+    @classmethod
+    def _parse_delays(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        delays = [parse_duration(item) for item in _comma_list(value)]
+        if not delays:
+            raise ValueError("needs at least one delay, such as 10s,1m,5m,30m")
+        if any(d < 1 or d != int(d) for d in delays):
+            raise ValueError("delays must be whole seconds of at least 1s")
+        if sorted(set(delays)) != delays:
+            raise ValueError("delays must be distinct and increasing")
+        return tuple(int(d) for d in delays)
+
+    @field_validator("presign_ttl", mode="before")
+    @classmethod
+    def _parse_ttl(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            seconds = parse_duration(value)
+            # SigV4 presigned URLs are valid for at most seven days.
+            if not 1 <= seconds <= 7 * 86400:
+                raise ValueError("must be between 1s and 7d")
+            return int(seconds)
+        return value
+
+    @field_validator("source_allowed_hosts", "s3_allowed_buckets", mode="before")
+    @classmethod
+    def _parse_list(cls, value: Any) -> Any:
+        return _comma_list(value)
+
+    @field_validator("source_allowed_hosts")
+    @classmethod
+    def _check_hosts(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        from service.sources.guard import parse_allowed_hosts
+
+        parse_allowed_hosts(value)
+        return value
+
+    @field_validator("log_format", "log_level", mode="before")
+    @classmethod
+    def _fold_case(cls, value: Any) -> Any:
+        return value.strip() if isinstance(value, str) else value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("inconvo_api_key", "mindset_api_key", "inconvo_agent_id", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
+    @field_validator("inconvo_base_url", "mindset_base_url", "amqp_url")
+    @classmethod
+    def _check_url(cls, value: str, info: Any) -> str:
+        schemes = (
+            ("amqp://", "amqps://") if info.field_name == "amqp_url" else ("http://", "https://")
+        )
+        if not value.startswith(schemes):
+            raise ValueError(f"must start with {' or '.join(schemes)}")
+        return value.rstrip("/") if info.field_name != "amqp_url" else value
+
+    def secret_values(self) -> list[str]:
+        """Every configured secret (API keys, the AMQP password, AWS secrets), for masking."""
+        values = [k.get_secret_value() for k in (self.inconvo_api_key, self.mindset_api_key) if k]
+        password = urlsplit(self.amqp_url).password
+        if password and password != "guest":  # noqa: S105 - the public default is no secret
+            values.append(unquote(password))
+        for name in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+            if value := os.environ.get(name):
+                values.append(value)
+        return values
+
+    @property
+    def dead_queue(self) -> str:
+        """Name of the dead-letter queue."""
+        return f"{self.queue}.dead"
+
+    def retry_queue(self, delay: int) -> str:
+        """Name of the delay-tier queue for ``delay`` seconds."""
+        return f"{self.queue}.retry.{delay}s"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _FileEnvSource(settings_cls))
+
+
+def env_names(name: str, field: FieldInfo) -> list[str]:
+    """The environment variable names that set the field ``name``."""
+    alias = field.validation_alias
+    if isinstance(alias, AliasChoices):
+        return [str(choice) for choice in alias.choices]
+    return [ENV_PREFIX + name.upper()]
+
+
+class _FileEnvSource(PydanticBaseSettingsSource):
+    """Reads ``<VAR>_FILE`` variables: the value is the named file's content."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        for env in env_names(field_name, field):
+            path = _environ_get(env + "_FILE")
+            if path is None:
+                continue
+            try:
+                return Path(path).read_text(encoding="utf-8").strip(), field_name, False
+            except OSError as exc:
+                raise ConfigError(env + "_FILE", f"cannot read {path}: {exc.strerror}") from exc
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        data: dict[str, Any] = {}
+        for name, field in self.settings_cls.model_fields.items():
+            value, key, _ = self.get_field_value(field, name)
+            if value is not None:
+                data[key] = value
+        return data
+
+
+def _environ_get(name: str) -> str | None:
+    for key, value in os.environ.items():
+        if key.upper() == name:
+            return value
+    return None
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the settings from the environment (plus explicit overrides).
+
+    Raises :class:`ConfigError` naming the first bad variable.
+    """
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field_name = str(error["loc"][0]) if error["loc"] else ""
+        field = Settings.model_fields.get(field_name)
+        variable = env_names(field_name, field)[0] if field else field_name.upper()
+        raise ConfigError(variable, error["msg"]) from None

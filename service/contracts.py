@@ -1,0 +1,296 @@
+"""The request message and the result event (CONTRACT sections 2 and 3).
+
+The JSON Schemas printed by ``courier schema`` and checked in under
+``schemas/`` are generated from these models.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+from urllib.parse import unquote, urlsplit
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
+
+MINDSET_MIME_TYPES = (
+    "video/mp4",
+    "audio/mpeg",
+    "application/pdf",
+    "application/vnd.openxmlformats-officedocument.presentationml.presentation",
+    "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
+    "text/html",
+    "text/plain",
+    "application/zip",
+)
+MindsetMimeType = Literal[
+    "video/mp4",
+    "audio/mpeg",
+    "application/pdf",
+    "application/vnd.openxmlformats-officedocument.presentationml.presentation",
+    "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
+    "text/html",
+    "text/plain",
+    "application/zip",
+]
+Delivery = Literal["multipart", "sourceUrl", "documentContent"]
+
+_IDENT = r"^[A-Za-z0-9_.@-]{1,256}$"
+_CONTEXT_KEY = r"^[A-Za-z0-9_.-]{1,256}$"
+MAX_HTTP_URL = 2048
+
+Identifier = Annotated[str, StringConstraints(pattern=_IDENT)]
+Text = Annotated[str, StringConstraints(min_length=1)]
+
+
+def _no_nulls(data: Any) -> Any:
+    """``null`` counts as absent for optional fields."""
+    if isinstance(data, dict):
+        return {key: value for key, value in data.items() if value is not None}
+    return data
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_nulls(cls, data: Any) -> Any:
+        return _no_nulls(data)
+
+
+class SourceSpec(_Strict):
+    """Where the file comes from."""
+
+    url: Annotated[str, StringConstraints(min_length=1, max_length=4096)] = Field(
+        description="s3://bucket/key[?versionId=v] or http(s)://... (<= 2048 chars)"
+    )
+    fileName: Annotated[str, StringConstraints(min_length=1, max_length=255)] | None = None
+    contentType: Annotated[str, StringConstraints(min_length=3, max_length=255)] | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, url: str) -> str:
+        scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+        if scheme in ("http", "https"):
+            if len(url) > MAX_HTTP_URL:
+                raise ValueError(f"an http(s) URL may have at most {MAX_HTTP_URL} characters")
+            parts = urlsplit(url)
+            if not parts.hostname:
+                raise ValueError("the URL has no host")
+        elif scheme == "s3":
+            parts = urlsplit(url)
+            if not parts.netloc or not unquote(parts.path.lstrip("/")):
+                raise ValueError("an s3 URL needs a bucket and a key: s3://bucket/key")
+        # Any other scheme is left to the pipeline: it is `unsupported_source`.
+        return url
+
+    @field_validator("fileName", "contentType")
+    @classmethod
+    def _printable(cls, value: str) -> str:
+        if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+            raise ValueError("must not contain control characters")
+        return value
+
+
+class InconvoDestination(_Strict):
+    """Upload to an Inconvo dataset, user- or context-scoped."""
+
+    type: Literal["inconvo"]
+    userIdentifier: Identifier | None = None
+    contextKey: Annotated[str, StringConstraints(pattern=_CONTEXT_KEY)] | None = None
+    contextValue: Identifier | None = None
+    agentId: Annotated[str, StringConstraints(pattern=_IDENT)] | None = None
+    fileName: Annotated[str, StringConstraints(min_length=1, max_length=255)] | None = None
+    notes: Annotated[str, StringConstraints(max_length=10000)] | None = None
+
+    @model_validator(mode="after")
+    def _one_scope(self) -> InconvoDestination:
+        user = self.userIdentifier is not None
+        context = self.contextKey is not None or self.contextValue is not None
+        if user == context:
+            raise ValueError("give exactly one scope: userIdentifier, or contextKey + contextValue")
+        if context and (self.contextKey is None or self.contextValue is None):
+            raise ValueError("a context scope needs both contextKey and contextValue")
+        return self
+
+    @field_validator("fileName")
+    @classmethod
+    def _file_name(cls, name: str) -> str:
+        check_upload_file_name(name)
+        return name
+
+
+class MindsetDestination(_Strict):
+    """Ingest into a Mindset AI context, by URL or inline content."""
+
+    type: Literal["mindset"]
+    appUid: Text
+    contextUid: Text
+    name: Annotated[str, StringConstraints(min_length=1, max_length=100)] | None = None
+    mimeType: MindsetMimeType | None = None
+    delivery: Literal["auto", "sourceUrl", "documentContent"] = "auto"
+    externalId: Text | None = None
+    zipType: Annotated[str, StringConstraints(max_length=20)] | None = None
+    autoPublish: bool | None = None
+    hideContentSegments: bool | None = None
+    knownAs: Annotated[str, StringConstraints(max_length=200)] | None = None
+    externalUrl: Annotated[str, StringConstraints(max_length=2048)] | None = None
+    thumbnailUrl: Annotated[str, StringConstraints(max_length=2048)] | None = None
+    thumbnail: Annotated[str, StringConstraints(max_length=65536)] | None = None
+    viewOriginalSource: bool | None = None
+    contentHash: Annotated[str, StringConstraints(max_length=200)] | None = None
+    labels: Annotated[list[Text], Field(max_length=10)] | None = None
+    runId: Annotated[str, StringConstraints(max_length=200)] | None = None
+
+    @model_validator(mode="after")
+    def _delivery_allowed(self) -> MindsetDestination:
+        if self.mimeType is not None:
+            check_mindset_delivery(self.mimeType, self.delivery)
+        return self
+
+
+Destination = Annotated[InconvoDestination | MindsetDestination, Field(discriminator="type")]
+
+
+class UploadRequest(_Strict):
+    """One upload request, as a producer publishes it."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        frozen=True,
+        title="Courier upload request",
+        json_schema_extra={"$id": "urn:courier:schema:request"},
+    )
+
+    id: Annotated[str, StringConstraints(min_length=1, max_length=200)] | None = None
+    source: SourceSpec
+    destination: Destination
+    metadata: Annotated[dict[str, str], Field(max_length=50)] = Field(default_factory=dict)
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_keys(cls, metadata: dict[str, str]) -> dict[str, str]:
+        for key, value in metadata.items():
+            if not 1 <= len(key) <= 200 or len(value) > 2048:
+                raise ValueError("metadata keys are 1-200 characters and values at most 2048")
+        return metadata
+
+
+SOURCE_ONLY_TYPES = frozenset(
+    {
+        "video/mp4",
+        "audio/mpeg",
+        "application/vnd.openxmlformats-officedocument.presentationml.presentation",
+        "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
+        "application/zip",
+    }
+)
+
+
+def check_mindset_delivery(mime_type: str, delivery: str) -> None:
+    """Raise ValueError when the API forbids ``delivery`` for ``mime_type``."""
+    if delivery == "sourceUrl" and mime_type == "text/plain":
+        raise ValueError("text/plain can only be delivered as documentContent")
+    if delivery == "documentContent" and mime_type in SOURCE_ONLY_TYPES:
+        raise ValueError(f"{mime_type} can only be delivered as sourceUrl")
+
+
+INCONVO_EXTENSIONS = (".csv", ".json")
+
+
+def check_upload_file_name(name: str) -> None:
+    """Raise ValueError for an Inconvo file name with path tricks or control characters."""
+    if ".." in name or "/" in name or "\\" in name:
+        raise ValueError("a file name may not contain '..', '/' or '\\'")
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
+        raise ValueError("a file name may not contain control characters")
+    if not name.strip():
+        raise ValueError("a file name may not be blank")
+
+
+# ---------------------------------------------------------------------------
+# The result event
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SourceInfo(_Out):
+    """What was learnt about the source; ``url`` is redacted."""
+
+    url: str
+    bytes: int | None = None
+    contentType: str | None = None
+    sha256: str | None = None
+
+
+class ErrorInfo(_Out):
+    """Why a request failed."""
+
+    code: str
+    message: str
+    retryable: bool
+    httpStatus: int | None = None
+
+
+class EventData(_Out):
+    """The ``data`` of a result event."""
+
+    requestId: str
+    status: Literal["succeeded", "failed"]
+    destination: Literal["inconvo", "mindset"] | None
+    delivery: Delivery | None
+    attempts: int = Field(ge=1)
+    durationMs: float = Field(ge=0)
+    source: SourceInfo | None
+    result: Any = None
+    error: ErrorInfo | None = None
+    deduplicated: bool | None = None
+    metadata: dict[str, str]
+
+
+class ResultEvent(_Out):
+    """A CloudEvents 1.0 structured-mode result event."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        frozen=True,
+        title="Courier result event",
+        json_schema_extra={"$id": "urn:courier:schema:event"},
+    )
+
+    specversion: Literal["1.0"] = "1.0"
+    id: str
+    source: str
+    type: Literal["courier.upload.succeeded", "courier.upload.failed"]
+    subject: str
+    time: str
+    datacontenttype: Literal["application/json"] = "application/json"
+    data: EventData
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """The event as it goes on the wire: optional members left out when unset."""
+        body = self.model_dump(mode="json")
+        data = body["data"]
+        for key in ("result", "error", "deduplicated"):
+            if data.get(key) is None:
+                data.pop(key, None)
+        if "error" in data and data["error"].get("httpStatus") is None:
+            data["error"].pop("httpStatus")
+        return body
+
+
+def json_schemas() -> dict[str, Any]:
+    """The JSON Schemas of the request and the event."""
+    return {
+        "request": UploadRequest.model_json_schema(),
+        "event": ResultEvent.model_json_schema(),
+    }

@@ -1,0 +1,103 @@
+"""The job: one request in, one Outcome out. No AMQP in here."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from service.contracts import Delivery, SourceInfo, UploadRequest
+from service.destinations.base import Destination
+from service.errors import CourierError, ErrorCode, PermanentError
+from service.redact import redact_url
+from service.sources.base import Source
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How one attempt at a request ended."""
+
+    duration_ms: float
+    destination: str | None
+    delivery: Delivery | None = None
+    source: SourceInfo | None = None
+    result: Any = None
+    error: CourierError | None = None
+    deduplicated: bool = False
+
+    @property
+    def succeeded(self) -> bool:
+        """Whether the delivery succeeded."""
+        return self.error is None
+
+
+def scheme_of(url: str) -> str:
+    """The URL's scheme in lower case ('' when there is none)."""
+    return url.split(":", 1)[0].lower() if ":" in url else ""
+
+
+class Pipeline:
+    """Runs requests through the checks, the source and the destination."""
+
+    def __init__(
+        self, sources: Mapping[str, Source], destinations: Mapping[str, Destination]
+    ) -> None:
+        self._sources = dict(sources)
+        self._destinations = dict(destinations)
+
+    async def process(self, request: UploadRequest) -> Outcome:
+        """Run one attempt; never raises for a failed request, only reports it."""
+        started = time.perf_counter()
+        kind = request.destination.type
+        try:
+            delivered = await self._run(request)
+        except CourierError as exc:
+            return Outcome(
+                duration_ms=_since(started),
+                destination=kind,
+                source=SourceInfo(url=redact_url(request.source.url)),
+                error=exc,
+            )
+        except Exception:
+            log.exception("unexpected error while processing a request")
+            return Outcome(
+                duration_ms=_since(started),
+                destination=kind,
+                source=SourceInfo(url=redact_url(request.source.url)),
+                error=PermanentError(ErrorCode.INTERNAL_ERROR, "unexpected error in Courier"),
+            )
+        return Outcome(
+            duration_ms=_since(started),
+            destination=kind,
+            delivery=delivered.delivery,
+            source=delivered.source,
+            result=delivered.result,
+            deduplicated=delivered.deduplicated,
+        )
+
+    async def _run(self, request: UploadRequest) -> Any:
+        # Cheapest checks first; the first failure decides the code (CONTRACT section 3).
+        scheme = scheme_of(request.source.url)
+        source = self._sources.get(scheme)
+        if source is None:
+            raise PermanentError(
+                ErrorCode.UNSUPPORTED_SOURCE,
+                f"unsupported source scheme {scheme!r}: use s3, http or https",
+            )
+        destination = self._destinations[request.destination.type]
+        if not destination.configured():
+            raise PermanentError(
+                ErrorCode.DESTINATION_NOT_CONFIGURED,
+                f"no API key is configured for {destination.name}",
+            )
+        destination.precheck(request)
+        source.check(request.source)
+        return await destination.deliver(request, source)
+
+
+def _since(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 1)

@@ -1,0 +1,151 @@
+"""Wiring: the long-lived clients, built once at start-up and closed at shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+
+from service.broker import Broker
+from service.config import Settings
+from service.destinations.base import Destination
+from service.destinations.inconvo import Inconvo
+from service.destinations.mindset import Mindset
+from service.metrics import MeteredSource, Metrics
+from service.pipeline import Pipeline
+from service.sources.base import Source
+from service.sources.guard import AddressPolicy, guarded_connector, parse_allowed_hosts
+from service.sources.http import HttpSource
+from service.sources.s3 import S3Source
+from service.tracing import trace_config
+from service.web import make_app, start_http
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.asynccontextmanager
+async def pipeline_for(
+    settings: Settings, metrics: Metrics | None = None
+) -> AsyncIterator[Pipeline]:
+    """A Pipeline with its HTTP sessions and S3 client; everything is closed on exit."""
+    metrics = metrics or Metrics()
+    policy = AddressPolicy(
+        allow_private=settings.source_allow_private,
+        allowed_hosts=parse_allowed_hosts(settings.source_allowed_hosts),
+    )
+    timeout = aiohttp.ClientTimeout(
+        total=None, connect=settings.http_connect_timeout, sock_read=settings.http_read_timeout
+    )
+    s3_config = AioConfig(
+        connect_timeout=settings.http_connect_timeout,
+        read_timeout=settings.http_read_timeout,
+        retries={"max_attempts": 3, "mode": "standard"},
+        max_pool_connections=settings.concurrency * 2,
+        signature_version="s3v4",
+    )
+
+    def api_session(name: str) -> aiohttp.ClientSession:
+        return aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=settings.concurrency * 2),
+            timeout=aiohttp.ClientTimeout(total=settings.destination_timeout),
+            trace_configs=[trace_config(metrics, name)],
+        )
+
+    async with (
+        aiohttp.ClientSession(
+            connector=guarded_connector(policy, limit=settings.concurrency * 2),
+            timeout=timeout,
+            auto_decompress=True,
+            trace_configs=[trace_config()],
+        ) as source_session,
+        api_session("inconvo") as inconvo_session,
+        api_session("mindset") as mindset_session,
+        get_session().create_client(
+            "s3", region_name=settings.aws_region, config=s3_config
+        ) as s3_client,
+    ):
+        http = HttpSource(source_session, policy, settings.tmp_dir)
+        s3 = S3Source(
+            s3_client,
+            allowed_buckets=settings.s3_allowed_buckets,
+            presign_ttl=settings.presign_ttl,
+            tmp_dir=settings.tmp_dir,
+        )
+        sources: dict[str, Source] = {
+            "http": MeteredSource(http, metrics, "http"),
+            "https": MeteredSource(http, metrics, "https"),
+            "s3": MeteredSource(s3, metrics, "s3"),
+        }
+        destinations: dict[str, Destination] = {
+            "inconvo": Inconvo(
+                inconvo_session,
+                base_url=settings.inconvo_base_url,
+                api_key=settings.inconvo_api_key,
+                agent_id=settings.inconvo_agent_id,
+                timeout=settings.destination_timeout,
+            ),
+            "mindset": Mindset(
+                mindset_session,
+                base_url=settings.mindset_base_url,
+                api_key=settings.mindset_api_key,
+                timeout=settings.destination_timeout,
+            ),
+        }
+        yield Pipeline(sources, destinations)
+
+
+class Service:
+    """``courier run``: web endpoints, pipeline and broker, started and stopped in order."""
+
+    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.http_port: int | None = None
+        self.broker: Broker | None = None
+        self._stop = asyncio.Event()
+
+    def request_stop(self) -> None:
+        """Ask the service to shut down gracefully."""
+        self._stop.set()
+
+    async def ready(self) -> bool:
+        """Readiness: connected and consuming."""
+        return self.broker is not None and await self.broker.ready()
+
+    async def run(self, *, install_signals: bool = True) -> None:
+        """Run until :meth:`request_stop` (or SIGTERM/SIGINT); then stop gracefully."""
+        loop = asyncio.get_running_loop()
+        if install_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.request_stop)
+        runner, self.http_port = await start_http(
+            make_app(self.metrics, self.ready), self.settings.http_host, self.settings.http_port
+        )
+        log.info("HTTP endpoints on port %d", self.http_port)
+        try:
+            async with pipeline_for(self.settings, self.metrics) as pipeline:
+                self.broker = Broker(self.settings, pipeline.process, self.metrics)
+                start = asyncio.create_task(self.broker.start())
+                stop = asyncio.create_task(self._stop.wait())
+                await asyncio.wait({start, stop}, return_when=asyncio.FIRST_COMPLETED)
+                if start.done():
+                    start.result()
+                    await stop
+                else:
+                    start.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await start
+                log.info("shutting down")
+                await self.broker.stop()
+        finally:
+            await runner.cleanup()
+            if install_signals:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(sig)
+        log.info("stopped")

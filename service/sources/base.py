@@ -1,0 +1,227 @@
+"""What every source shares: the port, the facts it returns, and the spooling code.
+
+Bytes are streamed to a temporary file while the size cap, the SHA-256 and
+the byte count are computed, so a file is never held in memory whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import mimetypes
+import os
+import posixpath
+import tempfile
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Protocol
+from urllib.parse import unquote, urlsplit
+
+import aiofiles.os
+
+from service.contracts import SourceSpec
+from service.errors import ErrorCode, PermanentError
+
+CHUNK_SIZE = 256 * 1024
+# Files up to this size never touch the disk: at most COURIER_CONCURRENCY x this in memory.
+MEMORY_SPOOL = 256 * 1024
+_TYPES = mimetypes.MimeTypes()  # the built-in table only: the same answer on every host
+for _ext, _type in {
+    ".md": "text/markdown",
+    ".docx": "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
+    ".pptx": "application/vnd.openxmlformats-officedocument.presentationml.presentation",
+}.items():
+    _TYPES.add_type(_type, _ext)
+
+
+@dataclass(frozen=True, slots=True)
+class SizeLimit:
+    """The most bytes a destination takes, and who imposes it (for the error message)."""
+
+    max_bytes: int
+    owner: str
+
+    def exceeded(self, size: int | None = None) -> PermanentError:
+        """The ``too_large`` error for this limit."""
+        got = f" ({size} bytes)" if size is not None else ""
+        return PermanentError(
+            ErrorCode.TOO_LARGE,
+            f"the file{got} is over the {self.owner} limit of {self.max_bytes} bytes",
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class FetchedFile:
+    """A fetched source file: small ones held in memory, larger ones in a temporary file."""
+
+    path: Path | None
+    data: bytes | None
+    size: int
+    sha256: str
+    content_type: str | None
+    file_name: str
+    url: str  # redacted, fit for events and logs
+
+    async def read(self) -> bytes:
+        """The whole content (only for files already known to be small)."""
+        if self.data is not None:
+            return self.data
+        assert self.path is not None  # noqa: S101 - one of the two is always set
+        return await asyncio.to_thread(self.path.read_bytes)
+
+    @asynccontextmanager
+    async def body(self) -> AsyncIterator[bytes | BinaryIO]:
+        """Something aiohttp can send: the bytes, or the open temporary file it streams."""
+        if self.data is not None:
+            yield self.data
+            return
+        assert self.path is not None  # noqa: S101
+        handle = await asyncio.to_thread(self.path.open, "rb")
+        try:
+            yield handle
+        finally:
+            await asyncio.to_thread(handle.close)
+
+
+@dataclass(frozen=True, slots=True)
+class SourceFacts:
+    """What is known about a source without reading its bytes."""
+
+    fetch_url: str  # handed to the destination: the URL as given or a presigned one
+    file_name: str
+    content_type: str | None
+    size: int | None
+    url: str  # redacted
+
+
+class Source(Protocol):
+    """A source of files for one or more URL schemes."""
+
+    def check(self, spec: SourceSpec) -> None:
+        """Cheap pre-flight checks that need no I/O (allowlists); raise ``source_blocked``."""
+
+    def open(self, spec: SourceSpec, limit: SizeLimit) -> AbstractAsyncContextManager[FetchedFile]:
+        """Fetch the file into a temporary file that is removed on exit."""
+
+    async def describe(self, spec: SourceSpec) -> SourceFacts:
+        """Facts and a URL the destination can fetch by itself."""
+
+
+def guess_type(file_name: str) -> str | None:
+    """The content type a file name's extension suggests."""
+    return _TYPES.guess_type("x" + posixpath.splitext(file_name)[1].lower(), strict=False)[0]
+
+
+def media_type(content_type: str | None) -> str | None:
+    """``text/csv; charset=utf-8`` -> ``text/csv``; generic binary types count as unknown."""
+    if not content_type:
+        return None
+    value = content_type.split(";", 1)[0].strip().lower()
+    if not value or value in ("application/octet-stream", "binary/octet-stream"):
+        return None
+    return value
+
+
+def name_from_url(url: str) -> str:
+    """The last path segment of the URL, percent-decoded."""
+    path = urlsplit(url).path
+    return unquote(path.rstrip("/").rsplit("/", 1)[-1]) if path else ""
+
+
+def pick_name(spec: SourceSpec, disposition_name: str | None, url_name: str) -> str:
+    """The file name: the request's override, then Content-Disposition, then the URL."""
+    if spec.fileName:
+        return spec.fileName
+    if disposition_name:
+        # A server-chosen name is only a name: never a path.
+        base = disposition_name.replace("\\", "/").rsplit("/", 1)[-1].strip()
+        if base and base not in (".", ".."):
+            return base
+    return url_name or "download"
+
+
+def pick_type(spec: SourceSpec, header: str | None, file_name: str) -> str | None:
+    """The content type: the request's override, then the response header, then the extension."""
+    return media_type(spec.contentType) or media_type(header) or guess_type(file_name)
+
+
+@dataclass(frozen=True, slots=True)
+class Spooled:
+    """The result of :func:`spool`."""
+
+    path: Path | None
+    data: bytes | None
+    size: int
+    sha256: str
+
+
+async def spool(chunks: AsyncIterator[bytes], limit: SizeLimit, tmp_dir: Path | None) -> Spooled:
+    """Stream ``chunks`` in, enforcing ``limit``, hashing on the way.
+
+    Up to MEMORY_SPOOL bytes stay in memory; past that everything goes to a new
+    temporary file, which is removed again on any failure.
+    """
+    digest = hashlib.sha256()
+    size = 0
+    buffer = bytearray()
+    fd: int | None = None
+    path: Path | None = None
+    try:
+        async for chunk in chunks:
+            size += len(chunk)
+            if size > limit.max_bytes:
+                raise limit.exceeded()
+            if fd is not None:
+                # One thread hop writes and hashes (hashlib releases the GIL).
+                await asyncio.to_thread(_write_all, fd, chunk, digest)
+                continue
+            digest.update(chunk)
+            buffer += chunk
+            if len(buffer) > MEMORY_SPOOL:
+                new_fd, name = await asyncio.to_thread(_new_temp_file, tmp_dir)
+                fd, path = new_fd, Path(name)
+                await asyncio.to_thread(_write_all, new_fd, bytes(buffer), None)
+                buffer = bytearray()
+        if fd is not None:
+            await asyncio.to_thread(os.close, fd)
+            fd = None
+    except BaseException:
+        if fd is not None:
+            os.close(fd)
+        if path is not None:
+            await remove_quietly(path)
+        raise
+    if path is None:
+        return Spooled(None, bytes(buffer), size, digest.hexdigest())
+    return Spooled(path, None, size, digest.hexdigest())
+
+
+def _new_temp_file(tmp_dir: Path | None) -> tuple[int, str]:
+    return tempfile.mkstemp(prefix="courier-", dir=tmp_dir)
+
+
+def _write_all(fd: int, data: bytes, digest: Any) -> None:
+    if digest is not None:
+        digest.update(data)
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+@asynccontextmanager
+async def removing(fetched: FetchedFile) -> AsyncIterator[FetchedFile]:
+    """Yield ``fetched`` and remove its temporary file (if any) on exit, whatever happens."""
+    try:
+        yield fetched
+    finally:
+        if fetched.path is not None:
+            await remove_quietly(fetched.path)
+
+
+async def remove_quietly(path: Path) -> None:
+    """Remove ``path``; a file already gone is fine."""
+    with contextlib.suppress(FileNotFoundError):
+        await aiofiles.os.remove(path)
