@@ -1,0 +1,196 @@
+"""What the HTTP fakes share: lifecycle, request log, delays and failure injection."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Self
+
+from aiohttp import hdrs, web
+from multidict import CIMultiDict
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(slots=True)
+class RecordedRequest:
+    """One request the fake received; ``status`` is 0 until answered (or if dropped)."""
+
+    method: str
+    path: str
+    status: int
+    headers: CIMultiDict[str]
+
+
+@dataclass(frozen=True, slots=True)
+class _Failure:
+    status: int
+    headers: dict[str, str]
+    body: object | None
+    method: str | None
+    disconnect: bool
+
+
+async def drain(request: web.Request) -> None:
+    """Read and discard whatever is left of the request body."""
+    while await request.content.readany():
+        pass
+
+
+class FakeServer:
+    """Base of the fakes: an aiohttp app on 127.0.0.1 on a free port.
+
+    Attributes: ``requests`` (every request, rejected ones too), ``delay`` (seconds
+    slept before a request is handled; if the client has gone by then, the request is
+    dropped unhandled), ``delay_after`` (seconds slept after it was handled, before
+    answering: the request takes effect even if the client gives up), ``root_url``
+    and ``base_url`` (set by :meth:`start`).
+    """
+
+    _api_prefix = ""
+
+    def __init__(self) -> None:
+        self.requests: list[RecordedRequest] = []
+        self.delay: float = 0.0
+        self.delay_after: float = 0.0
+        self.root_url = ""
+        self.base_url = ""
+        self._failures: list[_Failure] = []
+        self._runner: web.AppRunner | None = None
+
+    # -- to override -------------------------------------------------------------------
+
+    def _routes(self) -> list[web.RouteDef]:
+        raise NotImplementedError
+
+    def _error_body(self, status: int, message: str) -> object:
+        """The JSON body of an error answer."""
+        return {"error": message}
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> str:
+        """Start serving and return the base URL."""
+        if self._runner is not None:
+            raise RuntimeError("already started")
+        app = web.Application(middlewares=[self._middleware])
+        app.add_routes(self._routes())
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+        await runner.setup()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+            await web.SockSite(runner, sock).start()
+        except BaseException:
+            sock.close()
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        self.root_url = f"http://127.0.0.1:{port}"
+        self.base_url = self.root_url + self._api_prefix
+        return self.base_url
+
+    async def close(self) -> None:
+        """Stop serving (idempotent)."""
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # -- failure injection -------------------------------------------------------------
+
+    def fail_next(
+        self,
+        status: int,
+        count: int = 1,
+        headers: dict[str, str] | None = None,
+        body: object | None = None,
+        *,
+        method: str | None = None,
+        disconnect: bool = False,
+    ) -> None:
+        """Answer the next ``count`` requests with ``status`` instead of handling them.
+
+        ``body``: None for the fake's usual error body, ``str``/``bytes`` sent as is,
+        anything else as JSON. ``method`` limits the failure to requests with that
+        method (others pass through). ``disconnect`` closes the connection without
+        an answer instead (``status`` is then ignored).
+        """
+        failure = _Failure(status, dict(headers or {}), body, method, disconnect)
+        self._failures.extend([failure] * count)
+
+    def clear_failures(self) -> None:
+        """Forget queued failures: the API is healthy again."""
+        self._failures.clear()
+
+    def _take_failure(self, method: str) -> _Failure | None:
+        for index, failure in enumerate(self._failures):
+            if failure.method is None or failure.method.upper() == method:
+                return self._failures.pop(index)
+        return None
+
+    def _failure_response(self, failure: _Failure) -> web.Response:
+        body = failure.body
+        if body is None:
+            body = self._error_body(failure.status, "Injected failure")
+        headers = CIMultiDict(failure.headers)
+        if isinstance(body, bytes):
+            data = body
+        elif isinstance(body, str):
+            data = body.encode()
+            headers.setdefault(hdrs.CONTENT_TYPE, "text/plain; charset=utf-8")
+        else:
+            data = json.dumps(body).encode()
+            headers.setdefault(hdrs.CONTENT_TYPE, "application/json")
+        return web.Response(status=failure.status, body=data, headers=headers)
+
+    def error(self, status: int, message: str) -> web.Response:
+        """A JSON error answer in the fake's error shape."""
+        return web.json_response(self._error_body(status, message), status=status)
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        record = RecordedRequest(request.method, request.path, 0, CIMultiDict(request.headers))
+        self.requests.append(record)
+        if self.delay > 0:
+            await asyncio.sleep(self.delay)
+            if request.transport is None or request.transport.is_closing():
+                return web.Response(status=499)  # the client gave up: never handled
+        failure = self._take_failure(request.method)
+        if failure is not None:
+            await drain(request)
+            if failure.disconnect:
+                # aiohttp treats the failed write of this answer as a client disconnect.
+                if request.transport is not None:
+                    request.transport.close()
+                return web.Response(status=500)
+            response: web.StreamResponse = self._failure_response(failure)
+        else:
+            try:
+                response = await handler(request)
+            except web.HTTPException as exc:
+                await drain(request)
+                response = self.error(exc.status, exc.reason)
+            except Exception:
+                record.status = 500
+                raise
+            if self.delay_after > 0:
+                await asyncio.sleep(self.delay_after)
+        record.status = response.status
+        return response

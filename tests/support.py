@@ -1,0 +1,351 @@
+"""Test bed pieces: a file server on loopback, an event collector, broker helpers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gzip
+import os
+import socket
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import aio_pika
+import aiohttp
+import orjson
+from aio_pika.abc import AbstractConnection, AbstractIncomingMessage, AbstractRobustConnection
+from aiohttp import web
+
+AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on (right now)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def courier_env(**extra: str) -> dict[str, str]:
+    """A clean environment for a courier subprocess."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("COURIER_", "INCONVO_"))}
+    env.update({"COURIER_AMQP_URL": AMQP_URL, "COURIER_HTTP_HOST": "127.0.0.1"})
+    env.update(extra)
+    return env
+
+
+async def courier(
+    *args: str, env: Mapping[str, str], stdin: bytes | None = None, timeout: float = 30
+) -> tuple[int, bytes, bytes]:
+    """Run `python -m service ARGS` to completion."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "service",
+        *args,
+        env=dict(env),
+        cwd=ROOT,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(stdin), timeout)
+    assert proc.returncode is not None
+    return proc.returncode, out, err
+
+
+async def wait_status(url: str, status: int, timeout: float = 20) -> None:
+    """Poll ``url`` until it answers ``status``."""
+    async with aiohttp.ClientSession() as session, asyncio.timeout(timeout):
+        while True:
+            try:
+                async with session.get(url) as response:
+                    if response.status == status:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+
+
+class CourierProcess:
+    """`courier run` as a subprocess, as a user runs it."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = dict(env)
+        self.port = int(self.env["COURIER_HTTP_PORT"])
+        self.proc: asyncio.subprocess.Process | None = None
+        self.stderr = b""
+
+    async def start(self, wait_ready: bool = True) -> CourierProcess:
+        """Start it and (by default) wait until /readyz answers 200."""
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "service",
+            "run",
+            env=self.env,
+            cwd=ROOT,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        self._reader = asyncio.create_task(self._read_stderr())
+        if wait_ready:
+            await wait_status(f"http://127.0.0.1:{self.port}/readyz", 200)
+        return self
+
+    async def _read_stderr(self) -> None:
+        assert self.proc is not None and self.proc.stderr is not None
+        while chunk := await self.proc.stderr.read(65536):
+            self.stderr += chunk
+
+    async def signal(self, sig: int, timeout: float = 60) -> int:
+        """Send ``sig`` and wait for the exit status."""
+        assert self.proc is not None
+        if self.proc.returncode is None:
+            self.proc.send_signal(sig)
+        code = await asyncio.wait_for(self.proc.wait(), timeout)
+        await self._reader
+        return code
+
+
+@dataclass
+class Served:
+    """A file the file server answers with."""
+
+    body: bytes = b""
+    content_type: str | None = "text/csv"
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
+    chunked: bool = False  # stream without Content-Length
+    gzip: bool = False  # send gzip-encoded with Content-Encoding
+    redirect: str | None = None
+    stream_bytes: int = 0  # stream this many zero bytes instead of body
+    delay: float = 0.0
+    _gzipped: bytes | None = None
+
+    def encoded(self) -> bytes:
+        """The body as sent: gzip-compressed once when ``gzip`` is set."""
+        if not self.gzip:
+            return self.body
+        if self._gzipped is None:
+            self._gzipped = gzip.compress(self.body, compresslevel=6)
+        return self._gzipped
+
+
+class FileServer:
+    """An aiohttp server on 127.0.0.1 answering from ``files``; counts every hit."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, Served] = {}
+        self.hits: list[str] = []
+        self.hit_headers: list[dict[str, str]] = []
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    def url(self, path: str) -> str:
+        """The URL of ``path`` on this server."""
+        return f"http://127.0.0.1:{self.port}/{path.lstrip('/')}"
+
+    def add(self, path: str, body: bytes = b"", **kwargs: Any) -> str:
+        """Serve ``body`` at ``path``; returns its URL."""
+        key = unquote(urlsplit("/" + path.lstrip("/")).path)
+        self.files[key] = Served(body=body, **kwargs)
+        return self.url(path)
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        self.hits.append(request.path)
+        self.hit_headers.append(dict(request.headers))
+        served = self.files.get(request.path)
+        if served is None:
+            return web.Response(status=404, text="not found")
+        if served.delay:
+            await asyncio.sleep(served.delay)
+        if served.redirect is not None:
+            raise web.HTTPFound(served.redirect)
+        headers = dict(served.headers)
+        if served.content_type:
+            headers["Content-Type"] = served.content_type
+        if served.status >= 400:
+            return web.Response(status=served.status, body=served.body, headers=headers)
+        body = served.encoded()
+        if served.gzip:
+            headers["Content-Encoding"] = "gzip"
+        if not (served.chunked or served.stream_bytes):
+            return web.Response(body=body, headers=headers)
+        response = web.StreamResponse(headers=headers)
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        if served.stream_bytes:
+            chunk = b"0" * 65536
+            sent = 0
+            try:
+                while sent < served.stream_bytes:
+                    await response.write(chunk)
+                    sent += len(chunk)
+            except (ConnectionResetError, RuntimeError):
+                return response
+        else:
+            for start in range(0, len(body), 65536):
+                await response.write(body[start : start + 65536])
+        await response.write_eof()
+        return response
+
+    async def start(self) -> FileServer:
+        """Bind a free loopback port."""
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return self
+
+    async def close(self) -> None:
+        """Stop serving."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+@dataclass
+class Names:
+    """Per-test queue and exchange names, so tests never share state."""
+
+    queue: str
+    events_exchange: str
+
+    @classmethod
+    def fresh(cls) -> Names:
+        """New unique names."""
+        tag = f"t-{uuid.uuid4().hex[:10]}"
+        return cls(queue=f"{tag}.uploads", events_exchange=f"{tag}.events")
+
+    @property
+    def dead_queue(self) -> str:
+        """The dead-letter queue."""
+        return f"{self.queue}.dead"
+
+
+class EventCollector:
+    """Binds a private queue to the events exchange and gathers events by request id."""
+
+    def __init__(
+        self, connection: AbstractRobustConnection, exchange: str, *, durable: bool = False
+    ) -> None:
+        self._connection = connection
+        self._exchange = exchange
+        # A durable queue survives a broker restart, so no event is missed meanwhile.
+        self._durable = durable
+        self.events: list[dict[str, Any]] = []
+        self.messages: list[AbstractIncomingMessage] = []
+        self.arrivals: list[float] = []
+        self._changed = asyncio.Condition()
+
+    async def start(self) -> EventCollector:
+        """Declare the exchange and bind an exclusive queue to every routing key."""
+        channel = await self._connection.channel()
+        exchange = await channel.declare_exchange(
+            self._exchange, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        if self._durable:
+            queue = await channel.declare_queue(f"{self._exchange}.collector", durable=True)
+        else:
+            queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        await queue.bind(exchange, routing_key="#")
+        await queue.consume(self._on_message, no_ack=True)
+        return self
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        async with self._changed:
+            self.messages.append(message)
+            self.events.append(orjson.loads(message.body))
+            self.arrivals.append(time.monotonic())
+            self._changed.notify_all()
+
+    async def wait_for(self, count: int, timeout: float = 20.0) -> list[dict[str, Any]]:
+        """Wait until at least ``count`` events arrived; returns them all."""
+        async with asyncio.timeout(timeout), self._changed:
+            await self._changed.wait_for(lambda: len(self.events) >= count)
+        return list(self.events)
+
+    async def wait_for_ids(self, ids: set[str], timeout: float = 60.0) -> None:
+        """Wait until every request id in ``ids`` has at least one event."""
+        async with asyncio.timeout(timeout), self._changed:
+            await self._changed.wait_for(lambda: ids <= self.request_ids())
+
+    def request_ids(self) -> set[str]:
+        """The request ids seen so far."""
+        return {e["data"]["requestId"] for e in self.events}
+
+    def by_request(self, request_id: str) -> list[dict[str, Any]]:
+        """The events for one request id."""
+        return [e for e in self.events if e["data"]["requestId"] == request_id]
+
+
+async def publish(
+    connection: AbstractRobustConnection,
+    queue: str,
+    body: bytes | dict[str, Any],
+    **properties: Any,
+) -> None:
+    """Publish a request body to ``queue`` (confirmed), as a producer would."""
+    raw = body if isinstance(body, bytes) else orjson.dumps(body)
+    channel = await connection.channel(publisher_confirms=True)
+    try:
+        await channel.default_exchange.publish(
+            aio_pika.Message(
+                body=raw, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, **properties
+            ),
+            routing_key=queue,
+            timeout=10,
+        )
+    finally:
+        await channel.close()
+
+
+async def drain(
+    connection: AbstractRobustConnection, queue: str, limit: int = 1000
+) -> AsyncIterator[AbstractIncomingMessage]:
+    """Take (and ack) every message waiting in ``queue``."""
+    channel = await connection.channel()
+    try:
+        q = await channel.declare_queue(queue, passive=True)
+        for _ in range(limit):
+            message = await q.get(no_ack=True, fail=False, timeout=5)
+            if message is None:
+                return
+            yield message
+    finally:
+        await channel.close()
+
+
+async def delete_topology(names: Names, delays: tuple[int, ...], url: str = AMQP_URL) -> None:
+    """Remove a test's queues and exchange."""
+    # A connection of its own: the test's may still be reconnecting after a broker restart.
+    async with await aio_pika.connect(url) as own:
+        await _delete(own, names, delays)
+
+
+async def _delete(connection: AbstractConnection, names: Names, delays: tuple[int, ...]) -> None:
+    channel = await connection.channel()
+    queues = (
+        names.queue,
+        names.dead_queue,
+        f"{names.events_exchange}.collector",
+        *(f"{names.queue}.retry.{d}s" for d in delays),
+    )
+    for queue in queues:
+        try:
+            await channel.queue_delete(queue)
+        except aio_pika.exceptions.AMQPError:
+            channel = await connection.channel()
+    with contextlib.suppress(aio_pika.exceptions.AMQPError):
+        await channel.exchange_delete(names.events_exchange)
+    await channel.close()

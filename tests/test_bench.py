@@ -1,0 +1,52 @@
+"""The benchmark runs end to end (tiny N); it asserts what it reports, never timings."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+import orjson
+
+from tests.support import ROOT
+
+SCENARIOS = ("small", "big", "presign", "inline", "caps")
+
+
+async def test_bench_runs_every_scenario(tmp_path: Path) -> None:
+    """`python -m bench.run` with a tiny N prints the table and a JSON report for every scenario."""
+    report_path = tmp_path / "results.json"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bench.run",
+        "--n",
+        "4",
+        "--bare-n",
+        "20",
+        "--scenarios",
+        ",".join(SCENARIOS),
+        "--json",
+        str(report_path),
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 240)
+    assert proc.returncode == 0, err.decode()[-3000:]
+    text = out.decode()
+    assert "| scenario | N | req/s |" in text
+    assert "Machine: " in text
+    report = orjson.loads(report_path.read_bytes())
+    rows = {r["scenario"]: r for r in report["results"]}
+    assert set(rows) == {"bare-loop", *SCENARIOS}
+    for name in SCENARIOS:
+        row = rows[name]
+        assert row["n"] == 4
+        assert row["requests_per_s"] > 0 and row["peak_rss_mib"] >= row["idle_rss_mib"] > 0
+        assert row["ratio_to_bare"] is not None
+        assert f"| {name} | 4 |" in text
+    assert rows["small"]["outcomes"] == {"succeeded": 4}
+    assert rows["caps"]["outcomes"] == {"too_large": 4}
+    assert rows["big"]["ratio_to_copy"] is not None
+    assert report["copy_baseline"]["files"] == 4

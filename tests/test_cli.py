@@ -1,0 +1,247 @@
+"""The command line, run as a user would: subprocesses of `python -m service`."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import orjson
+import pytest
+from aio_pika.abc import AbstractRobustConnection
+
+from service.config import Settings
+from tests.conftest import INCONVO_KEY
+from tests.fakes import FakeInconvo
+from tests.support import (
+    ROOT,
+    EventCollector,
+    FileServer,
+    Names,
+    courier,
+    courier_env,
+    drain,
+    free_port,
+    publish,
+    wait_status,
+)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("COURIER_CONCURRENCY", "many"),
+        ("COURIER_CONCURRENCY", "0"),
+        ("COURIER_RETRY_DELAYS", "10s,1x"),
+        ("COURIER_PRESIGN_TTL", "30d"),
+        ("COURIER_SOURCE_ALLOW_PRIVATE", "perhaps"),
+        ("COURIER_LOG_FORMAT", "xml"),
+        ("COURIER_INCONVO_BASE_URL", "ftp://x"),
+        ("COURIER_SOURCE_ALLOWED_HOSTS", "host:notaport"),
+    ],
+)
+async def test_bad_configuration_exits_2_naming_the_variable(variable: str, value: str) -> None:
+    """A bad value stops `courier run` with status 2 and one line naming the variable."""
+    code, _, err = await courier("run", env=courier_env(**{variable: value}))
+    assert code == 2
+    lines = err.decode().strip().splitlines()
+    assert len(lines) == 1
+    assert variable in lines[0]
+
+
+async def test_file_variants_and_fallbacks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """_FILE variables are read (trimmed) and INCONVO_* is the fallback for COURIER_INCONVO_*."""
+    from service.config import load_settings
+
+    secret = tmp_path / "key"
+    secret.write_text("  from-a-file\n")
+    for key in list(os.environ):
+        if key.startswith(("COURIER_", "INCONVO_")):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("COURIER_MINDSET_API_KEY_FILE", str(secret))
+    monkeypatch.setenv("INCONVO_API_KEY", "fallback-key")
+    monkeypatch.setenv("INCONVO_BASE_URL", "http://inconvo.internal/api/v1/")
+    monkeypatch.setenv("COURIER_RETRY_DELAYS", "5s,2m,1h")
+    monkeypatch.setenv("COURIER_S3_ALLOWED_BUCKETS", "a, b")
+    settings = load_settings()
+    assert settings.mindset_api_key is not None
+    assert settings.mindset_api_key.get_secret_value() == "from-a-file"
+    assert settings.inconvo_api_key is not None
+    assert settings.inconvo_api_key.get_secret_value() == "fallback-key"
+    assert settings.inconvo_base_url == "http://inconvo.internal/api/v1"
+    assert settings.retry_delays == (5, 120, 3600)
+    assert settings.s3_allowed_buckets == ("a", "b")
+    assert settings.presign_ttl == 12 * 3600
+    assert settings.concurrency == 32
+    assert settings.retry_queue(120) == "courier.uploads.retry.120s"
+    monkeypatch.setenv("COURIER_INCONVO_API_KEY", "primary")
+    assert load_settings().inconvo_api_key.get_secret_value() == "primary"  # type: ignore[union-attr]
+
+
+async def test_schema_command_prints_both_schemas() -> None:
+    """`courier schema` prints the request and event schemas as JSON on stdout."""
+    code, out, _ = await courier("schema", env=courier_env())
+    assert code == 0
+    schemas = orjson.loads(out)
+    assert set(schemas) == {"request", "event"}
+    assert "destination" in schemas["request"]["properties"]
+
+
+async def test_process_runs_one_request_locally(files: FileServer, inconvo: FakeInconvo) -> None:
+    """`courier process -` prints the event and exits 0 on success, 1 on failure."""
+    env = courier_env(
+        COURIER_INCONVO_API_KEY=INCONVO_KEY,
+        COURIER_INCONVO_BASE_URL=inconvo.base_url,
+        COURIER_SOURCE_ALLOWED_HOSTS=f"127.0.0.1:{files.port}",
+    )
+    request = {
+        "id": "local-1",
+        "source": {"url": files.add("/a.csv", b"x,y\n")},
+        "destination": {"type": "inconvo", "userIdentifier": "u"},
+    }
+    code, out, _ = await courier("process", "-", env=env, stdin=orjson.dumps(request))
+    assert code == 0
+    event = orjson.loads(out)
+    assert event["data"]["status"] == "succeeded" and event["subject"] == "local-1"
+    assert len(inconvo.uploads) == 1
+    request["source"] = {"url": files.add("/b.pdf", b"%PDF")}
+    code, out, _ = await courier("process", "-", env=env, stdin=orjson.dumps(request))
+    assert code == 1
+    assert orjson.loads(out)["data"]["error"]["code"] == "unsupported_type"
+
+
+async def test_run_serves_readiness_and_stops_on_sigterm(
+    amqp: AbstractRobustConnection,
+    names: Names,
+    files: FileServer,
+    inconvo: FakeInconvo,
+    collector: EventCollector,
+) -> None:
+    """`courier run` consumes, answers /readyz 200, logs JSON lines, and exits 0 on SIGTERM."""
+    port = free_port()
+    env = courier_env(
+        COURIER_QUEUE=names.queue,
+        COURIER_EVENTS_EXCHANGE=names.events_exchange,
+        COURIER_HTTP_PORT=str(port),
+        COURIER_INCONVO_API_KEY=INCONVO_KEY,
+        COURIER_INCONVO_BASE_URL=inconvo.base_url,
+        COURIER_SOURCE_ALLOWED_HOSTS=f"127.0.0.1:{files.port}",
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "service",
+        "run",
+        env=env,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        await wait_status(f"http://127.0.0.1:{port}/readyz", 200)
+        await wait_status(f"http://127.0.0.1:{port}/healthz", 200)
+        request = {
+            "id": "sub-1",
+            "source": {"url": files.add("/a.csv", b"1\n")},
+            "destination": {"type": "inconvo", "userIdentifier": "u"},
+        }
+        await publish(amqp, names.queue, request)
+        [event] = await collector.wait_for(1)
+        assert event["data"]["status"] == "succeeded"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0
+    assert out == b""
+    lines = err.decode().strip().splitlines()
+    records = [orjson.loads(line) for line in lines]
+    assert any(r.get("requestId") == "sub-1" for r in records)
+    assert INCONVO_KEY not in err.decode()
+
+
+async def test_unreachable_broker_is_reported_and_retried(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """With no broker, `courier run` says which URL and how to start one; /readyz stays 503."""
+    http_port, amqp_port = free_port(), free_port()
+    env = courier_env(
+        COURIER_AMQP_URL=f"amqp://guest:hunter2@127.0.0.1:{amqp_port}/",
+        COURIER_HTTP_PORT=str(http_port),
+        COURIER_LOG_FORMAT="console",
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "service",
+        "run",
+        env=env,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        await wait_status(f"http://127.0.0.1:{http_port}/readyz", 503)
+        await asyncio.sleep(1.5)  # let it retry at least once
+        await wait_status(f"http://127.0.0.1:{http_port}/readyz", 503)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0
+    text = err.decode()
+    assert f"cannot reach RabbitMQ at amqp://127.0.0.1:{amqp_port}/" in text
+    assert "rabbitmq-server -detached" in text
+    assert text.count("cannot reach RabbitMQ") >= 2
+    assert "hunter2" not in text
+
+
+async def test_submit_and_dead_commands(
+    amqp: AbstractRobustConnection, names: Names, tmp_path: Path
+) -> None:
+    """`courier submit` validates and publishes; `courier dead list/replay` show and move dead letters."""
+    env = courier_env(COURIER_QUEUE=names.queue)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"source": {}}')
+    code, _, err = await courier("submit", str(bad), env=env)
+    assert code == 1 and b"invalid_request" in err
+    good = tmp_path / "good.json"
+    good.write_text(
+        '{"id": "sub-2", "source": {"url": "https://x.example/a.csv"}, '
+        '"destination": {"type": "inconvo", "userIdentifier": "u"}}'
+    )
+    code, out, _ = await courier("submit", str(good), env=env)
+    assert code == 0 and orjson.loads(out)["submitted"] == "sub-2"
+    [message] = [m async for m in drain(amqp, names.queue)]
+    assert message.message_id == "sub-2" and message.body == good.read_bytes()
+
+    # Put a dead letter in place as the service would, then list and replay it.
+    channel = await amqp.channel()
+    await channel.declare_queue(names.dead_queue, durable=True)
+    await channel.close()
+    await publish(
+        amqp,
+        names.dead_queue,
+        good.read_bytes(),
+        message_id="sub-2",
+        headers={
+            "x-courier-error-code": "destination_unavailable",
+            "x-courier-attempts": 5,
+            "x-courier-attempt": 5,
+            "x-courier-error-message": "down",
+            "x-courier-failed-at": "2026-11-24T00:00:00.000+00:00",
+        },
+    )
+    code, out, _ = await courier("dead", "list", env=env)
+    assert code == 0
+    listed = orjson.loads(out)
+    assert listed["messageId"] == "sub-2" and listed["errorCode"] == "destination_unavailable"
+    code, out, _ = await courier("dead", "list", env=env)
+    assert orjson.loads(out)["messageId"] == "sub-2", "list must leave dead letters in place"
+    code, out, _ = await courier("dead", "replay", "--limit", "10", env=env)
+    assert code == 0 and orjson.loads(out)["replayed"] == 1
+    [replayed] = [m async for m in drain(amqp, names.queue)]
+    assert replayed.message_id == "sub-2" and replayed.body == good.read_bytes()
+    assert not any(k.startswith("x-courier") for k in (replayed.headers or {}))
+    assert [m async for m in drain(amqp, names.dead_queue)] == []

@@ -1,0 +1,270 @@
+"""The whole path through RabbitMQ: request in, file delivered, event out, ack or dead letter."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import aio_pika
+import orjson
+import pytest
+from aio_pika.abc import AbstractRobustConnection
+
+from service.config import Settings
+from service.runtime import Service
+from tests.conftest import running
+from tests.fakes import FakeInconvo
+from tests.support import EventCollector, FileServer, Names, drain, publish
+
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+pytestmark = pytest.mark.usefixtures("fast_retries")
+
+
+def inconvo_request(url: str, rid: str | None = None, **destination: Any) -> dict[str, Any]:
+    """A request for the user scope, with metadata."""
+    body: dict[str, Any] = {
+        "source": {"url": url},
+        "destination": {"type": "inconvo", "userIdentifier": "user_123", **destination},
+        "metadata": {"tenant": "acme"},
+    }
+    if rid:
+        body["id"] = rid
+    return body
+
+
+async def dead_letters(
+    amqp: AbstractRobustConnection, names: Names
+) -> list[aio_pika.abc.AbstractIncomingMessage]:
+    """Everything in the test's dead-letter queue."""
+    return [m async for m in drain(amqp, names.dead_queue)]
+
+
+async def queue_depth(amqp: AbstractRobustConnection, queue: str) -> int:
+    """Messages ready in ``queue``."""
+    channel = await amqp.channel()
+    try:
+        declared = await channel.declare_queue(queue, passive=True)
+        return int(declared.declaration_result.message_count or 0)
+    finally:
+        await channel.close()
+
+
+async def test_http_source_to_inconvo_succeeds(
+    service: Service,
+    amqp: AbstractRobustConnection,
+    names: Names,
+    files: FileServer,
+    inconvo: FakeInconvo,
+    collector: EventCollector,
+) -> None:
+    """A request is fetched, uploaded, and answered with a complete CloudEvent (also to reply_to)."""
+    body = b"region,total\neu,10\nus,12\n"
+    url = files.add("/exports/sales_q4.csv?token=s3cr3t", body)
+    reply = await (await amqp.channel()).declare_queue(exclusive=True)
+    await publish(
+        amqp,
+        names.queue,
+        inconvo_request(url, "req-ok-1", notes="Q4"),
+        correlation_id="corr-7",
+        reply_to=reply.name,
+        headers={"traceparent": TRACEPARENT},
+    )
+    [event] = await collector.wait_for(1)
+    [message] = collector.messages
+    assert event["specversion"] == "1.0"
+    assert event["type"] == "courier.upload.succeeded"
+    assert event["source"] == "urn:courier:test"
+    assert event["subject"] == "req-ok-1"
+    assert event["datacontenttype"] == "application/json"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", event["time"])
+    uuid.UUID(event["id"])
+    assert message.content_type == "application/cloudevents+json"
+    assert message.message_id == event["id"]
+    assert message.correlation_id == "corr-7"
+    assert message.routing_key == "upload.succeeded"
+    assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+    assert (message.headers or {}).get("traceparent") == TRACEPARENT
+    data = event["data"]
+    assert data["requestId"] == "req-ok-1"
+    assert data["status"] == "succeeded"
+    assert (data["destination"], data["delivery"], data["attempts"]) == ("inconvo", "multipart", 1)
+    assert data["metadata"] == {"tenant": "acme"}
+    assert data["durationMs"] >= 0
+    assert data["source"]["url"] == files.url("/exports/sales_q4.csv")  # query dropped
+    assert data["source"]["bytes"] == len(body)
+    assert data["source"]["contentType"] == "text/csv"
+    assert len(data["source"]["sha256"]) == 64
+    [upload] = inconvo.uploads
+    assert upload.content == body and upload.notes == "Q4"
+    assert data["result"] == {
+        "file": {"name": "sales_q4.csv", "path": upload.path, "size": len(body)}
+    }
+    assert "error" not in data
+    replied = await reply.get(timeout=5)
+    assert orjson.loads(replied.body)["data"]["requestId"] == "req-ok-1"
+    assert await queue_depth(amqp, names.queue) == 0
+    assert await dead_letters(amqp, names) == []
+
+
+async def test_request_id_falls_back_to_message_id(
+    service: Service,
+    amqp: AbstractRobustConnection,
+    names: Names,
+    files: FileServer,
+    collector: EventCollector,
+) -> None:
+    """Without a body id, the AMQP message_id is the request id and the correlation id."""
+    await publish(
+        amqp, names.queue, inconvo_request(files.add("/a.csv", b"1\n")), message_id="mid-42"
+    )
+    [event] = await collector.wait_for(1)
+    assert event["subject"] == event["data"]["requestId"] == "mid-42"
+    assert collector.messages[0].correlation_id == "mid-42"
+
+
+async def test_failed_request_is_dead_lettered_with_headers(
+    service: Service,
+    amqp: AbstractRobustConnection,
+    names: Names,
+    files: FileServer,
+    inconvo: FakeInconvo,
+    collector: EventCollector,
+) -> None:
+    """A non-CSV file fails unsupported_type before fetching; the original goes to the dead queue."""
+    url = files.add("/report.xlsx", b"PK")
+    raw = orjson.dumps(inconvo_request(url, "req-bad-type"))
+    await publish(amqp, names.queue, raw, headers={"x-custom": "kept"})
+    [event] = await collector.wait_for(1)
+    assert collector.messages[0].routing_key == "upload.failed"
+    data = event["data"]
+    assert data["status"] == "failed"
+    assert data["error"]["code"] == "unsupported_type"
+    assert data["error"]["retryable"] is False
+    assert "result" not in data
+    assert files.hits == [] and inconvo.requests == []
+    [dead] = await dead_letters(amqp, names)
+    assert dead.body == raw
+    headers = dead.headers or {}
+    assert headers["x-courier-error-code"] == "unsupported_type"
+    assert "xlsx" in str(headers["x-courier-error-message"])
+    assert headers["x-courier-attempts"] == 1
+    assert re.match(r"\d{4}-\d\d-\d\dT", str(headers["x-courier-failed-at"]))
+    assert headers["x-custom"] == "kept"
+
+
+@pytest.mark.parametrize(
+    ("body", "message_id"),
+    [
+        (b"this is not json", "mid-garbage"),
+        (b"\xff\xfe\x00 invalid utf-8", "mid-utf8"),
+        (b"[1, 2, 3]", "mid-array"),
+        (b"[" * 5000 + b"]" * 5000, "mid-deep"),
+        (b'{"source": {"url": "http://x/a.csv"}, "destination": {"type": "inconvo"}}', "mid-scope"),
+    ],
+)
+async def test_unparseable_bodies_get_a_failed_event(
+    service: Service,
+    amqp: AbstractRobustConnection,
+    names: Names,
+    collector: EventCollector,
+    body: bytes,
+    message_id: str,
+) -> None:
+    """A body that is not a valid request ends in one invalid_request event and the dead queue."""
+    await publish(amqp, names.queue, body, message_id=message_id)
+    [event] = await collector.wait_for(1)
+    data = event["data"]
+    assert event["subject"] == data["requestId"] == message_id
+    assert data["error"]["code"] == "invalid_request"
+    assert data["attempts"] == 1 and data["metadata"] == {}
+    assert data["delivery"] is None
+    [dead] = await dead_letters(amqp, names)
+    assert dead.body == body
+
+
+async def test_oversized_message_is_invalid(
+    make_settings: Callable[..., Settings],
+    amqp: AbstractRobustConnection,
+    names: Names,
+    collector: EventCollector,
+) -> None:
+    """A body over COURIER_MAX_MESSAGE_BYTES is invalid_request, dead-lettered whole."""
+    async with running(make_settings(max_message_bytes=2048)):
+        body = orjson.dumps({"pad": "x" * 4096})
+        await publish(amqp, names.queue, body, message_id="mid-big")
+        [event] = await collector.wait_for(1)
+    assert event["data"]["error"]["code"] == "invalid_request"
+    assert "limit" in event["data"]["error"]["message"]
+    [dead] = await dead_letters(amqp, names)
+    assert dead.body == body
+
+
+@pytest.mark.parametrize(
+    ("url_path", "status", "code"),
+    [
+        ("/missing.csv", 404, "source_not_found"),
+        ("/secret.csv", 403, "source_forbidden"),
+    ],
+)
+async def test_source_errors(
+    service: Service,
+    amqp: AbstractRobustConnection,
+    names: Names,
+    files: FileServer,
+    collector: EventCollector,
+    url_path: str,
+    status: int,
+    code: str,
+) -> None:
+    """Source HTTP errors end as failed events with the contract code and httpStatus."""
+    url = files.add(url_path, b"no", status=status)
+    await publish(amqp, names.queue, inconvo_request(url, f"req-{status}"))
+    [event] = await collector.wait_for(1)
+    assert event["data"]["error"]["code"] == code
+    assert event["data"]["error"]["httpStatus"] == status
+    assert len(await dead_letters(amqp, names)) == 1
+
+
+async def test_unsupported_scheme_and_missing_key(
+    make_settings: Callable[..., Settings],
+    amqp: AbstractRobustConnection,
+    names: Names,
+    files: FileServer,
+    collector: EventCollector,
+) -> None:
+    """ftp:// is unsupported_source; no Inconvo key is destination_not_configured."""
+    async with running(make_settings(inconvo_api_key=None)):
+        await publish(amqp, names.queue, inconvo_request("ftp://host/a.csv", "req-ftp"))
+        await publish(amqp, names.queue, inconvo_request(files.add("/a.csv", b"1\n"), "req-nokey"))
+        events = await collector.wait_for(2)
+    codes = {e["data"]["requestId"]: e["data"]["error"]["code"] for e in events}
+    assert codes == {"req-ftp": "unsupported_source", "req-nokey": "destination_not_configured"}
+    assert files.hits == []
+
+
+async def test_retryable_failure_goes_through_delay_tiers_then_dead(
+    make_settings: Callable[..., Settings],
+    amqp: AbstractRobustConnection,
+    names: Names,
+    files: FileServer,
+    inconvo: FakeInconvo,
+    collector: EventCollector,
+) -> None:
+    """A destination that keeps failing is retried via the tiers, then fails once with attempts = max."""
+    inconvo.fail_next(500, count=100)
+    async with running(make_settings(max_attempts=2)):
+        await publish(amqp, names.queue, inconvo_request(files.add("/a.csv", b"1\n"), "req-500"))
+        [event] = await collector.wait_for(1, timeout=30)
+    data = event["data"]
+    assert data["attempts"] == 2
+    assert data["error"]["code"] == "destination_unavailable"
+    assert data["error"]["retryable"] is True
+    assert data["error"]["httpStatus"] == 500
+    assert len(inconvo.requests) == 6  # 3 in-process tries per attempt
+    [dead] = await dead_letters(amqp, names)
+    assert (dead.headers or {})["x-courier-attempts"] == 2
+    assert len(collector.events) == 1

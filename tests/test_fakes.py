@@ -1,0 +1,607 @@
+"""The fakes of the destination APIs accept good requests and refuse what the real ones would."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.fakes import FakeInconvo, FakeMindset
+
+KEY = "test-inconvo-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+MINDSET_KEY = "test-mindset-key"
+MINDSET_AUTH = {"x-api-key": MINDSET_KEY}
+MIB10 = 10 * 1024 * 1024
+MP4 = "video/mp4"
+PDF = "application/pdf"
+DOCX = "application/vnd.openxmlformats-officedocument.wordprocessingml.document"
+PPTX = "application/vnd.openxmlformats-officedocument.presentationml.presentation"
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    """A client session."""
+    async with aiohttp.ClientSession() as client:
+        yield client
+
+
+@pytest.fixture
+async def fake_inconvo() -> AsyncIterator[FakeInconvo]:
+    """A running fake Inconvo."""
+    async with FakeInconvo() as fake:
+        yield fake
+
+
+@pytest.fixture
+async def fake_mindset() -> AsyncIterator[FakeMindset]:
+    """A running fake Mindset."""
+    async with FakeMindset() as fake:
+        yield fake
+
+
+def csv_form(
+    name: str = "data.csv", content: bytes = b"a,b\n1,2\n", notes: str | None = None
+) -> aiohttp.FormData:
+    """A form with one CSV file part; the file name is sent unencoded, as browsers do."""
+    form = aiohttp.FormData(quote_fields=False)
+    form.add_field("file", io.BytesIO(content), filename=name, content_type="text/csv")
+    if notes is not None:
+        form.add_field("notes", notes)
+    return form
+
+
+def raw_form(*parts: tuple[str, bytes, str | None]) -> aiohttp.MultipartWriter:
+    """A multipart/form-data body from (name, value, filename or None) parts."""
+    writer = aiohttp.MultipartWriter("form-data")
+    for name, value, filename in parts:
+        params = {"name": name} if filename is None else {"name": name, "filename": filename}
+        writer.append(value).set_content_disposition("form-data", quote_fields=False, **params)
+    return writer
+
+
+async def call(
+    session: aiohttp.ClientSession, method: str, url: str, **kwargs: Any
+) -> tuple[int, Any]:
+    """The status and JSON body of a request."""
+    async with session.request(method, url, **kwargs) as response:
+        return response.status, await response.json(content_type=None)
+
+
+# -- Inconvo -------------------------------------------------------------------------------
+
+
+async def test_inconvo_user_upload_accepted(
+    fake_inconvo: FakeInconvo, session: aiohttp.ClientSession
+) -> None:
+    """A good user-scoped upload is answered with the file and recorded."""
+    url = fake_inconvo.base_url + "/datasets/user/user_123"
+    status, body = await call(session, "POST", url, data=csv_form(notes="Q4 data"), headers=AUTH)
+    assert status == 200
+    assert body == {
+        "file": {
+            "name": "data.csv",
+            "path": "org_test/agt_default/userIdentifier/user_123/data.csv",
+            "size": 8,
+        }
+    }
+    [upload] = fake_inconvo.uploads
+    assert (upload.scope, upload.agent_id, upload.user_identifier) == (
+        "userIdentifier/user_123",
+        None,
+        "user_123",
+    )
+    assert (upload.content, upload.content_type, upload.notes) == (
+        b"a,b\n1,2\n",
+        "text/csv",
+        "Q4 data",
+    )
+    assert upload.headers["authorization"] == f"Bearer {KEY}"
+    assert fake_inconvo.files == {upload.path: b"a,b\n1,2\n"}
+
+
+@pytest.mark.parametrize(
+    ("route", "path"),
+    [
+        ("/datasets/context/orgId/org_456", "org_test/agt_default/userContext/orgId:org_456"),
+        (
+            "/agents/agt_x/datasets/user/john.doe%40example.com",
+            "org_test/agt_x/userIdentifier/john.doe@example.com",
+        ),
+        ("/agents/agt_x/datasets/context/org.Id-1/v_1", "org_test/agt_x/userContext/org.Id-1:v_1"),
+        ("/datasets/user/" + "u" * 256, "org_test/agt_default/userIdentifier/" + "u" * 256),
+    ],
+)
+async def test_inconvo_scoped_routes(
+    fake_inconvo: FakeInconvo, session: aiohttp.ClientSession, route: str, path: str
+) -> None:
+    """Context-scoped and agent-scoped routes store under the matching path."""
+    status, body = await call(
+        session, "POST", fake_inconvo.base_url + route, data=csv_form("x.json"), headers=AUTH
+    )
+    assert status == 200
+    assert body["file"]["path"] == path + "/x.json"
+    assert fake_inconvo.uploads[0].path == path + "/x.json"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}, {"X-Api-Key": KEY}],
+)
+async def test_inconvo_rejects_bad_auth(
+    fake_inconvo: FakeInconvo, session: aiohttp.ClientSession, headers: dict[str, str]
+) -> None:
+    """A missing or wrong bearer key is a 401."""
+    url = fake_inconvo.base_url + "/datasets/user/u1"
+    status, body = await call(session, "POST", url, data=csv_form(), headers=headers)
+    assert (status, body) == (401, {"error": "Unauthorized"})
+    assert fake_inconvo.uploads == []
+    assert [(r.method, r.status) for r in fake_inconvo.requests] == [("POST", 401)]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"json": {"file": "a,b"}},
+        {"data": {"file": "a,b"}},
+        {"data": b"a,b\n", "headers": {"Content-Type": "text/csv"}},
+        {"data": b"a,b\n", "headers": {"Content-Type": "multipart/form-data"}},
+    ],
+)
+async def test_inconvo_requires_multipart(
+    fake_inconvo: FakeInconvo, session: aiohttp.ClientSession, kwargs: dict[str, Any]
+) -> None:
+    """A body that is not multipart/form-data is a 400."""
+    headers = {**AUTH, **kwargs.pop("headers", {})}
+    url = fake_inconvo.base_url + "/datasets/user/u1"
+    status, body = await call(session, "POST", url, headers=headers, **kwargs)
+    assert status == 400
+    assert "multipart" in body["error"]
+
+
+@pytest.mark.parametrize(
+    "parts",
+    [
+        [("notes", b"only notes", None)],
+        [("file", b"a,b", None)],
+        [("file", b"a,b", "a.csv"), ("extra", b"x", None)],
+        [("file", b"a,b", "a.csv"), ("file", b"c,d", "b.csv")],
+        [("upload", b"a,b", "a.csv")],
+        [("file", b"a,b", "a.csv"), ("notes", b"n", "notes.txt")],
+        [("file", b"a,b", "a.csv"), ("notes", b"n", None), ("notes", b"m", None)],
+    ],
+    ids=["no-file", "no-filename", "extra", "two-files", "wrong-name", "notes-file", "two-notes"],
+)
+async def test_inconvo_rejects_bad_forms(
+    fake_inconvo: FakeInconvo,
+    session: aiohttp.ClientSession,
+    parts: list[tuple[str, bytes, str | None]],
+) -> None:
+    """Only one `file` part with a filename and an optional text `notes` part are allowed."""
+    url = fake_inconvo.base_url + "/datasets/user/u1"
+    status, _ = await call(session, "POST", url, data=raw_form(*parts), headers=AUTH)
+    assert status == 400
+    assert fake_inconvo.uploads == []
+
+
+@pytest.mark.parametrize(
+    "route",
+    [
+        "/datasets/user/a%20b",
+        "/datasets/user/user:1",
+        "/datasets/user/a%2Fb",
+        "/datasets/user/" + "u" * 257,
+        "/datasets/context/org@id/v1",
+        "/datasets/context/orgId/v:1",
+        "/datasets/context/orgId/" + "v" * 257,
+        "/agents/agt_x/datasets/context/" + "k" * 257 + "/v1",
+    ],
+)
+async def test_inconvo_rejects_bad_path_params(
+    fake_inconvo: FakeInconvo, session: aiohttp.ClientSession, route: str
+) -> None:
+    """userIdentifier, contextKey and contextValue must match their patterns and lengths."""
+    url = fake_inconvo.base_url + route
+    status, body = await call(session, "POST", url, data=csv_form(), headers=AUTH)
+    assert status == 400
+    assert body["error"].startswith("Invalid")
+
+
+@pytest.mark.parametrize(
+    "name", ["data.txt", "data.csv.exe", "data", "../data.csv", "a/b.csv", "a\\b.csv", "a..csv"]
+)
+async def test_inconvo_rejects_bad_file_names(
+    fake_inconvo: FakeInconvo, session: aiohttp.ClientSession, name: str
+) -> None:
+    """File names must end in .csv/.json and hold no `..`, `/` or `\\`."""
+    url = fake_inconvo.base_url + "/datasets/user/u1"
+    status, _ = await call(session, "POST", url, data=csv_form(name), headers=AUTH)
+    assert status == 400
+
+
+@pytest.mark.parametrize(
+    ("sent", "stored"),
+    [("  my  sales file.CSV ", "my_sales_file.CSV"), ("Data.Json", "Data.Json")],
+)
+async def test_inconvo_normalises_file_names(
+    fake_inconvo: FakeInconvo, session: aiohttp.ClientSession, sent: str, stored: str
+) -> None:
+    """Extensions match case-insensitively; names are trimmed and spaces become `_`."""
+    url = fake_inconvo.base_url + "/datasets/user/u1"
+    status, body = await call(session, "POST", url, data=csv_form(sent), headers=AUTH)
+    assert (status, body["file"]["name"]) == (200, stored)
+    assert fake_inconvo.uploads[0].raw_file_name == sent
+
+
+async def test_inconvo_size_limit(
+    fake_inconvo: FakeInconvo, session: aiohttp.ClientSession
+) -> None:
+    """Exactly 10 MiB is accepted; one byte more is a 400 with the documented message."""
+    url = fake_inconvo.base_url + "/datasets/user/u1"
+    content = b"x" * MIB10
+    status, body = await call(session, "POST", url, data=csv_form(content=content), headers=AUTH)
+    assert (status, body["file"]["size"]) == (200, MIB10)
+    status, body = await call(
+        session, "POST", url, data=csv_form("big.csv", content + b"x"), headers=AUTH
+    )
+    assert (status, body) == (400, {"error": "File exceeds 10MB limit"})
+    assert [u.file_name for u in fake_inconvo.uploads] == ["data.csv"]
+
+
+async def test_inconvo_accepts_chunked_upload(
+    fake_inconvo: FakeInconvo, session: aiohttp.ClientSession
+) -> None:
+    """A streamed body without Content-Length is measured while read."""
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(4):
+            yield b"1,2\n"
+
+    writer = aiohttp.MultipartWriter("form-data")
+    writer.append(chunks()).set_content_disposition("form-data", name="file", filename="s.csv")
+    url = fake_inconvo.base_url + "/datasets/user/u1"
+    status, body = await call(session, "POST", url, data=writer, headers=AUTH)
+    assert (status, body["file"]["size"]) == (200, 16)
+    assert "Content-Length" not in fake_inconvo.uploads[0].headers
+
+
+async def test_inconvo_context_scope_limit(
+    fake_inconvo: FakeInconvo, session: aiohttp.ClientSession
+) -> None:
+    """A fourth context scope of one agent is a 400; user scopes and other agents don't count."""
+    base = fake_inconvo.base_url
+
+    async def upload(route: str) -> int:
+        status, _ = await call(session, "POST", base + route, data=csv_form(), headers=AUTH)
+        return status
+
+    for value in ("v1", "v2", "v3"):
+        assert await upload(f"/datasets/context/orgId/{value}") == 200
+    assert await upload("/datasets/context/orgId/v1") == 200
+    assert await upload("/datasets/user/u1") == 200
+    assert await upload("/agents/agt_other/datasets/context/orgId/v4") == 200
+    assert await upload("/datasets/context/orgId/v4") == 400
+    assert await upload("/datasets/context/teamId/v1") == 400
+
+
+async def test_inconvo_overwrite_list_delete(
+    fake_inconvo: FakeInconvo, session: aiohttp.ClientSession
+) -> None:
+    """The same name in the same scope overwrites; GET lists and DELETE removes files."""
+    url = fake_inconvo.base_url + "/agents/agt_x/datasets/user/u1"
+    for content in (b"old\n", b"new\n"):
+        status, _ = await call(session, "POST", url, data=csv_form(content=content), headers=AUTH)
+        assert status == 200
+    assert await call(session, "GET", url, headers=AUTH) == (200, {"files": ["data.csv"]})
+    assert fake_inconvo.files == {"org_test/agt_x/userIdentifier/u1/data.csv": b"new\n"}
+    deleted = await call(session, "DELETE", url + "/data.csv", headers=AUTH)
+    assert deleted == (200, {"file": "data.csv", "success": True})
+    again = await call(session, "DELETE", url + "/data.csv", headers=AUTH)
+    assert again == (200, {"file": "data.csv", "success": False})
+    assert await call(session, "GET", url, headers=AUTH) == (200, {"files": []})
+    assert (await call(session, "GET", url))[0] == 401
+
+
+BAD_TYPE = "Only .csv and .json files are supported"
+
+
+@pytest.mark.parametrize(
+    ("shape", "expected"),
+    [
+        ("string", {"error": BAD_TYPE}),
+        (
+            "object",
+            {
+                "error": {
+                    "message": BAD_TYPE,
+                    "type": "invalid_request_error",
+                    "code": "bad_request",
+                }
+            },
+        ),
+        ("file", {"file": {"name": "data.txt", "error": BAD_TYPE}}),
+    ],
+)
+async def test_inconvo_error_shapes(
+    fake_inconvo: FakeInconvo,
+    session: aiohttp.ClientSession,
+    shape: Any,
+    expected: dict[str, Any],
+) -> None:
+    """Errors come in the configured one of the three known body shapes."""
+    fake_inconvo.error_shape = shape
+    url = fake_inconvo.base_url + "/datasets/user/u1"
+    form = csv_form("data.txt")
+    assert await call(session, "POST", url, data=form, headers=AUTH) == (400, expected)
+
+
+async def test_inconvo_fail_next(fake_inconvo: FakeInconvo, session: aiohttp.ClientSession) -> None:
+    """Queued failures answer instead of the API, in order, then normal service resumes."""
+    fake_inconvo.fail_next(500, count=2)
+    fake_inconvo.fail_next(429, headers={"Retry-After": "1"}, body={"error": "slow down"})
+    url = fake_inconvo.base_url + "/datasets/user/u1"
+    statuses = []
+    for _ in range(3):
+        async with session.post(url, data=csv_form(), headers=AUTH) as response:
+            statuses.append(response.status)
+            last = (response.headers.get("Retry-After"), await response.json())
+    assert statuses == [500, 500, 429]
+    assert last == ("1", {"error": "slow down"})
+    assert fake_inconvo.uploads == []
+    status, _ = await call(session, "POST", url, data=csv_form(), headers=AUTH)
+    assert status == 200
+    assert [r.status for r in fake_inconvo.requests] == [500, 500, 429, 200]
+
+
+async def test_inconvo_fail_next_by_method_and_disconnect(
+    fake_inconvo: FakeInconvo, session: aiohttp.ClientSession
+) -> None:
+    """A failure can target one method; a disconnect failure drops the connection."""
+    fake_inconvo.fail_next(0, method="POST", disconnect=True)
+    url = fake_inconvo.base_url + "/datasets/user/u1"
+    assert (await call(session, "GET", url, headers=AUTH))[0] == 200
+    with pytest.raises(aiohttp.ClientConnectionError):
+        await call(session, "POST", url, data=csv_form(), headers=AUTH)
+    assert fake_inconvo.uploads == []
+    assert (await call(session, "POST", url, data=csv_form(), headers=AUTH))[0] == 200
+
+
+async def test_inconvo_delays(fake_inconvo: FakeInconvo, session: aiohttp.ClientSession) -> None:
+    """`delay` slows answers (a request whose client left is dropped); `delay_after` lands."""
+    url = fake_inconvo.base_url + "/datasets/user/u1"
+    short = aiohttp.ClientTimeout(total=0.05)
+    fake_inconvo.delay = 0.1
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert (await call(session, "POST", url, data=csv_form(), headers=AUTH))[0] == 200
+    assert loop.time() - started >= 0.1
+    with pytest.raises(TimeoutError):
+        await call(session, "POST", url, data=csv_form("gone.csv"), headers=AUTH, timeout=short)
+    await asyncio.sleep(0.1)
+    fake_inconvo.delay, fake_inconvo.delay_after = 0.0, 0.1
+    with pytest.raises(TimeoutError):
+        await call(session, "POST", url, data=csv_form("late.csv"), headers=AUTH, timeout=short)
+    assert [u.file_name for u in fake_inconvo.uploads] == ["data.csv", "late.csv"]
+    await asyncio.sleep(0.1)
+    assert [r.status for r in fake_inconvo.requests] == [200, 0, 200]
+
+
+# -- Mindset -------------------------------------------------------------------------------
+
+
+def files_url(fake: FakeMindset, app: str = "app1", context: str = "ctx1") -> str:
+    """The ingest URL of an app's context."""
+    return f"{fake.base_url}/api/v1/appuid/{app}/contexts/{context}/files"
+
+
+def ingest_body(**fields: Any) -> dict[str, Any]:
+    """A valid mp4 ingest body, with ``fields`` replaced (None removes a field)."""
+    body: dict[str, Any] = {
+        "name": "Intro video",
+        "mimeType": MP4,
+        "sourceUrl": "https://files.example.com/intro.mp4?X-Amz-Signature=abc",
+    }
+    body.update(fields)
+    return {key: value for key, value in body.items() if value is not None}
+
+
+async def test_mindset_ingest_accepted_and_looked_up(
+    fake_mindset: FakeMindset, session: aiohttp.ClientSession
+) -> None:
+    """A full valid ingest returns the file object, is recorded and found by externalId."""
+    body = ingest_body(
+        externalId="ext-1",
+        autoPublish=True,
+        hideContentSegments=False,
+        knownAs="video",
+        externalUrl="https://example.com/v",
+        thumbnailUrl="https://example.com/t.png",
+        thumbnail=base64.b64encode(b"png").decode(),
+        viewOriginalSource=True,
+        contentHash="sha256:00",
+        labels=["l1", "l2"],
+        runId="run-9",
+        zipType="",
+    )
+    url = files_url(fake_mindset)
+    status, file = await call(session, "POST", url, json=body, headers=MINDSET_AUTH)
+    assert status == 200
+    assert file["status"] == "accepted"
+    assert file["uid"]
+    assert file["createdAt"].endswith("Z")
+    echoed = {key: value for key, value in body.items() if key in file}
+    assert set(echoed) == set(body) - {"sourceUrl", "zipType", "thumbnailUrl", "thumbnail"}
+    assert echoed == {key: file[key] for key in echoed}
+    [ingest] = fake_mindset.ingests
+    assert (ingest.app_uid, ingest.context_uid, ingest.body) == ("app1", "ctx1", body)
+    assert ingest.headers["X-API-KEY"] == MINDSET_KEY
+    lookup = await call(session, "GET", url + "/externalId/ext-1", headers=MINDSET_AUTH)
+    assert lookup == (200, file)
+    fake_mindset.set_status(file["uid"], "published")
+    lookup = await call(session, "GET", url + "/externalId/ext-1", headers=MINDSET_AUTH)
+    assert lookup[1]["status"] == "published"
+    missing = await call(session, "GET", url + "/externalId/nope", headers=MINDSET_AUTH)
+    assert missing[0] == 404
+    assert (await call(session, "GET", url + "/externalId/ext-1"))[0] == 401
+
+
+@pytest.mark.parametrize("headers", [{}, {"x-api-key": "wrong"}, {"Authorization": MINDSET_KEY}])
+async def test_mindset_rejects_bad_auth(
+    fake_mindset: FakeMindset, session: aiohttp.ClientSession, headers: dict[str, str]
+) -> None:
+    """A missing or wrong x-api-key is a 401."""
+    url = files_url(fake_mindset)
+    status, _ = await call(session, "POST", url, json=ingest_body(), headers=headers)
+    assert status == 401
+    assert fake_mindset.ingests == []
+    assert [r.status for r in fake_mindset.requests] == [401]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"data": "name=x", "headers": {"Content-Type": "application/x-www-form-urlencoded"}},
+        {"data": "{not json", "headers": {"Content-Type": "application/json"}},
+        {"json": [ingest_body()]},
+    ],
+    ids=["form", "bad-json", "array"],
+)
+async def test_mindset_requires_json_object(
+    fake_mindset: FakeMindset, session: aiohttp.ClientSession, kwargs: dict[str, Any]
+) -> None:
+    """The body must be a JSON object sent as application/json."""
+    headers = {**MINDSET_AUTH, **kwargs.pop("headers", {})}
+    status, _ = await call(session, "POST", files_url(fake_mindset), headers=headers, **kwargs)
+    assert status == 400
+
+
+BAD_BODIES: dict[str, dict[str, Any]] = {
+    "unknown-field": ingest_body(title="x"),
+    "no-name": ingest_body(name=None),
+    "empty-name": ingest_body(name=""),
+    "long-name": ingest_body(name="n" * 101),
+    "long-name-utf16": ingest_body(name="\U0001f600" * 51),
+    "no-mime": ingest_body(mimeType=None),
+    "bad-mime": ingest_body(mimeType="image/png"),
+    "name-not-string": ingest_body(name=5),
+    "externalId-number": ingest_body(externalId=12),
+    "null-field": ingest_body(knownAs=None) | {"knownAs": None},
+    "bool-as-string": ingest_body(autoPublish="true"),
+    "bool-as-int": ingest_body(hideContentSegments=1),
+    "view-as-string": ingest_body(viewOriginalSource="yes"),
+    "labels-string": ingest_body(labels="l1"),
+    "labels-numbers": ingest_body(labels=[1]),
+    "labels-11": ingest_body(labels=[f"l{i}" for i in range(11)]),
+    "zipType-21": ingest_body(mimeType="application/zip", zipType="z" * 21),
+    "sourceUrl-2049": ingest_body(sourceUrl="https://e.com/" + "a" * 2035),
+    "sourceUrl-not-url": ingest_body(sourceUrl="intro.mp4"),
+    "documentContent-65537": ingest_body(
+        mimeType="text/plain", sourceUrl=None, documentContent="d" * 65537
+    ),
+    "knownAs-201": ingest_body(knownAs="k" * 201),
+    "externalUrl-2049": ingest_body(externalUrl="https://e.com/" + "a" * 2035),
+    "thumbnailUrl-2049": ingest_body(thumbnailUrl="https://e.com/" + "a" * 2035),
+    "thumbnail-65537": ingest_body(thumbnail="A" * 65537),
+    "thumbnail-not-base64": ingest_body(thumbnail="not base64!"),
+    "contentHash-201": ingest_body(contentHash="h" * 201),
+    "runId-201": ingest_body(runId="r" * 201),
+    "both-contents": ingest_body(mimeType="text/html", documentContent="<p>x</p>"),
+    "no-content": ingest_body(sourceUrl=None),
+    "empty-content": ingest_body(mimeType="text/plain", sourceUrl=None, documentContent=""),
+    "text-by-url": ingest_body(mimeType="text/plain"),
+    "pdf-not-base64": ingest_body(mimeType=PDF, sourceUrl=None, documentContent="%PDF-1.4 x"),
+    **{
+        f"{mime}-by-content": ingest_body(mimeType=mime, sourceUrl=None, documentContent="eA==")
+        for mime in (MP4, "audio/mpeg", PPTX, DOCX, "application/zip")
+    },
+}
+
+
+@pytest.mark.parametrize("body", list(BAD_BODIES.values()), ids=list(BAD_BODIES))
+async def test_mindset_rejects_invalid_bodies(
+    fake_mindset: FakeMindset, session: aiohttp.ClientSession, body: dict[str, Any]
+) -> None:
+    """Each documented field rule is enforced with a 400."""
+    url = files_url(fake_mindset)
+    status, answer = await call(session, "POST", url, json=body, headers=MINDSET_AUTH)
+    assert status == 400, answer
+    assert fake_mindset.ingests == []
+
+
+GOOD_BODIES: dict[str, dict[str, Any]] = {
+    "limits": ingest_body(
+        name="n" * 100,
+        mimeType="application/zip",
+        zipType="z" * 20,
+        sourceUrl="https://e.com/" + "a" * 2034,
+        knownAs="k" * 200,
+        externalUrl="https://e.com/" + "a" * 2034,
+        thumbnailUrl="https://e.com/" + "a" * 2034,
+        thumbnail="A" * 65536,
+        contentHash="h" * 200,
+        runId="r" * 200,
+        labels=[f"l{i}" for i in range(10)],
+    ),
+    "text": ingest_body(mimeType="text/plain", sourceUrl=None, documentContent="d" * 65536),
+    "html-content": ingest_body(mimeType="text/html", sourceUrl=None, documentContent="<p>x</p>"),
+    "html-url": ingest_body(mimeType="text/html", sourceUrl="http://e.com/p.html"),
+    "pdf-base64": ingest_body(
+        mimeType=PDF, sourceUrl=None, documentContent=base64.b64encode(b"%PDF-1.4").decode()
+    ),
+    "pdf-url": ingest_body(mimeType=PDF, sourceUrl="https://e.com/a.pdf"),
+    "docx-url": ingest_body(mimeType=DOCX),
+}
+
+
+@pytest.mark.parametrize("body", list(GOOD_BODIES.values()), ids=list(GOOD_BODIES))
+async def test_mindset_accepts_valid_bodies(
+    fake_mindset: FakeMindset, session: aiohttp.ClientSession, body: dict[str, Any]
+) -> None:
+    """Values at the limits and every allowed content/MIME type pairing are accepted."""
+    url = files_url(fake_mindset)
+    status, answer = await call(session, "POST", url, json=body, headers=MINDSET_AUTH)
+    assert status == 200, answer
+    assert fake_mindset.ingests[0].body == body
+
+
+async def test_mindset_external_id_unique(
+    fake_mindset: FakeMindset, session: aiohttp.ClientSession
+) -> None:
+    """A repeated externalId in one app context is a 409; other contexts are separate."""
+
+    async def ingest(context: str, **fields: Any) -> tuple[int, Any]:
+        url = files_url(fake_mindset, context=context)
+        return await call(session, "POST", url, json=ingest_body(**fields), headers=MINDSET_AUTH)
+
+    assert (await ingest("ctx1", externalId="e1"))[0] == 200
+    assert await ingest("ctx1", externalId="e1", name="Other") == (
+        409,
+        {"error": "externalId already exists"},
+    )
+    assert (await ingest("ctx2", externalId="e1"))[0] == 200
+    assert (await ingest("ctx1"))[0] == 200
+    assert (await ingest("ctx1"))[0] == 200
+    assert len(fake_mindset.ingests) == 4
+
+
+async def test_mindset_fail_next_and_delay(
+    fake_mindset: FakeMindset, session: aiohttp.ClientSession
+) -> None:
+    """Queued failures answer first; `delay` slows answers; requests are all logged."""
+    fake_mindset.fail_next(503, headers={"Retry-After": "0"}, body="unavailable")
+    url = files_url(fake_mindset)
+    async with session.post(url, json=ingest_body(), headers=MINDSET_AUTH) as response:
+        assert (response.status, await response.text()) == (503, "unavailable")
+        assert response.headers["Retry-After"] == "0"
+    fake_mindset.delay = 0.1
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert (await call(session, "POST", url, json=ingest_body(), headers=MINDSET_AUTH))[0] == 200
+    assert loop.time() - started >= 0.1
+    assert [(r.method, r.status) for r in fake_mindset.requests] == [("POST", 503), ("POST", 200)]
+    assert len(fake_mindset.ingests) == 1

@@ -1,0 +1,200 @@
+"""Property-based: hostile message bodies never crash or wedge the consumer."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import threading
+from collections.abc import Coroutine, Iterator
+from typing import Any, TypeVar
+
+import aio_pika
+import aiohttp
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from service.config import Settings
+from service.runtime import Service
+from tests.support import AMQP_URL, EventCollector, Names, delete_topology, publish
+
+T = TypeVar("T")
+MAX_BYTES = 64 * 1024
+EXAMPLES = 300
+
+
+class Rig:
+    """A service, a collector and a connection running on their own loop in a thread."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.names = Names.fresh()
+        self.ids = itertools.count()
+        self.published: list[str] = []
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
+        """Run ``coro`` on the rig's loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    async def start(self) -> None:
+        """Start the service and the collector."""
+        self.connection = await aio_pika.connect_robust(AMQP_URL)
+        self.collector = await EventCollector(self.connection, self.names.events_exchange).start()
+        self.service = Service(
+            Settings(
+                amqp_url=AMQP_URL,
+                queue=self.names.queue,
+                events_exchange=self.names.events_exchange,
+                http_host="127.0.0.1",
+                http_port=0,
+                max_message_bytes=MAX_BYTES,
+                log_level="WARNING",
+            )
+        )
+        self.task = asyncio.create_task(self.service.run(install_signals=False))
+        async with asyncio.timeout(20):
+            while not await self.service.ready():
+                await asyncio.sleep(0.05)
+
+    async def stop(self) -> None:
+        """Stop everything and remove the test's queues."""
+        self.service.request_stop()
+        await self.task
+        await self.connection.close()
+        await delete_topology(self.names, (10, 60, 300, 1800))
+
+    async def readyz(self) -> int:
+        """The /readyz status code."""
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{self.service.http_port}/readyz") as answer,
+        ):
+            return answer.status
+
+
+@pytest.fixture(scope="module")
+def rig() -> Iterator[Rig]:
+    """One running service for all the generated bodies."""
+    rig = Rig()
+    rig.thread.start()
+    rig.call(rig.start())
+    yield rig
+    rig.call(rig.stop())
+    rig.loop.call_soon_threadsafe(rig.loop.stop)
+    rig.thread.join(10)
+    rig.loop.close()
+
+
+json_leaf = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=False),
+    st.text(max_size=50),
+)
+json_value = st.recursive(
+    json_leaf,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+def _dumps(value: Any) -> bytes:
+    # The standard library writes integers of any size, as a hostile producer might.
+    return json.dumps(value).encode()
+
+
+def _nested(depth: int) -> bytes:
+    return b'{"a":' * depth + b"1" + b"}" * depth
+
+
+hostile = st.one_of(
+    st.binary(max_size=200),  # arbitrary bytes, mostly invalid UTF-8 / not JSON
+    st.text(max_size=200).map(str.encode),
+    json_value.map(_dumps),  # valid JSON of the wrong shape
+    st.integers(min_value=33, max_value=20000).map(_nested),  # absurd nesting
+    st.integers(min_value=MAX_BYTES + 1, max_value=MAX_BYTES * 3).map(
+        lambda n: b'{"id":"' + b"x" * n + b'"}'
+    ),
+    st.builds(  # the right shape with wrong types or unknown fields
+        lambda source, destination, extra: _dumps(
+            {"source": source, "destination": destination, **extra}
+        ),
+        json_value,
+        st.fixed_dictionaries(
+            {"type": st.sampled_from(["inconvo", "mindset", "other", 7])},
+            optional={"userIdentifier": json_value, "appUid": json_value},
+        ),
+        st.dictionaries(
+            st.sampled_from(["metadata", "id", "unknown", "Source"]), json_value, max_size=2
+        ),
+    ),
+    st.integers(min_value=10**30, max_value=10**60).map(
+        lambda n: b'{"source": {"url": "http://x/a.csv"}, "destination": ' + str(n).encode() + b"}"
+    ),
+    st.sampled_from(
+        [
+            b"\xff\xfe\xfd",
+            b"\xc3\x28",
+            b'{"a": "\xed\xa0\x80"}',
+            b"",
+            b"null",
+            b"[]",
+            b'"str"',
+            b"1e999999",
+        ]
+    ),
+)
+
+
+@settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    database=None,
+    suppress_health_check=[
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+    ],
+)
+@given(body=hostile)
+def test_hostile_body_gets_one_invalid_request_event(rig: Rig, body: bytes) -> None:
+    """Each hostile body ends in exactly one invalid_request event, and the service stays ready."""
+    mid = f"fuzz-{next(rig.ids)}"
+    rig.published.append(mid)
+    rig.call(publish(rig.connection, rig.names.queue, body, message_id=mid))
+
+    async def event_for() -> list[dict[str, Any]]:
+        await rig.collector.wait_for_ids({mid}, timeout=20)
+        return rig.collector.by_request(mid)
+
+    [event] = rig.call(event_for())
+    assert event["data"]["status"] == "failed"
+    assert event["data"]["error"]["code"] == "invalid_request"
+    assert event["subject"] == mid
+
+
+def test_after_the_fuzzing_the_queue_drained_and_the_service_is_ready(rig: Rig) -> None:
+    """All generated bodies were settled: queue empty, all dead-lettered, /readyz 200."""
+    assert len(rig.published) >= EXAMPLES
+
+    async def check() -> tuple[int, int, int]:
+        channel = await rig.connection.channel()
+        main = await channel.declare_queue(rig.names.queue, passive=True)
+        dead = await channel.declare_queue(rig.names.dead_queue, passive=True)
+        await channel.close()
+        return (
+            main.declaration_result.message_count or 0,
+            dead.declaration_result.message_count or 0,
+            await rig.readyz(),
+        )
+
+    queued, dead, status = rig.call(check())
+    assert queued == 0
+    assert dead == len(rig.published)
+    assert status == 200
+    assert len(rig.collector.events) == len(rig.published)

@@ -1,0 +1,215 @@
+"""The address guard's decisions, as pure functions, over a table of address forms."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from typing import Any
+
+import pytest
+
+from service.sources.guard import (
+    AddressPolicy,
+    BlockedAddressError,
+    GuardedResolver,
+    classify,
+    numeric_host,
+    parse_allowed_hosts,
+)
+
+DENY, ALLOW = False, True
+
+ADDRESS_TABLE = [
+    # cloud metadata and link-local
+    ("169.254.169.254", DENY),
+    ("169.254.0.1", DENY),
+    ("fd00:ec2::254", DENY),
+    ("fe80::1", DENY),
+    ("fe80::a9fe:a9fe", DENY),
+    # RFC 1918, with edges
+    ("10.0.0.1", DENY),
+    ("10.255.255.255", DENY),
+    ("172.15.255.255", ALLOW),
+    ("172.16.0.0", DENY),
+    ("172.31.255.255", DENY),
+    ("172.32.0.0", ALLOW),
+    ("192.168.1.10", DENY),
+    # shared address space (CGNAT), with edges
+    ("100.63.255.255", ALLOW),
+    ("100.64.0.1", DENY),
+    ("100.127.255.255", DENY),
+    ("100.128.0.0", ALLOW),
+    # loopback, unspecified, broadcast, multicast, reserved
+    ("127.0.0.1", DENY),
+    ("127.255.255.254", DENY),
+    ("0.0.0.0", DENY),
+    ("0.1.2.3", DENY),
+    ("255.255.255.255", DENY),
+    ("224.0.0.1", DENY),
+    ("239.255.255.250", DENY),
+    ("240.0.0.1", DENY),
+    ("192.0.0.8", DENY),
+    # documentation and benchmarking
+    ("192.0.2.1", DENY),
+    ("198.51.100.7", DENY),
+    ("203.0.113.9", DENY),
+    ("198.18.0.1", DENY),
+    # IPv6 loopback, unspecified, ULA, multicast, documentation
+    ("::1", DENY),
+    ("::", DENY),
+    ("fc00::1", DENY),
+    ("fd12:3456::1", DENY),
+    ("ff02::1", DENY),
+    ("2001:db8::1", DENY),
+    # IPv4-mapped, -compatible, NAT64, 6to4, Teredo wrappers of private addresses
+    ("::ffff:127.0.0.1", DENY),
+    ("::ffff:10.0.0.1", DENY),
+    ("::ffff:169.254.169.254", DENY),
+    ("::127.0.0.1", DENY),
+    ("64:ff9b::7f00:1", DENY),
+    ("64:ff9b::a9fe:a9fe", DENY),
+    ("64:ff9b:1::a00:1", DENY),
+    ("2002:7f00:1::", DENY),
+    ("2002:a00:1::1", DENY),
+    ("2001:0:4136:e378:8000:63bf:3fff:fdd2", DENY),
+    # public, including wrapped public addresses
+    ("8.8.8.8", ALLOW),
+    ("1.1.1.1", ALLOW),
+    ("93.184.216.34", ALLOW),
+    ("2606:4700:4700::1111", ALLOW),
+    ("2a00:1450:4001:80b::200e", ALLOW),
+    ("::ffff:8.8.8.8", ALLOW),
+    ("64:ff9b::808:808", ALLOW),
+    ("2002:808:808::1", ALLOW),
+]
+
+
+@pytest.mark.parametrize(("address", "allowed"), ADDRESS_TABLE)
+def test_address_table(address: str, allowed: bool) -> None:
+    """Each address form is allowed only when public, whatever its spelling."""
+    reason = AddressPolicy().check_address("files.example", 443, address)
+    assert (reason is None) is allowed, reason
+    if reason is not None:
+        assert str(ipaddress.ip_address(address)) in reason
+
+
+def test_table_is_large_enough() -> None:
+    """The table covers at least 30 forms, denied and allowed."""
+    assert len(ADDRESS_TABLE) >= 30
+    assert {allowed for _, allowed in ADDRESS_TABLE} == {ALLOW, DENY}
+
+
+@pytest.mark.parametrize(
+    ("address", "kind"),
+    [
+        ("169.254.169.254", "link-local"),
+        ("100.64.0.1", "shared"),
+        ("fd00::1", "unique-local"),
+        ("127.0.0.1", "loopback"),
+        ("::ffff:10.0.0.1", "private (in an IPv6 form)"),
+        ("8.8.8.8", None),
+    ],
+)
+def test_classify_names_the_class(address: str, kind: str | None) -> None:
+    """The refusal says what kind of address it was."""
+    assert classify(ipaddress.ip_address(address)) == kind
+
+
+def test_allow_private_opens_private_addresses() -> None:
+    """COURIER_SOURCE_ALLOW_PRIVATE=true lets private and loopback addresses through."""
+    policy = AddressPolicy(allow_private=True)
+    for address in ("127.0.0.1", "10.0.0.1", "169.254.169.254", "::1"):
+        assert policy.check_address("h", 80, address) is None
+
+
+@pytest.mark.parametrize(
+    ("host", "expected"),
+    [
+        ("2130706433", "127.0.0.1"),
+        ("127.1", "127.0.0.1"),
+        ("0x7f.1", "127.0.0.1"),
+        ("0x7f.0.0.1", "127.0.0.1"),
+        ("0177.0.0.1", "127.0.0.1"),
+        ("017700000001", "127.0.0.1"),
+        ("0xa9fea9fe", "169.254.169.254"),
+        ("10.1", "10.0.0.1"),
+        ("[::1]", "::1"),
+        ("::ffff:7f00:1", "::ffff:127.0.0.1"),
+        ("localhost", None),
+        ("example.com", None),
+        ("cafe.example", None),
+        ("1e100.net", None),
+        ("dead", None),
+    ],
+)
+def test_numeric_spellings_resolve_before_the_check(host: str, expected: str | None) -> None:
+    """Decimal, octal, hex and short forms are read as the address they stand for."""
+    got = numeric_host(host)
+    assert (str(got) if got is not None else None) == (
+        str(ipaddress.ip_address(expected)) if expected else None
+    )
+
+
+@pytest.mark.parametrize(
+    "host", ["2130706433", "0x7f.1", "127.1", "0177.0.0.1", "[::1]", "::ffff:169.254.169.254"]
+)
+def test_numeric_spellings_are_blocked_before_connecting(host: str) -> None:
+    """check_host refuses numeric spellings of private addresses without any lookup."""
+    reason = AddressPolicy().check_host(host, 80)
+    assert reason is not None
+
+
+def test_allowlist_opens_exactly_one_host_port() -> None:
+    """`files.example:8080` opens that host on that port only; other hosts and ports stay closed."""
+    policy = AddressPolicy(allowed_hosts=parse_allowed_hosts(["Files.Example:8080"]))
+    assert policy.check_host("files.example", 8080) is None
+    assert policy.check_address("FILES.example", 8080, "10.0.0.5") is None  # listed: any address
+    assert policy.check_host("files.example", 8081) is not None
+    assert policy.check_host("other.example", 8080) is not None
+    assert policy.check_address("other.example", 8080, "8.8.8.8") is not None  # unlisted public
+    assert policy.check_host("127.0.0.1", 8080) is not None
+
+
+def test_allowlist_host_without_port_and_ipv6_entries() -> None:
+    """A bare host opens every port; IPv6 literals are written in brackets."""
+    policy = AddressPolicy(
+        allowed_hosts=parse_allowed_hosts(["files.example", "[::1]:9000", "127.0.0.1:443"])
+    )
+    assert policy.check_host("files.example", 1) is None
+    assert policy.check_host("files.example", 65535) is None
+    assert policy.check_host("::1", 9000) is None
+    assert policy.check_host("::1", 9001) is not None
+    assert policy.check_host("127.0.0.1", 443) is None
+    assert policy.check_host("127.0.0.1", 80) is not None
+
+
+@pytest.mark.parametrize("entry", ["host:", "host:0", "host:70000", "host:http", "[::1", ":80"])
+def test_bad_allowlist_entries(entry: str) -> None:
+    """Malformed entries are refused at start-up."""
+    with pytest.raises(ValueError, match="allowed host"):
+        parse_allowed_hosts([entry])
+
+
+class _CannedResolver:
+    def __init__(self, addresses: list[str]) -> None:
+        self.addresses = addresses
+
+    async def resolve(
+        self, host: str, port: int = 0, family: int = socket.AF_INET
+    ) -> list[dict[str, Any]]:
+        return [
+            {"hostname": host, "host": a, "port": port, "family": family, "proto": 0, "flags": 0}
+            for a in self.addresses
+        ]
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_resolver_refuses_when_any_address_is_private() -> None:
+    """A name resolving to a public and a private address is refused whole (no rebinding gap)."""
+    guarded = GuardedResolver(AddressPolicy(), _CannedResolver(["93.184.216.34", "10.0.0.1"]))  # type: ignore[arg-type]
+    with pytest.raises(BlockedAddressError, match=r"10\.0\.0\.1"):
+        await guarded.resolve("rebind.example", 80)
+    public = GuardedResolver(AddressPolicy(), _CannedResolver(["93.184.216.34"]))  # type: ignore[arg-type]
+    assert [r["host"] for r in await public.resolve("ok.example", 80)] == ["93.184.216.34"]

@@ -1,0 +1,242 @@
+"""What operators see: metrics (checked by promtool), JSON logs, and trace propagation."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+from collections.abc import Callable
+
+import aiohttp
+import orjson
+import pytest
+from aio_pika.abc import AbstractRobustConnection
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.config import Settings
+from service.logs import log_context, setup_logging
+from tests.conftest import INCONVO_KEY, MINDSET_KEY, running
+from tests.fakes import FakeInconvo
+from tests.support import EventCollector, FileServer, Names, publish
+
+pytestmark = pytest.mark.usefixtures("fast_retries")
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+def promtool() -> str:
+    """The promtool binary (Debian's prometheus package; `make test` installs it)."""
+    path = shutil.which("promtool")
+    assert path, "promtool is missing: apt-get install prometheus (make test does this)"
+    return path
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a scrape, by name and labels."""
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
+
+
+async def test_metrics_scrape_matches_what_happened(
+    make_settings: Callable[..., Settings],
+    amqp: AbstractRobustConnection,
+    names: Names,
+    files: FileServer,
+    inconvo: FakeInconvo,
+    collector: EventCollector,
+) -> None:
+    """After a mixed run, /metrics passes `promtool check metrics` and its counters match the events."""
+    good = files.add("/a.csv", b"1,2\n3,4\n")
+    async with running(make_settings(max_attempts=2)) as service:
+        for i in range(3):
+            await publish(
+                amqp,
+                names.queue,
+                {
+                    "id": f"ok-{i}",
+                    "source": {"url": good},
+                    "destination": {"type": "inconvo", "userIdentifier": "u"},
+                },
+            )
+        await publish(amqp, names.queue, b"not json", message_id="garbage")
+        await publish(
+            amqp,
+            names.queue,
+            {
+                "id": "missing",
+                "source": {"url": files.url("/none.csv")},
+                "destination": {"type": "inconvo", "userIdentifier": "u"},
+            },
+        )
+        await collector.wait_for(5)
+        inconvo.fail_next(503, count=6)
+        await publish(
+            amqp,
+            names.queue,
+            {
+                "id": "retried",
+                "source": {"url": good},
+                "destination": {"type": "inconvo", "userIdentifier": "u"},
+            },
+        )
+        await collector.wait_for(6, timeout=30)
+        await asyncio.sleep(0.2)  # the counters move right after the event is confirmed
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{service.http_port}/metrics") as answer,
+        ):
+            assert answer.status == 200
+            text = await answer.text()
+    check = await asyncio.create_subprocess_exec(
+        promtool(),
+        "check",
+        "metrics",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await check.communicate(text.encode())
+    assert check.returncode == 0, out.decode()
+    got = samples(text)
+    statuses = [e["data"]["status"] for e in collector.events]
+    assert (
+        got[("courier_requests_total", (("destination", "inconvo"), ("outcome", "succeeded")))]
+        == statuses.count("succeeded")
+        == 3
+    )
+    assert got[("courier_requests_total", (("destination", "inconvo"), ("outcome", "failed")))] == 2
+    assert got[("courier_requests_total", (("destination", "unknown"), ("outcome", "failed")))] == 1
+    assert got[("courier_events_published_total", (("type", "courier.upload.succeeded"),))] == 3
+    assert got[("courier_events_published_total", (("type", "courier.upload.failed"),))] == 3
+    assert got[("courier_dead_lettered_total", (("error_code", "invalid_request"),))] == 1
+    assert got[("courier_dead_lettered_total", (("error_code", "source_not_found"),))] == 1
+    assert got[("courier_dead_lettered_total", (("error_code", "destination_unavailable"),))] == 1
+    assert (
+        got[
+            (
+                "courier_retries_scheduled_total",
+                (("destination", "inconvo"), ("error_code", "destination_unavailable")),
+            )
+        ]
+        == 1
+    )
+    assert (
+        got[
+            (
+                "courier_destination_requests_total",
+                (("destination", "inconvo"), ("status_code", "200")),
+            )
+        ]
+        == 3
+    )
+    assert (
+        got[
+            (
+                "courier_destination_requests_total",
+                (("destination", "inconvo"), ("status_code", "503")),
+            )
+        ]
+        == 6
+    )
+    assert (
+        got[("courier_source_bytes_total", (("scheme", "http"),))] == 8 * 5
+    )  # 3 successes + 2 attempts
+    assert got[("courier_requests_in_flight", ())] == 0
+    assert got[("courier_broker_connected", ())] == 1
+    assert got[("courier_consumer_active", ())] == 1
+    assert ("courier_build_info", (("version", "0.1.0"),)) in got
+    for _name, labels in got:
+        # labels are small fixed sets: never URLs or request ids
+        assert all(
+            "://" not in v and v not in {"ok-0", "garbage", "missing", "retried"} for _, v in labels
+        )
+
+
+async def test_log_lines_are_json_with_context(
+    make_settings: Callable[..., Settings],
+    amqp: AbstractRobustConnection,
+    names: Names,
+    files: FileServer,
+    collector: EventCollector,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Every log line is one JSON object; request lines carry requestId, correlationId, destination, attempt, errorCode."""
+    settings = make_settings(log_format="json", log_level="INFO")
+    setup_logging("json", "INFO", settings.secret_values())
+    try:
+        async with running(settings):
+            await publish(
+                amqp,
+                names.queue,
+                {
+                    "id": "logged",
+                    "source": {"url": files.url("/nope.csv")},
+                    "destination": {"type": "inconvo", "userIdentifier": "u"},
+                },
+                correlation_id="corr-log",
+            )
+            await collector.wait_for(1)
+        logging.getLogger("third.party").warning("a library speaks")
+        with log_context(requestId="r-9"):
+            logging.getLogger("service.test").info("inside a request")
+    finally:
+        for handler in list(logging.getLogger().handlers):
+            logging.getLogger().removeHandler(handler)
+    lines = capsys.readouterr().err.strip().splitlines()
+    records = [orjson.loads(line) for line in lines]
+    assert all({"time", "level", "logger", "message"} <= set(r) for r in records)
+    failed = [r for r in records if r.get("requestId") == "logged" and r["level"] == "WARNING"]
+    assert failed, records
+    assert failed[0]["correlationId"] == "corr-log"
+    assert failed[0]["destination"] == "inconvo"
+    assert failed[0]["attempt"] == 1
+    assert failed[0]["errorCode"] == "source_not_found"
+    assert any(r["logger"] == "third.party" for r in records)
+    assert any(r.get("requestId") == "r-9" for r in records)
+    text = "\n".join(lines)
+    assert INCONVO_KEY not in text and MINDSET_KEY not in text
+
+
+async def test_traceparent_flows_through_fetch_delivery_and_event(
+    make_settings: Callable[..., Settings],
+    amqp: AbstractRobustConnection,
+    names: Names,
+    files: FileServer,
+    inconvo: FakeInconvo,
+    collector: EventCollector,
+) -> None:
+    """A request's traceparent reaches the source server, the destination API and the result event."""
+    url = files.add("/t.csv", b"1\n")
+    async with running(make_settings()):
+        await publish(
+            amqp,
+            names.queue,
+            {
+                "id": "traced",
+                "source": {"url": url},
+                "destination": {"type": "inconvo", "userIdentifier": "u"},
+            },
+            headers={"traceparent": TRACEPARENT},
+        )
+        await publish(
+            amqp,
+            names.queue,
+            {
+                "id": "untraced",
+                "source": {"url": url},
+                "destination": {"type": "inconvo", "userIdentifier": "u"},
+            },
+            headers={"traceparent": "not-a-trace"},
+        )
+        await collector.wait_for(2)
+    by_id = {
+        e["data"]["requestId"]: m for e, m in zip(collector.events, collector.messages, strict=True)
+    }
+    assert (by_id["traced"].headers or {}).get("traceparent") == TRACEPARENT
+    assert "traceparent" not in (by_id["untraced"].headers or {})
+    traced_upload = [u for u in inconvo.uploads if u.headers.get("traceparent")]
+    assert [u.headers["traceparent"] for u in traced_upload] == [TRACEPARENT]
+    seen = [h.get("traceparent") for h in files.hit_headers]
+    assert sorted(seen, key=str) == sorted([TRACEPARENT, None], key=str)

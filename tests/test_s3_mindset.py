@@ -1,0 +1,304 @@
+"""S3 sources and the Mindset adapter, end to end through RabbitMQ (issue: S3 + Mindset)."""
+
+from __future__ import annotations
+
+import base64
+import uuid
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, urlsplit
+
+import aiohttp
+import pytest
+from aio_pika.abc import AbstractRobustConnection
+from aiobotocore.session import get_session
+
+from service.config import Settings
+from service.contracts import SourceSpec
+from service.destinations.mindset import api_length, infer_mime_type
+from service.errors import CourierError, ErrorCode
+from service.sources.base import SizeLimit
+from service.sources.s3 import S3Location, S3Source
+from tests.conftest import AWS_SECRET, running
+from tests.fakes import FakeInconvo, FakeMindset
+from tests.support import EventCollector, FileServer, Names, drain, publish
+
+if TYPE_CHECKING:
+    from types_aiobotocore_s3 import S3Client
+
+PDF = b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF\n"
+
+
+pytestmark = pytest.mark.usefixtures("fast_retries")
+
+
+@pytest.fixture
+async def bucket(s3: S3Client) -> str:
+    """A fresh versioned bucket."""
+    name = f"courier-{uuid.uuid4().hex[:12]}"
+    await s3.create_bucket(Bucket=name)
+    await s3.put_bucket_versioning(Bucket=name, VersioningConfiguration={"Status": "Enabled"})
+    return name
+
+
+def mindset_request(url: str, rid: str, **destination: Any) -> dict[str, Any]:
+    """A Mindset request."""
+    return {
+        "id": rid,
+        "source": {"url": url},
+        "destination": {"type": "mindset", "appUid": "app-1", "contextUid": "ctx-1", **destination},
+    }
+
+
+async def test_s3_to_inconvo_with_version_and_errors(
+    s3: S3Client,
+    bucket: str,
+    make_settings: Callable[..., Settings],
+    amqp: AbstractRobustConnection,
+    names: Names,
+    inconvo: FakeInconvo,
+    collector: EventCollector,
+) -> None:
+    """An S3 object (latest and by versionId) reaches Inconvo; NoSuchKey is source_not_found."""
+    old = await s3.put_object(
+        Bucket=bucket, Key="2024/q4 sales.csv", Body=b"v,1\n", ContentType="text/csv"
+    )
+    await s3.put_object(
+        Bucket=bucket, Key="2024/q4 sales.csv", Body=b"v,2\n", ContentType="text/csv"
+    )
+    base = f"s3://{bucket}/2024/q4%20sales.csv"
+    async with running(make_settings()):
+        for rid, url in (
+            ("latest", base),
+            ("v1", f"{base}?versionId={old['VersionId']}"),
+            ("missing", f"s3://{bucket}/nope.csv"),
+        ):
+            await publish(
+                amqp,
+                names.queue,
+                {
+                    "id": rid,
+                    "source": {"url": url},
+                    "destination": {"type": "inconvo", "userIdentifier": "u"},
+                },
+            )
+        events = {e["data"]["requestId"]: e["data"] for e in await collector.wait_for(3)}
+    assert [u.content for u in inconvo.uploads if u.file_name == "q4_sales.csv"] != []
+    contents = sorted(u.content for u in inconvo.uploads)
+    assert contents == [b"v,1\n", b"v,2\n"]
+    assert events["latest"]["status"] == events["v1"]["status"] == "succeeded"
+    assert events["v1"]["source"]["url"] == f"{base}?versionId={old['VersionId']}"
+    assert events["latest"]["source"]["contentType"] == "text/csv"
+    assert events["missing"]["error"]["code"] == "source_not_found"
+
+
+async def test_bucket_outside_allowlist_makes_no_s3_call(
+    s3_endpoint: str, s3: S3Client, bucket: str
+) -> None:
+    """A bucket outside COURIER_S3_ALLOWED_BUCKETS is source_blocked before any S3 request is sent."""
+    await s3.put_object(Bucket=bucket, Key="a.csv", Body=b"1\n")
+    sent: list[str] = []
+    async with get_session().create_client("s3", region_name="us-east-1") as client:
+        client.meta.events.register("before-send.s3", lambda request, **_: sent.append(request.url))
+        source = S3Source(client, allowed_buckets=("some-other-bucket",))
+        spec = SourceSpec(url=f"s3://{bucket}/a.csv")
+        with pytest.raises(CourierError) as info:
+            source.check(spec)
+        assert info.value.code is ErrorCode.SOURCE_BLOCKED
+        assert sent == []
+        allowed = S3Source(client, allowed_buckets=(bucket,))
+        allowed.check(spec)
+        async with allowed.open(spec, SizeLimit(1024, "t")) as fetched:
+            assert await fetched.read() == b"1\n"
+        assert len(sent) == 1  # the positive control: a real call is seen
+
+
+async def test_s3_error_mapping(s3_endpoint: str, s3: S3Client, bucket: str) -> None:
+    """NoSuchBucket is source_not_found; bad credentials are source_forbidden; a big object is too_large."""
+    async with get_session().create_client("s3", region_name="us-east-1") as client:
+        source = S3Source(client)
+        with pytest.raises(CourierError) as info:
+            async with source.open(
+                SourceSpec(url=f"s3://{bucket}-missing/a.csv"), SizeLimit(10, "t")
+            ):
+                pass
+        assert info.value.code is ErrorCode.SOURCE_NOT_FOUND
+        await s3.put_object(Bucket=bucket, Key="big.csv", Body=b"x" * 100)
+        with pytest.raises(CourierError) as info:
+            async with source.open(SourceSpec(url=f"s3://{bucket}/big.csv"), SizeLimit(10, "t")):
+                pass
+        assert info.value.code is ErrorCode.TOO_LARGE
+    assert S3Location.parse(f"s3://{bucket}/a%2Fb%20c.csv?versionId=x").key == "a/b c.csv"
+
+
+async def test_mindset_source_url_from_http_and_s3(
+    s3: S3Client,
+    bucket: str,
+    make_settings: Callable[..., Settings],
+    amqp: AbstractRobustConnection,
+    names: Names,
+    files: FileServer,
+    mindset: FakeMindset,
+    collector: EventCollector,
+) -> None:
+    """http sources pass as given (mimeType inferred); S3 sources become presigned URLs that serve the object."""
+    video = b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 40
+    await s3.put_object(Bucket=bucket, Key="media/talk.mp4", Body=video)
+    http_url = files.add("/decks/intro.pptx?sig=abc", b"PK\x03\x04")
+    async with running(make_settings()):
+        await publish(
+            amqp,
+            names.queue,
+            mindset_request(http_url, "http-1", externalId="ext-1", labels=["l1"]),
+        )
+        await publish(amqp, names.queue, mindset_request(f"s3://{bucket}/media/talk.mp4", "s3-1"))
+        events = {e["data"]["requestId"]: e["data"] for e in await collector.wait_for(2)}
+    assert events["http-1"]["status"] == "succeeded", events["http-1"]
+    assert events["s3-1"]["status"] == "succeeded", events["s3-1"]
+    assert events["http-1"]["delivery"] == events["s3-1"]["delivery"] == "sourceUrl"
+    bodies = {i.body["name"]: i.body for i in mindset.ingests}
+    pptx = bodies["intro.pptx"]
+    assert pptx["sourceUrl"] == http_url
+    assert (
+        pptx["mimeType"]
+        == "application/vnd.openxmlformats-officedocument.presentationml.presentation"
+    )
+    assert pptx["externalId"] == "ext-1" and pptx["labels"] == ["l1"]
+    assert "documentContent" not in pptx
+    assert files.hits == []  # no bytes passed through Courier
+    mp4 = bodies["talk.mp4"]
+    assert mp4["mimeType"] == "video/mp4"
+    presigned = mp4["sourceUrl"]
+    assert AWS_SECRET not in presigned
+    query = parse_qs(urlsplit(presigned).query)
+    assert "X-Amz-Signature" in query and "X-Amz-Expires" in query
+    assert query["X-Amz-Expires"] == [str(12 * 3600)]
+    async with aiohttp.ClientSession() as session, session.get(presigned) as response:
+        assert response.status == 200
+        assert await response.read() == video
+    assert events["s3-1"]["source"]["url"] == f"s3://{bucket}/media/talk.mp4"
+    assert events["s3-1"]["source"]["bytes"] == len(video)
+    assert events["s3-1"]["result"]["uid"] in {f["uid"] for f in mindset.files}
+
+
+async def test_mindset_document_content(
+    s3: S3Client,
+    bucket: str,
+    make_settings: Callable[..., Settings],
+    amqp: AbstractRobustConnection,
+    names: Names,
+    files: FileServer,
+    mindset: FakeMindset,
+    collector: EventCollector,
+) -> None:
+    """text/plain is inlined exactly, text/html as text, a PDF as base64; >65,536 characters is too_large."""
+    text = "Grüße — a plain note\nline two 🚀\n"
+    html = "<html><body><h1>Hello</h1></body></html>"
+    await s3.put_object(
+        Bucket=bucket, Key="notes.txt", Body=text.encode(), ContentType="text/plain; charset=utf-8"
+    )
+    page = files.add("/page.html", html.encode(), content_type="text/html")
+    pdf = files.add("/small.pdf", PDF, content_type="application/pdf")
+    huge = files.add("/huge.txt", ("x" * 65537).encode(), content_type="text/plain")
+    async with running(make_settings()):
+        await publish(amqp, names.queue, mindset_request(f"s3://{bucket}/notes.txt", "txt"))
+        await publish(amqp, names.queue, mindset_request(page, "html", delivery="documentContent"))
+        await publish(
+            amqp,
+            names.queue,
+            mindset_request(pdf, "pdf", delivery="documentContent", name="Small PDF"),
+        )
+        await publish(amqp, names.queue, mindset_request(huge, "huge"))
+        events = {e["data"]["requestId"]: e["data"] for e in await collector.wait_for(4)}
+    by_name = {i.body["name"]: i.body for i in mindset.ingests}
+    assert by_name["notes.txt"]["documentContent"] == text
+    assert by_name["notes.txt"]["mimeType"] == "text/plain"
+    assert by_name["page.html"]["documentContent"] == html
+    assert by_name["page.html"]["mimeType"] == "text/html"
+    assert base64.b64decode(by_name["Small PDF"]["documentContent"]) == PDF
+    assert by_name["Small PDF"]["mimeType"] == "application/pdf"
+    for rid in ("txt", "html", "pdf"):
+        assert events[rid]["delivery"] == "documentContent", events[rid]
+    assert events["huge"]["error"]["code"] == "too_large"
+    assert len(mindset.ingests) == 3  # nothing sent for the huge one
+    assert all("sourceUrl" not in body for body in by_name.values())
+
+
+async def test_mindset_unsupported_and_invalid_send_nothing(
+    make_settings: Callable[..., Settings],
+    amqp: AbstractRobustConnection,
+    names: Names,
+    files: FileServer,
+    mindset: FakeMindset,
+    collector: EventCollector,
+) -> None:
+    """An unknown extension without mimeType is unsupported_type; 11 labels are invalid_request."""
+    async with running(make_settings()):
+        await publish(amqp, names.queue, mindset_request(files.add("/data.xyz", b"?"), "xyz"))
+        await publish(
+            amqp,
+            names.queue,
+            mindset_request(
+                files.add("/a.pdf", PDF), "labels", labels=[f"l{i}" for i in range(11)]
+            ),
+        )
+        await publish(
+            amqp,
+            names.queue,
+            mindset_request(
+                files.add("/b.txt", b"t"), "plain-url", delivery="sourceUrl", mimeType="text/plain"
+            ),
+        )
+        events = {e["data"]["requestId"]: e["data"] for e in await collector.wait_for(3)}
+    assert events["xyz"]["error"]["code"] == "unsupported_type"
+    assert events["labels"]["error"]["code"] == "invalid_request"
+    assert "labels" in events["labels"]["error"]["message"]
+    assert events["plain-url"]["error"]["code"] == "invalid_request"
+    assert mindset.requests == [] and files.hits == []
+    assert len([m async for m in drain(amqp, names.dead_queue)]) == 3
+
+
+async def test_mindset_externalid_deduplicates(
+    make_settings: Callable[..., Settings],
+    amqp: AbstractRobustConnection,
+    names: Names,
+    files: FileServer,
+    mindset: FakeMindset,
+    collector: EventCollector,
+) -> None:
+    """A second request with the same externalId succeeds with deduplicated: true and the existing file."""
+    url = files.add("/doc.pdf", PDF)
+    async with running(make_settings()):
+        await publish(amqp, names.queue, mindset_request(url, "first", externalId="ext-42"))
+        await collector.wait_for(1)
+        await publish(amqp, names.queue, mindset_request(url, "second", externalId="ext-42"))
+        events = {e["data"]["requestId"]: e["data"] for e in await collector.wait_for(2)}
+    assert events["first"]["status"] == events["second"]["status"] == "succeeded"
+    assert "deduplicated" not in events["first"]
+    assert events["second"]["deduplicated"] is True
+    assert events["second"]["result"]["uid"] == events["first"]["result"]["uid"]
+    assert len(mindset.ingests) == 1
+
+
+@pytest.mark.parametrize(
+    ("content_type", "name", "expected"),
+    [
+        ("video/mp4", "x", "video/mp4"),
+        ("text/markdown", "x", "text/plain"),
+        ("application/octet-stream", "talk.MP3", "audio/mpeg"),
+        (None, "notes.md", "text/plain"),
+        (None, "page.htm", "text/html"),
+        (None, "a.docx", "application/vnd.openxmlformats-officedocument.wordprocessingml.document"),
+        (None, "a.zip", "application/zip"),
+        ("image/png", "photo.png", None),
+        (None, "README", None),
+    ],
+)
+def test_mime_inference(content_type: str | None, name: str, expected: str | None) -> None:
+    """The content type wins, then the extension; nothing fitting gives None."""
+    assert infer_mime_type(content_type, name) == expected
+
+
+def test_api_length_counts_utf16_units() -> None:
+    """Characters outside the BMP count twice, as the API (JavaScript) counts them."""
+    assert api_length("a🚀") == 3

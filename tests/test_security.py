@@ -1,0 +1,221 @@
+"""Hostile sources and secret hygiene, through the real service."""
+
+from __future__ import annotations
+
+import logging
+import re
+import signal
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+from aio_pika.abc import AbstractRobustConnection
+
+from service.config import Settings
+from service.logs import setup_logging
+from service.redact import mask_text, redact_url
+from tests.conftest import AWS_SECRET, INCONVO_KEY, MINDSET_KEY, running
+from tests.fakes import FakeInconvo, FakeMindset
+from tests.support import (
+    CourierProcess,
+    EventCollector,
+    FileServer,
+    Names,
+    courier_env,
+    free_port,
+    publish,
+)
+
+if TYPE_CHECKING:
+    from types_aiobotocore_s3 import S3Client
+
+pytestmark = pytest.mark.usefixtures("fast_retries")
+
+
+@pytest.fixture
+async def other() -> AsyncIterator[FileServer]:
+    """A second loopback server that sources must never reach."""
+    server = await FileServer().start()
+    server.add("/a.csv", b"secret,data\n")
+    yield server
+    await server.close()
+
+
+def loopback_spellings(port: int) -> dict[str, str]:
+    """The same loopback server written five ways."""
+    return {
+        "dotted": f"http://127.0.0.1:{port}/a.csv",
+        "name": f"http://localhost:{port}/a.csv",
+        "ipv6": f"http://[::1]:{port}/a.csv",
+        "decimal": f"http://2130706433:{port}/a.csv",
+        "hex-short": f"http://0x7f.1:{port}/a.csv",
+    }
+
+
+def request(rid: str, url: str) -> dict[str, Any]:
+    """An Inconvo request."""
+    return {
+        "id": rid,
+        "source": {"url": url},
+        "destination": {"type": "inconvo", "userIdentifier": "u"},
+    }
+
+
+async def test_only_the_allowed_server_is_reachable_through_courier_run(
+    amqp: AbstractRobustConnection,
+    names: Names,
+    files: FileServer,
+    other: FileServer,
+    inconvo: FakeInconvo,
+    collector: EventCollector,
+) -> None:
+    """With only the file server allowed, every spelling of another loopback port, and a redirect to it, is source_blocked."""
+    urls = loopback_spellings(other.port)
+    urls["redirect"] = files.add("/hop.csv", redirect=other.url("/a.csv"))
+    env = courier_env(
+        COURIER_QUEUE=names.queue,
+        COURIER_EVENTS_EXCHANGE=names.events_exchange,
+        COURIER_HTTP_PORT=str(free_port()),
+        COURIER_INCONVO_API_KEY=INCONVO_KEY,
+        COURIER_INCONVO_BASE_URL=inconvo.base_url,
+        COURIER_SOURCE_ALLOWED_HOSTS=f"127.0.0.1:{files.port}",
+    )
+    service = await CourierProcess(env).start()
+    try:
+        for rid, url in urls.items():
+            await publish(amqp, names.queue, request(rid, url))
+        events = await collector.wait_for(len(urls))
+    finally:
+        assert await service.signal(signal.SIGTERM) == 0
+    codes = {e["data"]["requestId"]: e["data"]["error"]["code"] for e in events}
+    assert codes == dict.fromkeys(urls, "source_blocked")
+    assert other.hits == []
+    assert files.hits == ["/hop.csv"]  # the allowed server was asked, then the hop refused
+    assert inconvo.requests == []
+
+
+async def test_default_policy_blocks_every_loopback_spelling(
+    make_settings: Callable[..., Settings],
+    amqp: AbstractRobustConnection,
+    names: Names,
+    other: FileServer,
+    collector: EventCollector,
+) -> None:
+    """With no allowlist, loopback is refused in every spelling, before any packet is sent."""
+    urls = loopback_spellings(other.port)
+    urls["metadata"] = "http://169.254.169.254/latest/meta-data/iam.csv"
+    urls["mapped"] = f"http://[::ffff:127.0.0.1]:{other.port}/a.csv"
+    async with running(make_settings(source_allowed_hosts=())):
+        for rid, url in urls.items():
+            if rid == "metadata":
+                continue  # decided below without any connection attempt
+            await publish(amqp, names.queue, request(rid, url))
+        events = await collector.wait_for(len(urls) - 1)
+    for event in events:
+        assert event["data"]["error"]["code"] == "source_blocked", event
+        assert "loopback" in event["data"]["error"]["message"]
+    assert other.hits == []
+    from service.sources.guard import AddressPolicy
+
+    assert AddressPolicy().check_host("169.254.169.254", 80) is not None
+
+
+async def test_gzip_bomb_and_endless_chunked_body_are_too_large(
+    make_settings: Callable[..., Settings],
+    amqp: AbstractRobustConnection,
+    names: Names,
+    files: FileServer,
+    inconvo: FakeInconvo,
+    collector: EventCollector,
+) -> None:
+    """A gzip body inflating past 10 MiB and a 20 MiB chunked body both fail too_large; nothing is uploaded."""
+    bomb = files.add("/bomb.csv", b"0" * (11 * 1024 * 1024), gzip=True)
+    endless = files.add("/endless.csv", stream_bytes=20 * 1024 * 1024)
+    async with running(make_settings()):
+        await publish(amqp, names.queue, request("bomb", bomb))
+        await publish(amqp, names.queue, request("endless", endless))
+        events = await collector.wait_for(2)
+    assert {e["data"]["error"]["code"] for e in events} == {"too_large"}
+    assert inconvo.requests == []
+
+
+async def test_no_secret_reaches_logs_or_events(
+    s3: S3Client,
+    make_settings: Callable[..., Settings],
+    amqp: AbstractRobustConnection,
+    names: Names,
+    files: FileServer,
+    inconvo: FakeInconvo,
+    mindset: FakeMindset,
+    collector: EventCollector,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """With distinctive keys, success and failure paths log and publish no key, secret or signature."""
+    await s3.create_bucket(Bucket="hygiene")
+    await s3.put_object(Bucket="hygiene", Key="talk.mp4", Body=b"\x00" * 64)
+    await s3.put_object(Bucket="hygiene", Key="t.csv", Body=b"1\n")
+    settings = make_settings(log_level="DEBUG", log_format="json")
+    setup_logging("json", "DEBUG", settings.secret_values())
+    try:
+        inconvo.fail_next(401, body={"error": f"bad key {INCONVO_KEY}"})
+        async with running(settings):
+            await publish(amqp, names.queue, request("echo", files.add("/a.csv", b"1\n")))
+            await publish(amqp, names.queue, request("s3", "s3://hygiene/t.csv"))
+            await publish(
+                amqp,
+                names.queue,
+                {
+                    "id": "presign",
+                    "source": {"url": "s3://hygiene/talk.mp4"},
+                    "destination": {"type": "mindset", "appUid": "a", "contextUid": "c"},
+                },
+            )
+            await publish(
+                amqp,
+                names.queue,
+                request(
+                    "userinfo",
+                    f"http://user:pa55w0rd@127.0.0.1:{files.port}/x.csv?X-Amz-Signature=abc123",
+                ),
+            )
+            events = await collector.wait_for(4)
+    finally:
+        for handler in list(logging.getLogger().handlers):
+            logging.getLogger().removeHandler(handler)
+    logs = capsys.readouterr().err
+    [ingest] = mindset.ingests
+    signature = parse_qs(urlsplit(ingest.body["sourceUrl"]).query)["X-Amz-Signature"][0]
+    published = "".join(m.body.decode() for m in collector.messages)
+    assert "bad key ***" in published  # the echoed key was masked, the rest kept
+    assert len(logs) > 1000, "the run should have logged plenty at DEBUG"
+    for text in (logs, published):
+        for secret in (INCONVO_KEY, MINDSET_KEY, AWS_SECRET, signature, "pa55w0rd", "abc123"):
+            assert secret not in text
+    assert {e["data"]["requestId"] for e in events} == {"echo", "s3", "presign", "userinfo"}
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("https://user:pw@files.example/a.csv?sig=1#x", "https://files.example/a.csv"),
+        ("s3://b/k.csv?versionId=v1&X-Amz-Signature=s", "s3://b/k.csv?versionId=v1"),
+        (
+            "https://b.s3.amazonaws.com/k?X-Amz-Credential=AKIA&X-Amz-Signature=ff",
+            "https://b.s3.amazonaws.com/k",
+        ),
+    ],
+)
+def test_redact_url(url: str, shown: str) -> None:
+    """Event URLs lose user-info and query (an s3 URL keeps versionId)."""
+    assert redact_url(url) == shown
+
+
+def test_mask_text() -> None:
+    """Free text loses configured secrets, URL user-info and signed-URL parameters."""
+    text = "key=K3Y amqp://u:pw@h/ https://x/?X-Amz-Signature=abc&X-Amz-Security-Token=tok&a=1"
+    masked = mask_text(text, ["K3Y"])
+    assert "K3Y" not in masked and "pw@" not in masked
+    assert "abc" not in masked and "tok" not in masked
+    assert "a=1" in masked
+    assert re.search(r"X-Amz-Signature=\*\*\*", masked)
