@@ -1,0 +1,53 @@
+"""The baseline: a bare aio-pika loop on a quorum queue with no HTTP work.
+
+Consume (prefetch 64), publish one confirmed message, ack: what the broker
+client itself can do on this machine. Runs until SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+
+import aio_pika
+from aio_pika.abc import AbstractIncomingMessage
+
+
+async def main(url: str, queue_name: str, exchange_name: str) -> None:
+    """Consume ``queue_name`` and answer each message on ``exchange_name``."""
+    consume_conn = await aio_pika.connect_robust(url)
+    publish_conn = await aio_pika.connect_robust(url)
+    channel = await consume_conn.channel()
+    await channel.set_qos(prefetch_count=64)
+    queue = await channel.declare_queue(
+        queue_name, durable=True, arguments={"x-queue-type": "quorum"}
+    )
+    out = await publish_conn.channel(publisher_confirms=True)
+    exchange = await out.declare_exchange(exchange_name, aio_pika.ExchangeType.TOPIC, durable=True)
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def handle(message: AbstractIncomingMessage) -> None:
+        await exchange.publish(
+            aio_pika.Message(body=message.body, message_id=message.message_id),
+            routing_key="upload.succeeded",
+            timeout=10,
+        )
+        await message.ack()
+
+    async def on_message(message: AbstractIncomingMessage) -> None:
+        task = asyncio.create_task(handle(message))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    await queue.consume(on_message)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    print("ready", flush=True)
+    await stop.wait()
+    await consume_conn.close()
+    await publish_conn.close()
+
+
+if __name__ == "__main__":
+    asyncio.run(main(*sys.argv[1:4]))
