@@ -34,7 +34,7 @@ from service.messages import ATTEMPT_HEADER, TRACEPARENT, Envelope, parse_reques
 from service.metrics import Metrics
 from service.pipeline import Outcome
 from service.redact import mask_text, redact_url
-from service.tracing import traceparent
+from service.tracing import record_outcome, request_span, traceparent
 
 log = logging.getLogger(__name__)
 
@@ -286,9 +286,13 @@ class Broker:
         self._metrics.in_flight.inc()
         traceparent.set(envelope.traceparent)  # this task's context: outgoing calls carry it
         try:
-            with log_context(attempt=envelope.attempt, correlationId=envelope.correlation_id):
+            with (
+                log_context(attempt=envelope.attempt, correlationId=envelope.correlation_id),
+                request_span(envelope.traceparent, **{"courier.attempt": envelope.attempt}) as span,
+            ):
                 request, outcome, rid, metadata = await self._run(message, envelope)
                 add_log_context(requestId=rid, destination=outcome.destination)
+                record_outcome(span, outcome.error.code.value if outcome.error else None)
                 await asyncio.shield(
                     self._settle(message, envelope, request, outcome, rid, metadata)
                 )

@@ -17,6 +17,7 @@ from service.events import build_event
 from service.logs import setup_logging
 from service.messages import ATTEMPT_HEADER, Envelope, parse_request, request_id
 from service.runtime import Service, pipeline_for
+from service.tracing import setup_otel, shutdown_otel
 
 EXIT_CONFIG = 2
 
@@ -157,7 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(settings.log_format, settings.log_level, settings.secret_values())
     try:
         if args.command == "run":
-            asyncio.run(Service(settings).run())
+            setup_otel()
+            try:
+                asyncio.run(Service(settings).run())
+            finally:
+                shutdown_otel()
             return 0
         if args.command == "process":
             return asyncio.run(_process(settings, _read(args.file)))

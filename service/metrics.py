@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 
 from prometheus_client import (
     CollectorRegistry,
@@ -18,6 +18,7 @@ from prometheus_client import (
 from service import __version__
 from service.contracts import SourceSpec
 from service.sources.base import FetchedFile, SizeLimit, Source, SourceFacts
+from service.tracing import child_span
 
 _DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -122,7 +123,11 @@ class MeteredSource:
     async def open(self, spec: SourceSpec, limit: SizeLimit) -> AsyncIterator[FetchedFile]:
         """Time the fetch (until the file is spooled) and count its bytes."""
         started = time.perf_counter()
-        async with self._inner.open(spec, limit) as fetched:
+        async with AsyncExitStack() as stack:
+            with child_span("courier.source.fetch", **{"url.scheme": self._scheme}) as span:
+                fetched = await stack.enter_async_context(self._inner.open(spec, limit))
+                if span is not None:
+                    span.set_attribute("courier.source.bytes", fetched.size)
             self._metrics.source_fetch_duration.labels(self._scheme).observe(
                 time.perf_counter() - started
             )

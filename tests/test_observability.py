@@ -5,16 +5,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import aiohttp
 import orjson
 import pytest
 from aio_pika.abc import AbstractRobustConnection
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.config import Settings
 from service.logs import log_context, setup_logging
+from service.tracing import otel_enabled, setup_otel, shutdown_otel, use_tracer_provider
 from tests.conftest import INCONVO_KEY, MINDSET_KEY, running
 from tests.fakes import FakeInconvo
 from tests.support import EventCollector, FileServer, Names, publish
@@ -240,3 +244,79 @@ async def test_traceparent_flows_through_fetch_delivery_and_event(
     assert [u.headers["traceparent"] for u in traced_upload] == [TRACEPARENT]
     seen = [h.get("traceparent") for h in files.hit_headers]
     assert sorted(seen, key=str) == sorted([TRACEPARENT, None], key=str)
+
+
+@pytest.fixture
+def spans() -> Iterator[InMemorySpanExporter]:
+    """OpenTelemetry on (as the `otel` extra does), exporting to memory."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    use_tracer_provider(provider)
+    yield exporter
+    shutdown_otel()
+
+
+async def test_otel_spans_continue_the_producers_trace(
+    spans: InMemorySpanExporter,
+    make_settings: Callable[..., Settings],
+    amqp: AbstractRobustConnection,
+    names: Names,
+    files: FileServer,
+    inconvo: FakeInconvo,
+    collector: EventCollector,
+) -> None:
+    """With OTel on, the request span is a child of the producer's span; fetch and upload are its children, and the calls carry their own span ids."""
+    url = files.add("/o.csv", b"1\n")
+    async with running(make_settings()):
+        await publish(
+            amqp,
+            names.queue,
+            {
+                "id": "otel",
+                "source": {"url": url},
+                "destination": {"type": "inconvo", "userIdentifier": "u"},
+            },
+            headers={"traceparent": TRACEPARENT},
+        )
+        await collector.wait_for(1)
+    trace_id = int(TRACEPARENT.split("-")[1], 16)
+    finished = [s for s in spans.get_finished_spans() if s.context.trace_id == trace_id]
+    by_name = {s.name: s for s in finished}
+    root = by_name["courier.upload"]
+    assert root.parent is not None and root.parent.span_id == int(TRACEPARENT.split("-")[2], 16)
+    fetch = by_name["courier.source.fetch"]
+    assert fetch.parent is not None and fetch.parent.span_id == root.context.span_id
+    http = [s for s in finished if s.name.startswith("HTTP ")]
+    assert sorted(s.name for s in http) == ["HTTP GET", "HTTP POST"]
+    assert {s.attributes["http.response.status_code"] for s in http if s.attributes} == {200}
+    # The destination saw the upload span's id, on the producer's trace.
+    (upload,) = inconvo.uploads
+    post = next(s for s in http if s.name == "HTTP POST")
+    assert upload.headers["traceparent"] == f"00-{trace_id:032x}-{post.context.span_id:016x}-01"
+    # The event still carries the request's own traceparent.
+    assert (collector.messages[0].headers or {}).get("traceparent") == TRACEPARENT
+    assert "://" not in str([s.attributes for s in finished])
+
+
+def test_otel_stays_off_without_an_exporter() -> None:
+    """No OTEL_* exporter configured: no spans, nothing set up."""
+    assert setup_otel({}) is False
+    assert setup_otel({"OTEL_TRACES_EXPORTER": "none"}) is False
+    assert (
+        setup_otel(
+            {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318", "OTEL_SDK_DISABLED": "true"}
+        )
+        is False
+    )
+    assert not otel_enabled()
+
+
+def test_otel_turns_on_with_an_otlp_endpoint() -> None:
+    """An OTLP endpoint in the environment turns spans on (nothing is exported without spans)."""
+    try:
+        assert setup_otel({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318"}) is True
+        assert otel_enabled()
+    finally:
+        shutdown_otel()
+    assert not otel_enabled()
