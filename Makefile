@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 COURIER_AMQP_URL ?= amqp://guest:guest@127.0.0.1:5672/
 export COURIER_AMQP_URL
 
-.PHONY: install run broker tools lint format test schemas clean demo bench
+.PHONY: install run broker tools lint format test schemas clean demo bench chaos
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -50,3 +50,6 @@ demo: install broker
 
 bench: install broker
 	$(BIN)/python -m bench.run
+
+chaos: install broker
+	$(BIN)/python -m bench.chaos

@@ -6,6 +6,7 @@ import asyncio
 import signal
 import subprocess
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -212,30 +213,6 @@ async def test_poison_message(
     assert (dead.headers or {})["x-courier-error-code"] == "poison_message"
 
 
-async def test_competing_consumers_share_the_work(
-    make_settings: Callable[..., Settings],
-    amqp: AbstractRobustConnection,
-    names: Names,
-    files: FileServer,
-    inconvo: FakeInconvo,
-    collector: EventCollector,
-) -> None:
-    """Two replicas on one queue split the requests; each request ends exactly once."""
-    inconvo.delay = 0.01
-    url = files.add("/a.csv", b"1\n")
-    async with (
-        running(make_settings(concurrency=4)) as one,
-        running(make_settings(concurrency=4)) as two,
-    ):
-        ids = await publish_many(amqp, names.queue, url, 100, "shared")
-        await collector.wait_for_ids(ids, timeout=60)
-        done_one = one.metrics.requests.labels("inconvo", "succeeded")._value.get()
-        done_two = two.metrics.requests.labels("inconvo", "succeeded")._value.get()
-    counts = assert_exactly_terminal(collector, ids)
-    assert set(counts.values()) == {1}
-    assert done_one > 0 and done_two > 0 and done_one + done_two == 100
-
-
 # -- broker faults ----------------------------------------------------------------------
 
 
@@ -430,3 +407,34 @@ async def test_consumer_cancelled_by_the_server_is_restored(
         await publish(amqp, names.queue, upload(files.add("/a.csv", b"1\n"), "after-cancel"))
         [event] = await collector.wait_for(1)
     assert event["data"]["status"] == "succeeded"
+
+
+async def test_three_processes_share_one_queue(
+    process_env: Callable[..., dict[str, str]],
+    amqp: AbstractRobustConnection,
+    names: Names,
+    files: FileServer,
+    inconvo: FakeInconvo,
+    collector: EventCollector,
+) -> None:
+    """Three `courier run` processes on one queue: 1,000 requests, 1,000 terminal events, work spread over all three."""
+    inconvo.delay = 0.005
+    url = files.add("/a.csv", b"1\n")
+    replicas = [
+        await CourierProcess(
+            process_env(COURIER_CONCURRENCY="8", COURIER_EVENT_SOURCE=f"urn:courier:replica-{i}")
+        ).start()
+        for i in range(3)
+    ]
+    try:
+        ids = await publish_many(amqp, names.queue, url, 1000, "shared")
+        await collector.wait_for_ids(ids, timeout=120)
+    finally:
+        codes = [await replica.signal(signal.SIGTERM) for replica in replicas]
+    assert codes == [0, 0, 0]
+    counts = assert_exactly_terminal(collector, ids)
+    assert set(counts.values()) == {1}
+    assert all(e["data"]["status"] == "succeeded" for e in collector.events)
+    per_replica = Counter(e["source"] for e in collector.events)
+    assert set(per_replica) == {f"urn:courier:replica-{i}" for i in range(3)}
+    assert all(n >= 50 for n in per_replica.values()), per_replica
