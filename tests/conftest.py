@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -18,7 +19,15 @@ from moto.server import ThreadedMotoServer
 from service.config import Settings
 from service.runtime import Service
 from tests.fakes import FakeInconvo, FakeMindset
-from tests.support import AMQP_URL, EventCollector, FileServer, Names, delete_topology
+from tests.support import (
+    AMQP_URL,
+    LEDGER,
+    EventCollector,
+    FileServer,
+    LedgerHandler,
+    Names,
+    delete_topology,
+)
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
@@ -28,6 +37,23 @@ MINDSET_KEY = "test-mindset-key-9c3a"
 AWS_KEY_ID = "AKIATESTCOURIER0001"
 AWS_SECRET = "test-aws-secret-7d2b4e"
 TEST_DELAYS = (1, 2)
+
+
+@pytest.fixture(autouse=True)
+def no_secret_leaks() -> Iterator[None]:
+    """Every test: no API key, AWS secret or presigned signature in what Courier emitted."""
+    LEDGER.secrets = (INCONVO_KEY, MINDSET_KEY, AWS_SECRET)
+    LEDGER.texts.clear()
+    handler = LedgerHandler(level=logging.DEBUG)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+    leaks = LEDGER.leaks()
+    LEDGER.texts.clear()
+    assert not leaks, f"secrets leaked: {leaks}"
 
 
 @pytest.fixture

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gzip
+import logging
 import os
+import re
 import socket
 import sys
 import time
@@ -24,6 +26,43 @@ from aiohttp import web
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 ROOT = Path(__file__).resolve().parent.parent
+# An unmasked presigned-URL signature (SigV4 signatures are 64 hex digits).
+_SIGNATURE = re.compile(r"X-Amz-Signature=[0-9a-f]{64}")
+
+
+class SecretLedger:
+    """Everything Courier emitted during a test (logs, events, command output), to scan for secrets."""
+
+    def __init__(self) -> None:
+        self.secrets: tuple[str, ...] = ()
+        self.texts: list[tuple[str, str]] = []
+
+    def add(self, where: str, text: str | bytes) -> None:
+        """Record ``text`` as seen in ``where``."""
+        self.texts.append(
+            (where, text.decode("utf-8", "replace") if isinstance(text, bytes) else text)
+        )
+
+    def leaks(self) -> list[str]:
+        """Where a configured secret or an unmasked presigned signature appeared."""
+        found = []
+        for where, text in self.texts:
+            found += [f"{where}: {secret[:4]}..." for secret in self.secrets if secret in text]
+            if _SIGNATURE.search(text):
+                found.append(f"{where}: a presigned signature")
+        return found
+
+
+LEDGER = SecretLedger()
+
+
+class LedgerHandler(logging.Handler):
+    """Records every log record, fully formatted (tracebacks too), in the ledger."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name.startswith(("werkzeug", "moto")):
+            return  # the S3 server's own access log: a test peer, not Courier
+        LEDGER.add(f"log {record.name}", logging.Formatter().format(record) + repr(record.__dict__))
 
 
 def free_port() -> int:
@@ -58,6 +97,7 @@ async def courier(
     )
     out, err = await asyncio.wait_for(proc.communicate(stdin), timeout)
     assert proc.returncode is not None
+    LEDGER.add(f"courier {args[0]} output", out + err)
     return proc.returncode, out, err
 
 
@@ -104,6 +144,7 @@ class CourierProcess:
         assert self.proc is not None and self.proc.stderr is not None
         while chunk := await self.proc.stderr.read(65536):
             self.stderr += chunk
+        LEDGER.add("courier run stderr", self.stderr)
 
     async def signal(self, sig: int, timeout: float = 60) -> int:
         """Send ``sig`` and wait for the exit status."""
@@ -263,6 +304,7 @@ class EventCollector:
         return self
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        LEDGER.add("event", message.body + repr(message.headers).encode())
         async with self._changed:
             self.messages.append(message)
             self.events.append(orjson.loads(message.body))
