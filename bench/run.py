@@ -100,9 +100,16 @@ class Result:
     peak_rss_mib: float
     idle_rss_mib: float
     ready_s: float
+    cpu_ms_per_request: float
     outcomes: dict[str, int] = field(default_factory=dict)
     ratio_to_bare: float | None = None
     ratio_to_copy: float | None = None
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time the process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def proc_status(pid: int, key: str) -> float:
@@ -157,11 +164,13 @@ async def measure(
             ready_s = time.perf_counter() - spawned
             await asyncio.sleep(1.0)
             idle = proc_status(proc.pid, "VmRSS")
+            cpu_before = cpu_seconds(proc.pid)
             began = time.monotonic()
             await publish_all(url, names.queue, bodies)
             await collector.wait_for(n, timeout=1800)
             elapsed = collector.arrivals[n - 1] - began
             peak = proc_status(proc.pid, "VmHWM")
+            cpu = cpu_seconds(proc.pid) - cpu_before
         finally:
             proc.send_signal(signal.SIGTERM)
             await proc.wait()
@@ -188,6 +197,7 @@ async def measure(
         round(peak, 1),
         round(idle, 1),
         round(ready_s, 3),
+        round(cpu / n * 1000, 3),
         outcomes,
     )
 
@@ -310,14 +320,17 @@ def proc_status_total() -> float:
 
 def table(results: list[Result]) -> str:
     """The results as a Markdown table."""
-    head = "| scenario | N | req/s | MB/s | vs bare loop | vs copy | peak RSS MiB | idle RSS MiB | ready s |"
-    rows = [head, "|" + "---|" * 9]
+    head = (
+        "| scenario | N | req/s | MB/s | vs bare loop | vs copy | peak RSS MiB | idle RSS MiB "
+        "| ready s | CPU ms/req |"
+    )
+    rows = [head, "|" + "---|" * 10]
     for r in results:
         ratio = f"{r.ratio_to_bare:.2f}x" if r.ratio_to_bare is not None else "-"
         copy = f"{r.ratio_to_copy:.2f}x" if r.ratio_to_copy is not None else "-"
         rows.append(
             f"| {r.scenario} | {r.n} | {r.requests_per_s} | {r.mb_per_s} | {ratio} | {copy} | "
-            f"{r.peak_rss_mib} | {r.idle_rss_mib} | {r.ready_s} |"
+            f"{r.peak_rss_mib} | {r.idle_rss_mib} | {r.ready_s} | {r.cpu_ms_per_request} |"
         )
     return "\n".join(rows)
 

@@ -16,7 +16,7 @@ from service.errors import CourierError
 from service.events import build_event
 from service.logs import setup_logging
 from service.messages import ATTEMPT_HEADER, Envelope, parse_request, request_id
-from service.runtime import Service, pipeline_for
+from service.runtime import Service, limit_malloc_arenas, pipeline_for
 from service.tracing import setup_otel, shutdown_otel
 
 EXIT_CONFIG = 2
@@ -158,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(settings.log_format, settings.log_level, settings.secret_values())
     try:
         if args.command == "run":
+            limit_malloc_arenas()
             setup_otel()
             try:
                 asyncio.run(Service(settings).run())

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import logging
+import os
 import signal
 from collections.abc import AsyncIterator
 
@@ -27,6 +30,24 @@ from service.tracing import trace_config
 from service.web import make_app, start_http
 
 log = logging.getLogger(__name__)
+_M_ARENA_MAX = -8  # glibc's mallopt parameter number for MALLOC_ARENA_MAX
+
+
+def limit_malloc_arenas(arenas: int = 2) -> bool:
+    """Cap glibc's malloc arenas, as ``MALLOC_ARENA_MAX`` does; call before threads start.
+
+    Spooling runs in worker threads, and glibc gives each thread an arena of its
+    own whose freed memory is seldom returned: with 32 concurrent 10 MiB files
+    this cap measured about 20 MiB less peak RSS (``make bench``, scenario big).
+    An operator's own ``MALLOC_ARENA_MAX`` wins; elsewhere than glibc, nothing happens.
+    """
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return False
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_ARENA_MAX, arenas))
 
 
 @contextlib.asynccontextmanager

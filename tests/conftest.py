@@ -43,6 +43,7 @@ TEST_DELAYS = (1, 2)
 def no_secret_leaks() -> Iterator[None]:
     """Every test: no API key, AWS secret or presigned signature in what Courier emitted."""
     LEDGER.secrets = (INCONVO_KEY, MINDSET_KEY, AWS_SECRET)
+    LEDGER.enabled = True
     LEDGER.texts.clear()
     handler = LedgerHandler(level=logging.DEBUG)
     root = logging.getLogger()

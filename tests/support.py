@@ -36,9 +36,12 @@ class SecretLedger:
     def __init__(self) -> None:
         self.secrets: tuple[str, ...] = ()
         self.texts: list[tuple[str, str]] = []
+        self.enabled = False  # the test suite turns it on; benchmarks keep nothing
 
     def add(self, where: str, text: str | bytes) -> None:
         """Record ``text`` as seen in ``where``."""
+        if not self.enabled:
+            return
         self.texts.append(
             (where, text.decode("utf-8", "replace") if isinstance(text, bytes) else text)
         )

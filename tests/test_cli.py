@@ -245,3 +245,22 @@ async def test_submit_and_dead_commands(
     assert replayed.message_id == "sub-2" and replayed.body == good.read_bytes()
     assert not any(k.startswith("x-courier") for k in (replayed.headers or {}))
     assert [m async for m in drain(amqp, names.dead_queue)] == []
+
+
+@pytest.mark.parametrize(
+    ("environ", "applied"), [({}, "True"), ({"MALLOC_ARENA_MAX": "4"}, "False")]
+)
+async def test_malloc_arena_cap_yields_to_the_operator(
+    environ: dict[str, str], applied: str
+) -> None:
+    """`courier run` caps glibc's malloc arenas, unless the operator set MALLOC_ARENA_MAX."""
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"} | environ
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        "from service.runtime import limit_malloc_arenas; print(limit_malloc_arenas())",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await proc.communicate()
+    assert out.decode().strip() == applied

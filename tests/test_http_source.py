@@ -14,7 +14,7 @@ import pytest
 
 from service.contracts import SourceSpec
 from service.errors import CourierError, ErrorCode
-from service.sources.base import SizeLimit
+from service.sources.base import SizeLimit, spool
 from service.sources.guard import AddressPolicy, guarded_connector, parse_allowed_hosts
 from service.sources.http import HttpSource
 from tests.support import FileServer
@@ -66,6 +66,25 @@ async def test_fetch_spools_with_size_and_sha256(
             assert fetched.path.parent == spool_dir
             assert fetched.path.read_bytes() == body
     assert os.listdir(spool_dir) == []
+
+
+async def test_spool_writes_many_small_chunks_whole(spool_dir: Path) -> None:
+    """Thousands of tiny chunks (more than one writev takes) land in the file whole and in order."""
+    chunks = [os.urandom(300) for _ in range(3000)]
+
+    async def stream() -> AsyncIterator[bytes]:
+        for chunk in chunks:
+            yield chunk
+
+    spooled = await spool(stream(), LIMIT, spool_dir)
+    body = b"".join(chunks)
+    assert spooled.path is not None and spooled.data is None
+    try:
+        assert spooled.path.read_bytes() == body
+        assert spooled.size == len(body)
+        assert spooled.sha256 == hashlib.sha256(body).hexdigest()
+    finally:
+        spooled.path.unlink()
 
 
 async def test_name_and_type_precedence(source: HttpSource, files: FileServer) -> None:
