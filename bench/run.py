@@ -338,7 +338,7 @@ def table(results: list[Result]) -> str:
 async def main() -> int:
     """Run the chosen scenarios and print what they measured."""
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--scenarios", default="small,big,presign,inline")
+    parser.add_argument("--scenarios", default="small,big,presign,inline,caps")
     parser.add_argument("--n", type=int, help="override N for every scenario")
     parser.add_argument("--bare-n", type=int, default=5000)
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results.json")
