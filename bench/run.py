@@ -221,7 +221,7 @@ async def run_courier(scenario: Scenario, n: int, info: dict[str, Any], url: str
         "COURIER_MINDSET_API_KEY": info["mindset_key"],
         "COURIER_MINDSET_BASE_URL": info["mindset"],
         "COURIER_SOURCE_ALLOWED_HOSTS": f"127.0.0.1:{info['files_port']}",
-        "COURIER_LOG_LEVEL": "WARNING",
+        "COURIER_LOG_LEVEL": "ERROR",
     }
     bodies = [orjson.dumps(scenario.request(info, i)) for i in range(n)]
     http = aiohttp.ClientSession()

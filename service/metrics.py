@@ -55,7 +55,7 @@ class Metrics:
         self.destination_requests = Counter(
             "courier_destination_requests_total",
             "HTTP requests made to destinations, by status code ('error' for no answer).",
-            ["destination", "status_code"],
+            ["destination", "status"],
             registry=r,
         )
         self.destination_duration = Histogram(
@@ -66,7 +66,7 @@ class Metrics:
             registry=r,
         )
         self.in_flight = Gauge(
-            "courier_requests_in_flight", "Requests being processed now.", registry=r
+            "courier_inflight_requests", "Requests being processed now.", registry=r
         )
         self.retries = Counter(
             "courier_retries_scheduled_total",

@@ -724,7 +724,7 @@ def test_dashboard_shows_the_operating_signals() -> None:
         "courier_requests_total",
         "histogram_quantile(0.50, sum by (le, destination) (rate(courier_request_duration_seconds_bucket",
         "histogram_quantile(0.95, sum by (le, destination) (rate(courier_request_duration_seconds_bucket",
-        "courier_requests_in_flight",
+        "courier_inflight_requests",
         "courier_retries_scheduled_total",
         "courier_dead_lettered_total",
         "courier_destination_requests_total",

@@ -130,7 +130,7 @@ async def test_metrics_scrape_matches_what_happened(
         got[
             (
                 "courier_destination_requests_total",
-                (("destination", "inconvo"), ("status_code", "200")),
+                (("destination", "inconvo"), ("status", "200")),
             )
         ]
         == 3
@@ -139,7 +139,7 @@ async def test_metrics_scrape_matches_what_happened(
         got[
             (
                 "courier_destination_requests_total",
-                (("destination", "inconvo"), ("status_code", "503")),
+                (("destination", "inconvo"), ("status", "503")),
             )
         ]
         == 6
@@ -147,7 +147,7 @@ async def test_metrics_scrape_matches_what_happened(
     assert (
         got[("courier_source_bytes_total", (("scheme", "http"),))] == 8 * 5
     )  # 3 successes + 2 attempts
-    assert got[("courier_requests_in_flight", ())] == 0
+    assert got[("courier_inflight_requests", ())] == 0
     assert got[("courier_broker_connected", ())] == 1
     assert got[("courier_consumer_active", ())] == 1
     assert ("courier_build_info", (("version", "0.1.0"),)) in got
