@@ -268,3 +268,76 @@ async def test_retryable_failure_goes_through_delay_tiers_then_dead(
     [dead] = await dead_letters(amqp, names)
     assert (dead.headers or {})["x-courier-attempts"] == 2
     assert len(collector.events) == 1
+
+
+MIB = 1024 * 1024
+# (case, expected code, httpStatus, whether the source is fetched, whether Inconvo is called)
+FAILURES: list[tuple[str, str, int | None, bool, bool]] = [
+    ("not-json", "invalid_request", None, False, False),
+    ("unknown-field", "invalid_request", None, False, False),
+    ("bad-user", "invalid_request", None, False, False),
+    ("xlsx", "unsupported_type", None, False, False),
+    ("11mib", "too_large", None, True, False),
+    ("chunked-20mib", "too_large", None, True, False),
+    ("source-404", "source_not_found", 404, True, False),
+    ("destination-422", "destination_rejected", 422, True, True),
+    ("no-key", "destination_not_configured", None, False, False),
+]
+
+
+def failing_body(case: str, files: FileServer, inconvo: FakeInconvo) -> bytes:
+    """The request body for one failure case of issue 2's list."""
+    if case == "not-json":
+        return b"{not json"
+    good = files.add("/ok.csv", b"a,b\n1,2\n")
+    request = inconvo_request(good, f"req-{case}")
+    if case == "unknown-field":
+        request["destination"]["userIdentifer"] = "typo"
+    elif case == "bad-user":
+        request["destination"]["userIdentifier"] = "user 123!"
+    elif case == "xlsx":
+        request["source"]["url"] = files.add("/book.xlsx", b"PK")
+    elif case == "11mib":
+        request["source"]["url"] = files.add("/big.csv", b"0" * (11 * MIB))
+    elif case == "chunked-20mib":
+        request["source"]["url"] = files.add("/stream.csv", stream_bytes=20 * MIB)
+    elif case == "source-404":
+        request["source"]["url"] = files.url("/missing.csv")
+    elif case == "destination-422":
+        inconvo.fail_next(422, body={"error": "Unprocessable dataset"})
+    return orjson.dumps(request)
+
+
+@pytest.mark.parametrize(
+    ("case", "code", "http_status", "fetches", "uploads"), FAILURES, ids=[f[0] for f in FAILURES]
+)
+async def test_each_failure_ends_in_one_event_and_the_dead_queue(
+    make_settings: Callable[..., Settings],
+    amqp: AbstractRobustConnection,
+    names: Names,
+    files: FileServer,
+    inconvo: FakeInconvo,
+    collector: EventCollector,
+    case: str,
+    code: str,
+    http_status: int | None,
+    fetches: bool,
+    uploads: bool,
+) -> None:
+    """Each failure of the list gets exactly one failed event with its code, the original in the dead queue, and no call it could have avoided."""
+    settings = make_settings(inconvo_api_key=None) if case == "no-key" else make_settings()
+    body = failing_body(case, files, inconvo)
+    async with running(settings):
+        await publish(amqp, names.queue, body, message_id=f"mid-{case}")
+        [event] = await collector.wait_for(1)
+        assert await queue_depth(amqp, names.queue) == 0
+    error = event["data"]["error"]
+    assert (event["data"]["status"], error["code"]) == ("failed", code)
+    assert error.get("httpStatus") == http_status
+    assert len(collector.events) == 1
+    [dead] = await dead_letters(amqp, names)
+    assert dead.body == body
+    assert (dead.headers or {})["x-courier-error-code"] == code
+    assert bool(files.hits) is fetches
+    assert bool(inconvo.requests) is uploads
+    assert inconvo.uploads == []
