@@ -6,7 +6,7 @@ The JSON Schemas printed by ``courier schema`` and checked in under
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 from urllib.parse import unquote, urlsplit
 
 from pydantic import (
@@ -18,16 +18,6 @@ from pydantic import (
     model_validator,
 )
 
-MINDSET_MIME_TYPES = (
-    "video/mp4",
-    "audio/mpeg",
-    "application/pdf",
-    "application/vnd.openxmlformats-officedocument.presentationml.presentation",
-    "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
-    "text/html",
-    "text/plain",
-    "application/zip",
-)
 MindsetMimeType = Literal[
     "video/mp4",
     "audio/mpeg",
@@ -38,6 +28,7 @@ MindsetMimeType = Literal[
     "text/plain",
     "application/zip",
 ]
+MINDSET_MIME_TYPES: tuple[str, ...] = get_args(MindsetMimeType)
 Delivery = Literal["multipart", "sourceUrl", "documentContent"]
 
 _IDENT = r"^[A-Za-z0-9_.@-]{1,256}$"

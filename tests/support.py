@@ -68,6 +68,17 @@ class LedgerHandler(logging.Handler):
         LEDGER.add(f"log {record.name}", logging.Formatter().format(record) + repr(record.__dict__))
 
 
+def inconvo_request(url: str, rid: str | None = None, **destination: Any) -> dict[str, Any]:
+    """A user-scoped Inconvo request for ``url`` (extra destination fields as given)."""
+    body: dict[str, Any] = {
+        "source": {"url": url},
+        "destination": {"type": "inconvo", "userIdentifier": "user_123", **destination},
+    }
+    if rid:
+        body["id"] = rid
+    return body
+
+
 def free_port() -> int:
     """A loopback port nobody listens on (right now)."""
     with socket.socket() as sock:

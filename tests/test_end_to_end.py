@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Callable
-from typing import Any
 
 import aio_pika
 import orjson
@@ -16,24 +15,12 @@ from service.config import Settings
 from service.runtime import Service
 from tests.conftest import running
 from tests.fakes import FakeInconvo
-from tests.support import EventCollector, FileServer, Names, drain, publish
+from tests.support import EventCollector, FileServer, Names, drain, inconvo_request, publish
 
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
 
 pytestmark = pytest.mark.usefixtures("fast_retries")
-
-
-def inconvo_request(url: str, rid: str | None = None, **destination: Any) -> dict[str, Any]:
-    """A request for the user scope, with metadata."""
-    body: dict[str, Any] = {
-        "source": {"url": url},
-        "destination": {"type": "inconvo", "userIdentifier": "user_123", **destination},
-        "metadata": {"tenant": "acme"},
-    }
-    if rid:
-        body["id"] = rid
-    return body
 
 
 async def dead_letters(
@@ -68,7 +55,7 @@ async def test_http_source_to_inconvo_succeeds(
     await publish(
         amqp,
         names.queue,
-        inconvo_request(url, "req-ok-1", notes="Q4"),
+        {**inconvo_request(url, "req-ok-1", notes="Q4"), "metadata": {"tenant": "acme"}},
         correlation_id="corr-7",
         reply_to=reply.name,
         headers={"traceparent": TRACEPARENT},

@@ -8,7 +8,6 @@ import subprocess
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
 
 import aio_pika
 import aiohttp
@@ -32,17 +31,9 @@ from tests.support import (
     courier_env,
     drain,
     free_port,
+    inconvo_request,
     publish,
 )
-
-
-def upload(url: str, rid: str) -> dict[str, Any]:
-    """A minimal Inconvo request."""
-    return {
-        "id": rid,
-        "source": {"url": url},
-        "destination": {"type": "inconvo", "userIdentifier": "u"},
-    }
 
 
 async def publish_many(
@@ -56,7 +47,7 @@ async def publish_many(
             *(
                 channel.default_exchange.publish(
                     aio_pika.Message(
-                        body=orjson.dumps(upload(url, rid)),
+                        body=orjson.dumps(inconvo_request(url, rid)),
                         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                     ),
                     routing_key=queue,
@@ -131,11 +122,11 @@ async def test_transient_failures_then_success(
     url = files.add("/a.csv", b"1\n")
     async with running(make_settings()):
         inconvo.fail_next(500, count=2)
-        await publish(amqp, names.queue, upload(url, "after-500s"))
+        await publish(amqp, names.queue, inconvo_request(url, "after-500s"))
         [first] = await collector.wait_for(1)
         inconvo.fail_next(429, headers={"Retry-After": "1"})
         started = time.monotonic()
-        await publish(amqp, names.queue, upload(url, "after-429"))
+        await publish(amqp, names.queue, inconvo_request(url, "after-429"))
         events = await collector.wait_for(2)
         waited = time.monotonic() - started
     assert first["data"]["status"] == "succeeded" and first["data"]["attempts"] == 1
@@ -157,7 +148,7 @@ async def test_exhausted_retries_dead_letter_then_replay(
     url = files.add("/a.csv", b"1\n")
     inconvo.fail_next(500, count=1000)
     async with running(make_settings(max_attempts=3)):
-        await publish(amqp, names.queue, upload(url, "doomed"), message_id="doomed")
+        await publish(amqp, names.queue, inconvo_request(url, "doomed"), message_id="doomed")
         [failed] = await collector.wait_for(1, timeout=30)
         await asyncio.sleep(0.5)
         assert len(collector.events) == 1
@@ -198,7 +189,7 @@ async def test_poison_message(
     settings = make_settings(max_redeliveries=3)
     async with running(settings):
         pass  # declares the topology
-    await publish(amqp, names.queue, upload(files.add("/a.csv", b"1\n"), "poison"))
+    await publish(amqp, names.queue, inconvo_request(files.add("/a.csv", b"1\n"), "poison"))
     channel = await amqp.channel()
     queue = await channel.declare_queue(names.queue, passive=True)
     for _ in range(3):  # a consumer that dies holding the message, three times
@@ -404,7 +395,9 @@ async def test_consumer_cancelled_by_the_server_is_restored(
         async with asyncio.timeout(15):
             while not await service.ready():
                 await asyncio.sleep(0.1)
-        await publish(amqp, names.queue, upload(files.add("/a.csv", b"1\n"), "after-cancel"))
+        await publish(
+            amqp, names.queue, inconvo_request(files.add("/a.csv", b"1\n"), "after-cancel")
+        )
         [event] = await collector.wait_for(1)
     assert event["data"]["status"] == "succeeded"
 

@@ -6,7 +6,7 @@ import logging
 import re
 import signal
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -24,6 +24,7 @@ from tests.support import (
     Names,
     courier_env,
     free_port,
+    inconvo_request,
     publish,
 )
 
@@ -53,15 +54,6 @@ def loopback_spellings(port: int) -> dict[str, str]:
     }
 
 
-def request(rid: str, url: str) -> dict[str, Any]:
-    """An Inconvo request."""
-    return {
-        "id": rid,
-        "source": {"url": url},
-        "destination": {"type": "inconvo", "userIdentifier": "u"},
-    }
-
-
 async def test_only_the_allowed_server_is_reachable_through_courier_run(
     amqp: AbstractRobustConnection,
     names: Names,
@@ -84,7 +76,7 @@ async def test_only_the_allowed_server_is_reachable_through_courier_run(
     service = await CourierProcess(env).start()
     try:
         for rid, url in urls.items():
-            await publish(amqp, names.queue, request(rid, url))
+            await publish(amqp, names.queue, inconvo_request(url, rid))
         events = await collector.wait_for(len(urls))
     finally:
         assert await service.signal(signal.SIGTERM) == 0
@@ -110,7 +102,7 @@ async def test_default_policy_blocks_every_loopback_spelling(
         for rid, url in urls.items():
             if rid == "metadata":
                 continue  # decided below without any connection attempt
-            await publish(amqp, names.queue, request(rid, url))
+            await publish(amqp, names.queue, inconvo_request(url, rid))
         events = await collector.wait_for(len(urls) - 1)
     for event in events:
         assert event["data"]["error"]["code"] == "source_blocked", event
@@ -133,8 +125,8 @@ async def test_gzip_bomb_and_endless_chunked_body_are_too_large(
     bomb = files.add("/bomb.csv", b"0" * (11 * 1024 * 1024), gzip=True)
     endless = files.add("/endless.csv", stream_bytes=20 * 1024 * 1024)
     async with running(make_settings()):
-        await publish(amqp, names.queue, request("bomb", bomb))
-        await publish(amqp, names.queue, request("endless", endless))
+        await publish(amqp, names.queue, inconvo_request(bomb, "bomb"))
+        await publish(amqp, names.queue, inconvo_request(endless, "endless"))
         events = await collector.wait_for(2)
     assert {e["data"]["error"]["code"] for e in events} == {"too_large"}
     assert inconvo.requests == []
@@ -160,8 +152,8 @@ async def test_no_secret_reaches_logs_or_events(
     try:
         inconvo.fail_next(401, body={"error": f"bad key {INCONVO_KEY}"})
         async with running(settings):
-            await publish(amqp, names.queue, request("echo", files.add("/a.csv", b"1\n")))
-            await publish(amqp, names.queue, request("s3", "s3://hygiene/t.csv"))
+            await publish(amqp, names.queue, inconvo_request(files.add("/a.csv", b"1\n"), "echo"))
+            await publish(amqp, names.queue, inconvo_request("s3://hygiene/t.csv", "s3"))
             await publish(
                 amqp,
                 names.queue,
@@ -174,9 +166,9 @@ async def test_no_secret_reaches_logs_or_events(
             await publish(
                 amqp,
                 names.queue,
-                request(
-                    "userinfo",
+                inconvo_request(
                     f"http://user:pa55w0rd@127.0.0.1:{files.port}/x.csv?X-Amz-Signature=abc123",
+                    "userinfo",
                 ),
             )
             events = await collector.wait_for(4)

@@ -24,6 +24,7 @@ import aiofiles.os
 
 from service.contracts import SourceSpec
 from service.errors import ErrorCode, PermanentError
+from service.redact import redact_url
 
 CHUNK_SIZE = 256 * 1024
 # Files up to this size never touch the disk: at most COURIER_CONCURRENCY x this in memory.
@@ -159,6 +160,18 @@ class Spooled:
     data: bytes | None
     size: int
     sha256: str
+
+    def as_file(self, *, content_type: str | None, file_name: str, url: str) -> FetchedFile:
+        """The fetched file these bytes make, its source ``url`` redacted."""
+        return FetchedFile(
+            path=self.path,
+            data=self.data,
+            size=self.size,
+            sha256=self.sha256,
+            content_type=content_type,
+            file_name=file_name,
+            url=redact_url(url),
+        )
 
 
 async def spool(chunks: AsyncIterator[bytes], limit: SizeLimit, tmp_dir: Path | None) -> Spooled:

@@ -112,15 +112,7 @@ class HttpSource:
             spooled = await spool(self._chunks(response), limit, self._tmp_dir)
         finally:
             response.release()
-        return FetchedFile(
-            path=spooled.path,
-            data=spooled.data,
-            size=spooled.size,
-            sha256=spooled.sha256,
-            content_type=content_type,
-            file_name=name,
-            url=redact_url(spec.url),
-        )
+        return spooled.as_file(content_type=content_type, file_name=name, url=spec.url)
 
     async def _get(self, url: URL) -> aiohttp.ClientResponse:
         for _hop in range(MAX_REDIRECTS + 1):

@@ -159,15 +159,7 @@ class S3Source:
             spooled = await spool(self._chunks(body, location), limit, self._tmp_dir)
         finally:
             body.close()
-        return FetchedFile(
-            path=spooled.path,
-            data=spooled.data,
-            size=spooled.size,
-            sha256=spooled.sha256,
-            content_type=content_type,
-            file_name=name,
-            url=redact_url(spec.url),
-        )
+        return spooled.as_file(content_type=content_type, file_name=name, url=spec.url)
 
     async def _chunks(self, body: Any, location: S3Location) -> AsyncIterator[bytes]:
         try:
