@@ -25,6 +25,7 @@ from tests.support import (
     courier_env,
     drain,
     free_port,
+    inconvo_request,
     publish,
     wait_status,
 )
@@ -97,11 +98,7 @@ async def test_process_runs_one_request_locally(files: FileServer, inconvo: Fake
         COURIER_INCONVO_BASE_URL=inconvo.base_url,
         COURIER_SOURCE_ALLOWED_HOSTS=f"127.0.0.1:{files.port}",
     )
-    request = {
-        "id": "local-1",
-        "source": {"url": files.add("/a.csv", b"x,y\n")},
-        "destination": {"type": "inconvo", "userIdentifier": "u"},
-    }
+    request = inconvo_request(files.add("/a.csv", b"x,y\n"), "local-1")
     code, out, _ = await courier("process", "-", env=env, stdin=orjson.dumps(request))
     assert code == 0
     event = orjson.loads(out)
@@ -143,11 +140,7 @@ async def test_run_serves_readiness_and_stops_on_sigterm(
     try:
         await wait_status(f"http://127.0.0.1:{port}/readyz", 200)
         await wait_status(f"http://127.0.0.1:{port}/healthz", 200)
-        request = {
-            "id": "sub-1",
-            "source": {"url": files.add("/a.csv", b"1\n")},
-            "destination": {"type": "inconvo", "userIdentifier": "u"},
-        }
+        request = inconvo_request(files.add("/a.csv", b"1\n"), "sub-1")
         await publish(amqp, names.queue, request)
         [event] = await collector.wait_for(1)
         assert event["data"]["status"] == "succeeded"

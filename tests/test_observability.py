@@ -21,7 +21,7 @@ from service.logs import log_context, setup_logging
 from service.tracing import otel_enabled, setup_otel, shutdown_otel, use_tracer_provider
 from tests.conftest import INCONVO_KEY, MINDSET_KEY, running
 from tests.fakes import FakeInconvo
-from tests.support import EventCollector, FileServer, Names, publish
+from tests.support import EventCollector, FileServer, Names, inconvo_request, publish
 
 pytestmark = pytest.mark.usefixtures("fast_retries")
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
@@ -68,22 +68,14 @@ async def test_metrics_scrape_matches_what_happened(
         await publish(
             amqp,
             names.queue,
-            {
-                "id": "missing",
-                "source": {"url": files.url("/none.csv")},
-                "destination": {"type": "inconvo", "userIdentifier": "u"},
-            },
+            inconvo_request(files.url("/none.csv"), "missing"),
         )
         await collector.wait_for(5)
         inconvo.fail_next(503, count=6)
         await publish(
             amqp,
             names.queue,
-            {
-                "id": "retried",
-                "source": {"url": good},
-                "destination": {"type": "inconvo", "userIdentifier": "u"},
-            },
+            inconvo_request(good, "retried"),
         )
         await collector.wait_for(6, timeout=30)
         await asyncio.sleep(0.2)  # the counters move right after the event is confirmed
@@ -174,11 +166,7 @@ async def test_log_lines_are_json_with_context(
             await publish(
                 amqp,
                 names.queue,
-                {
-                    "id": "logged",
-                    "source": {"url": files.url("/nope.csv")},
-                    "destination": {"type": "inconvo", "userIdentifier": "u"},
-                },
+                inconvo_request(files.url("/nope.csv"), "logged"),
                 correlation_id="corr-log",
             )
             await collector.wait_for(1)
@@ -217,21 +205,13 @@ async def test_traceparent_flows_through_fetch_delivery_and_event(
         await publish(
             amqp,
             names.queue,
-            {
-                "id": "traced",
-                "source": {"url": url},
-                "destination": {"type": "inconvo", "userIdentifier": "u"},
-            },
+            inconvo_request(url, "traced"),
             headers={"traceparent": TRACEPARENT},
         )
         await publish(
             amqp,
             names.queue,
-            {
-                "id": "untraced",
-                "source": {"url": url},
-                "destination": {"type": "inconvo", "userIdentifier": "u"},
-            },
+            inconvo_request(url, "untraced"),
             headers={"traceparent": "not-a-trace"},
         )
         await collector.wait_for(2)
@@ -272,11 +252,7 @@ async def test_otel_spans_continue_the_producers_trace(
         await publish(
             amqp,
             names.queue,
-            {
-                "id": "otel",
-                "source": {"url": url},
-                "destination": {"type": "inconvo", "userIdentifier": "u"},
-            },
+            inconvo_request(url, "otel"),
             headers={"traceparent": TRACEPARENT},
         )
         await collector.wait_for(1)
