@@ -28,9 +28,14 @@ COPY pyproject.toml README.md ./
 COPY service ./service
 # Build a wheel, then install it (not editable) with its dependencies into the
 # venv; pip byte-compiles everything here, so the read-only runtime needs no
-# .pyc writes.
+# .pyc writes. COURIER_EXTRAS adds optional extras, e.g.
+# `--build-arg COURIER_EXTRAS=otel` for OpenTelemetry spans.
+ARG COURIER_EXTRAS=""
+# DL3013: the wheel is our own; its dependencies' ranges come from pyproject.toml.
+# hadolint ignore=DL3013
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
-    && pip install --no-cache-dir /wheels/*.whl \
+    && wheel="$(echo /wheels/*.whl)" \
+    && pip install --no-cache-dir "${wheel}${COURIER_EXTRAS:+[${COURIER_EXTRAS}]}" \
     && courier schema > /dev/null
 
 
