@@ -108,19 +108,35 @@ class Publisher:
         self._channel = channel
         self._events = events
 
+    @property
+    def channel(self) -> AbstractChannel:
+        """The confirmed channel everything is published on."""
+        return self._channel
+
     async def publish(
-        self, exchange: AbstractExchange, message: aio_pika.Message, key: str
+        self,
+        exchange: AbstractExchange,
+        message: aio_pika.Message,
+        key: str,
+        *,
+        mandatory: bool = False,
     ) -> None:
-        """Publish and wait for the broker's confirm, at most ``publish_timeout`` seconds."""
+        """Publish and wait for the broker's confirm, at most ``publish_timeout`` seconds.
+
+        ``mandatory``: a message no queue takes raises ``DeliveryError`` instead of
+        being confirmed into nowhere.
+        """
         await exchange.publish(
-            message, routing_key=key, mandatory=False, timeout=self._settings.publish_timeout
+            message, routing_key=key, mandatory=mandatory, timeout=self._settings.publish_timeout
         )
 
-    async def to_queue(self, queue: str, message: aio_pika.Message) -> None:
+    async def to_queue(
+        self, queue: str, message: aio_pika.Message, *, mandatory: bool = False
+    ) -> None:
         """Publish to a queue through the default exchange."""
-        await self.publish(self._channel.default_exchange, message, queue)
+        await self.publish(self._channel.default_exchange, message, queue, mandatory=mandatory)
 
-    async def event(self, body: dict[str, Any], key: str, message: aio_pika.Message) -> None:
+    async def event(self, key: str, message: aio_pika.Message) -> None:
         """Publish a result event to the events exchange."""
         await self.publish(self._events, message, key)
 
@@ -160,6 +176,14 @@ class Broker:
         self._consume_channel: AbstractChannel | None = None
         self._publisher: Publisher | None = None
         self._secrets = settings.secret_values()
+        # The queues Courier publishes to itself, with their arguments.
+        self._own_queues: dict[str, dict[str, Any]] = {settings.dead_queue: {}}
+        for delay in settings.retry_delays:
+            self._own_queues[settings.retry_queue(delay)] = {
+                "x-message-ttl": delay * 1000,
+                "x-dead-letter-exchange": "",
+                "x-dead-letter-routing-key": settings.queue,
+            }
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -171,21 +195,14 @@ class Broker:
         for conn in (self._publish_conn, self._consume_conn):
             conn.reconnect_callbacks.add(self._on_reconnect)
             conn.close_callbacks.add(self._on_close)
-        pub_channel = await self._publish_conn.channel(publisher_confirms=True)
+        pub_channel = await self._publish_conn.channel(
+            publisher_confirms=True, on_return_raises=True
+        )
         events = await pub_channel.declare_exchange(
             s.events_exchange, aio_pika.ExchangeType.TOPIC, durable=True
         )
-        await self._declare(pub_channel, s.dead_queue, {})
-        for delay in s.retry_delays:
-            await self._declare(
-                pub_channel,
-                s.retry_queue(delay),
-                {
-                    "x-message-ttl": delay * 1000,
-                    "x-dead-letter-exchange": "",
-                    "x-dead-letter-routing-key": s.queue,
-                },
-            )
+        for name, arguments in self._own_queues.items():
+            await self._declare(pub_channel, name, arguments)
         self._publisher = Publisher(s, pub_channel, events)
         channel = await self._consume_conn.channel(publisher_confirms=False)
         await channel.set_qos(prefetch_count=s.concurrency)
@@ -207,6 +224,22 @@ class Broker:
             log.warning("queue %s exists with different arguments; using it as is", name)
             await channel.reopen()
             return await channel.declare_queue(name, passive=True)
+
+    async def _to_own_queue(self, name: str, message: aio_pika.Message) -> None:
+        """Publish to a retry tier or the dead letters, confirmed and routed.
+
+        Should the queue have been deleted (by an operator, say), it is declared
+        again and the publish retried once, rather than the message being
+        confirmed into nowhere; a second failure leaves the request unsettled.
+        """
+        publisher = self._publisher
+        assert publisher is not None  # noqa: S101 - start() sets it before consuming
+        try:
+            await publisher.to_queue(name, message, mandatory=True)
+        except aio_pika.exceptions.DeliveryError:
+            log.warning("queue %s is missing; declaring it again", name)
+            await self._declare(publisher.channel, name, self._own_queues[name])
+            await publisher.to_queue(name, message, mandatory=True)
 
     async def ready(self) -> bool:
         """True only while both connections are up and the consumer is registered."""
@@ -352,8 +385,6 @@ class Broker:
         rid: str,
         metadata: dict[str, str],
     ) -> None:
-        publisher = self._publisher
-        assert publisher is not None  # noqa: S101 - start() sets it before consuming
         s = self.settings
         error = outcome.error
         if error is not None:
@@ -370,7 +401,7 @@ class Broker:
                 delay = pick_delay(s.retry_delays, envelope.attempt, error.retry_after)
                 headers = dict(message.headers or {})
                 headers[ATTEMPT_HEADER] = envelope.attempt + 1
-                await publisher.to_queue(s.retry_queue(delay), copy_message(message, headers))
+                await self._to_own_queue(s.retry_queue(delay), copy_message(message, headers))
                 self._metrics.retries.labels(destination, error.code.value).inc()
                 log.info(
                     "attempt %d failed (%s); retrying in %ds",
@@ -430,7 +461,7 @@ class Broker:
             )
 
         key = routing_key(event)
-        await publisher.event(body, key, make())
+        await publisher.event(key, make())
         if envelope.reply_to:
             await publisher.to_queue(envelope.reply_to, make())
         self._metrics.events.labels(event.type).inc()
@@ -446,8 +477,6 @@ class Broker:
     async def _dead_letter(
         self, message: AbstractIncomingMessage, envelope: Envelope, error: CourierError
     ) -> None:
-        publisher = self._publisher
-        assert publisher is not None  # noqa: S101
         headers = dict(message.headers or {})
         headers.update(
             {
@@ -457,7 +486,7 @@ class Broker:
                 "x-courier-failed-at": datetime.now(UTC).isoformat(timespec="milliseconds"),
             }
         )
-        await publisher.to_queue(self.settings.dead_queue, copy_message(message, headers))
+        await self._to_own_queue(self.settings.dead_queue, copy_message(message, headers))
         self._metrics.dead_lettered.labels(error.code.value).inc()
 
     async def _nack(self, message: AbstractIncomingMessage) -> None:

@@ -431,3 +431,26 @@ async def test_three_processes_share_one_queue(
     per_replica = Counter(e["source"] for e in collector.events)
     assert set(per_replica) == {f"urn:courier:replica-{i}" for i in range(3)}
     assert all(n >= 50 for n in per_replica.values()), per_replica
+
+
+async def test_deleted_retry_and_dead_queues_are_declared_again(
+    make_settings: Callable[..., Settings],
+    amqp: AbstractRobustConnection,
+    names: Names,
+    files: FileServer,
+    inconvo: FakeInconvo,
+    collector: EventCollector,
+) -> None:
+    """An operator deletes the retry tier and the dead-letter queue under a running service: the request is not confirmed into nowhere, it still ends in its event and the dead queue."""
+    inconvo.fail_next(500, count=100)
+    async with running(make_settings(max_attempts=2)):
+        channel = await amqp.channel()
+        await channel.queue_delete(f"{names.queue}.retry.1s")
+        await channel.queue_delete(names.dead_queue)
+        await channel.close()
+        await publish(amqp, names.queue, inconvo_request(files.add("/a.csv", b"1\n"), "orphan"))
+        [event] = await collector.wait_for(1, timeout=30)
+    assert event["data"]["error"]["code"] == "destination_unavailable"
+    assert event["data"]["attempts"] == 2
+    [dead] = [m async for m in drain(amqp, names.dead_queue)]
+    assert (dead.headers or {})["x-courier-attempts"] == 2
