@@ -176,6 +176,7 @@ def test_hostile_body_gets_one_invalid_request_event(rig: Rig, body: bytes) -> N
     assert event["data"]["status"] == "failed"
     assert event["data"]["error"]["code"] == "invalid_request"
     assert event["subject"] == mid
+    assert rig.call(rig.readyz()) == 200
 
 
 def test_after_the_fuzzing_the_queue_drained_and_the_service_is_ready(rig: Rig) -> None:
