@@ -17,8 +17,8 @@ from aio_pika.abc import AbstractRobustConnection
 
 from service.broker import pick_delay
 from service.config import Settings
-from service.errors import ErrorCode, RetryableError
-from service.retry import backoff, parse_retry_after
+from service.errors import CourierError, ErrorCode, RetryableError, error_for
+from service.retry import backoff, parse_retry_after, retried
 from tests.conftest import INCONVO_KEY, running
 from tests.fakes import FakeInconvo
 from tests.proxy import TcpProxy
@@ -105,6 +105,39 @@ def test_backoff_honours_retry_after() -> None:
     assert parse_retry_after({"retry-after-ms": "1500", "Retry-After": "9"}) == 1.5
     assert parse_retry_after({"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"}) == 0.0
     assert parse_retry_after({}) is None
+
+
+@pytest.mark.usefixtures("fast_retries")
+@pytest.mark.parametrize(
+    ("failures", "error", "tries", "succeeds"),
+    [
+        (0, None, 1, True),
+        (2, ErrorCode.DESTINATION_UNAVAILABLE, 3, True),
+        (5, ErrorCode.SOURCE_UNAVAILABLE, 3, False),
+        (5, ErrorCode.DESTINATION_REJECTED, 1, False),
+    ],
+)
+async def test_retried_makes_three_tries_of_transient_failures_only(
+    failures: int, error: ErrorCode | None, tries: int, succeeds: bool
+) -> None:
+    """A call is tried at most 3 times in-process, and only while it fails transiently."""
+    calls = 0
+
+    async def call() -> str:
+        nonlocal calls
+        calls += 1
+        if calls <= failures:
+            assert error is not None
+            raise error_for(error, f"failure {calls}")
+        return "done"
+
+    if succeeds:
+        assert await retried(call) == "done"
+    else:
+        with pytest.raises(CourierError) as caught:
+            await retried(call)
+        assert caught.value.message == f"failure {tries}"
+    assert calls == tries
 
 
 # -- retries through the real service -------------------------------------------------

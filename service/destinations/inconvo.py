@@ -23,7 +23,7 @@ from service.destinations.base import (
     transport_error,
 )
 from service.errors import ErrorCode, PermanentError
-from service.retry import retrying
+from service.retry import retried
 from service.sources.base import FetchedFile, SizeLimit, Source, name_from_url
 
 MAX_BYTES = 10 * 1024 * 1024
@@ -106,9 +106,7 @@ class Inconvo:
         url = self._base_url + dataset_path(destination, self._agent_id)
         async with source.open(request.source, LIMIT) as fetched:
             name = upload_name(destination.fileName or fetched.file_name)
-            async for attempt in retrying():
-                with attempt:
-                    result = await self._upload(url, fetched, name, destination.notes)
+            result = await retried(lambda: self._upload(url, fetched, name, destination.notes))
         return Delivered(
             result=result,
             delivery="multipart",

@@ -24,7 +24,7 @@ from service.destinations.base import (
     transport_error,
 )
 from service.errors import CourierError, ErrorCode, PermanentError
-from service.retry import retrying
+from service.retry import retried
 from service.sources.base import (
     SizeLimit,
     Source,
@@ -224,10 +224,7 @@ class Mindset:
     async def _ingest(
         self, destination: MindsetDestination, body: dict[str, Any]
     ) -> tuple[Any, bool]:
-        async for attempt in retrying():
-            with attempt:
-                return await self._post(destination, body)
-        raise AssertionError("unreachable")  # pragma: no cover
+        return await retried(lambda: self._post(destination, body))
 
     async def _post(
         self, destination: MindsetDestination, body: dict[str, Any]

@@ -12,7 +12,7 @@ from yarl import URL
 from service.contracts import SourceSpec
 from service.errors import CourierError, ErrorCode, PermanentError, RetryableError, error_for
 from service.redact import redact_url
-from service.retry import parse_retry_after, retrying
+from service.retry import parse_retry_after, retried
 from service.sources.base import (
     CHUNK_SIZE,
     FetchedFile,
@@ -92,9 +92,7 @@ class HttpSource:
     @asynccontextmanager
     async def open(self, spec: SourceSpec, limit: SizeLimit) -> AsyncIterator[FetchedFile]:
         """Download the URL (following at most 5 re-checked redirects) into a temp file."""
-        async for attempt in retrying():
-            with attempt:
-                fetched = await self._download(spec, limit)
+        fetched = await retried(lambda: self._download(spec, limit))
         async with removing(fetched):
             yield fetched
 

@@ -18,7 +18,7 @@ from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 from service.contracts import SourceSpec
 from service.errors import CourierError, ErrorCode, PermanentError, RetryableError
 from service.redact import redact_url
-from service.retry import retrying
+from service.retry import retried
 from service.sources.base import (
     CHUNK_SIZE,
     FetchedFile,
@@ -132,9 +132,7 @@ class S3Source:
     async def open(self, spec: SourceSpec, limit: SizeLimit) -> AsyncIterator[FetchedFile]:
         """Stream the object into a temporary file, capped at ``limit``."""
         location = S3Location.parse(spec.url)
-        async for attempt in retrying():
-            with attempt:
-                fetched = await self._download(spec, location, limit)
+        fetched = await retried(lambda: self._download(spec, location, limit))
         async with removing(fetched):
             yield fetched
 
@@ -168,15 +166,16 @@ class S3Source:
         except (BotoCoreError, OSError, TimeoutError) as exc:
             raise map_error(exc, location) from None
 
+    async def _head(self, location: S3Location) -> Any:
+        try:
+            return await self._client.head_object(**location.params())  # type: ignore[arg-type]
+        except (ClientError, BotoCoreError) as exc:
+            raise map_error(exc, location) from None
+
     async def describe(self, spec: SourceSpec) -> SourceFacts:
         """HEAD the object, then a presigned GET URL valid for ``COURIER_PRESIGN_TTL``."""
         location = S3Location.parse(spec.url)
-        async for attempt in retrying():
-            with attempt:
-                try:
-                    head = await self._client.head_object(**location.params())  # type: ignore[arg-type]
-                except (ClientError, BotoCoreError) as exc:
-                    raise map_error(exc, location) from None
+        head = await retried(lambda: self._head(location))
         try:
             url = await self._client.generate_presigned_url(
                 "get_object", Params=location.params(), ExpiresIn=self._ttl
