@@ -7,6 +7,7 @@ in the same place.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import socket
 from collections.abc import Iterable
@@ -180,12 +181,7 @@ class AddressPolicy:
 
     def check_host(self, host: str, port: int) -> str | None:
         """Refusal reason before resolving (the allowlist, numeric spellings), or None."""
-        if self.allowed_hosts and not self.host_listed(host, port):
-            return f"{host}:{port} is not in COURIER_SOURCE_ALLOWED_HOSTS"
-        address = numeric_host(host)
-        if address is not None:
-            return self.check_address(host, port, str(address))
-        return None
+        return _check_host(self, host, port)
 
     def check_address(self, host: str, port: int, address: str) -> str | None:
         """Refusal reason for connecting to ``address`` for ``host``, or None when allowed."""
@@ -201,6 +197,17 @@ class AddressPolicy:
         if kind is None or self.allow_private:
             return None
         return f"{host} resolves to {ip}, a {kind} address"
+
+
+@functools.lru_cache(maxsize=4096)
+def _check_host(policy: AddressPolicy, host: str, port: int) -> str | None:
+    # A pure decision (no DNS here) taken for every request and redirect hop: cached.
+    if policy.allowed_hosts and not policy.host_listed(host, port):
+        return f"{host}:{port} is not in COURIER_SOURCE_ALLOWED_HOSTS"
+    address = numeric_host(host)
+    if address is not None:
+        return policy.check_address(host, port, str(address))
+    return None
 
 
 class GuardedResolver(AbstractResolver):
