@@ -39,13 +39,14 @@ async def test_bench_runs_every_scenario(tmp_path: Path) -> None:
     assert "Machine: " in text
     report = orjson.loads(report_path.read_bytes())
     rows = {r["scenario"]: r for r in report["results"]}
-    assert set(rows) == {"bare-loop", *SCENARIOS}
+    assert set(rows) == {"bare-loop", "bare-loop-end", *SCENARIOS}
+    best_bare = max(rows["bare-loop"]["requests_per_s"], rows["bare-loop-end"]["requests_per_s"])
     for name in SCENARIOS:
         row = rows[name]
         assert row["n"] == 4
         assert row["requests_per_s"] > 0 and row["peak_rss_mib"] >= row["idle_rss_mib"] > 0
         assert row["cpu_ms_per_request"] > 0
-        assert row["ratio_to_bare"] is not None
+        assert row["ratio_to_bare"] == round(row["requests_per_s"] / best_bare, 3)
         assert f"| {name} | 4 |" in text
     assert rows["small"]["outcomes"] == {"succeeded": 4}
     assert rows["caps"]["outcomes"] == {"too_large": 4}
