@@ -9,7 +9,7 @@ from typing import Literal
 from aiohttp import MultipartReader, hdrs, web
 from multidict import CIMultiDict
 
-from tests.fakes._server import FakeServer, drain
+from tests.fakes._server import FakeServer, drain, media_type
 
 MAX_FILE_BYTES = 10 * 1024 * 1024
 MAX_CONTEXT_SCOPES = 3
@@ -232,7 +232,7 @@ class FakeInconvo(FakeServer):
         self, request: web.Request
     ) -> tuple[str, bytes, int, str | None, str | None]:
         """(file name, content up to the limit, size, part type, notes) of the form."""
-        if request.content_type != "multipart/form-data":
+        if media_type(request) != "multipart/form-data":
             raise _Rejected("Content-Type must be multipart/form-data")
         file_name: str | None = None
         content = bytearray()

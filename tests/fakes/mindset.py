@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 from aiohttp import web
 from multidict import CIMultiDict
 
-from tests.fakes._server import FakeServer, drain
+from tests.fakes._server import FakeServer, drain, media_type
 
 MIME_TYPES = frozenset(
     {
@@ -187,7 +187,7 @@ class FakeMindset(FakeServer):
         if not self._authorised(request):
             await drain(request)
             return self.error(401, "Unauthorized")
-        if request.content_type != "application/json":
+        if media_type(request) != "application/json":
             await drain(request)
             return self.error(400, "Content-Type must be application/json")
         try:
