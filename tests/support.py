@@ -25,6 +25,7 @@ from aio_pika.abc import AbstractConnection, AbstractIncomingMessage, AbstractRo
 from aiohttp import web
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+DEFAULT_DELAYS = (10, 60, 300, 1800)  # COURIER_RETRY_DELAYS' default, in seconds
 ROOT = Path(__file__).resolve().parent.parent
 # An unmasked presigned-URL signature (SigV4 signatures are 64 hex digits).
 _SIGNATURE = re.compile(r"X-Amz-Signature=[0-9a-f]{64}")
@@ -336,6 +337,22 @@ class EventCollector:
         async with asyncio.timeout(timeout), self._changed:
             await self._changed.wait_for(lambda: ids <= self.request_ids())
 
+    async def for_correlation(
+        self, correlation_id: str, timeout: float = 20.0
+    ) -> list[dict[str, Any]]:
+        """Wait for the events whose AMQP ``correlation_id`` is ``correlation_id``; returns them."""
+
+        def found() -> list[dict[str, Any]]:
+            return [
+                event
+                for event, message in zip(self.events, self.messages, strict=True)
+                if message.correlation_id == correlation_id
+            ]
+
+        async with asyncio.timeout(timeout), self._changed:
+            await self._changed.wait_for(found)
+        return found()
+
     def request_ids(self) -> set[str]:
         """The request ids seen so far."""
         return {e["data"]["requestId"] for e in self.events}
@@ -395,7 +412,8 @@ async def _delete(connection: AbstractConnection, names: Names, delays: tuple[in
         names.queue,
         names.dead_queue,
         f"{names.events_exchange}.collector",
-        *(f"{names.queue}.retry.{d}s" for d in delays),
+        # The default tiers too: `courier run` subprocesses may use them.
+        *(f"{names.queue}.retry.{d}s" for d in {*delays, *DEFAULT_DELAYS}),
     )
     for queue in queues:
         try:

@@ -45,7 +45,8 @@ async def test_bench_runs_every_scenario(tmp_path: Path) -> None:
         row = rows[name]
         assert row["n"] == 4
         assert row["requests_per_s"] > 0 and row["peak_rss_mib"] >= row["idle_rss_mib"] > 0
-        assert row["cpu_ms_per_request"] > 0
+        # With N = 4 the CPU time may round to zero clock ticks.
+        assert row["cpu_ms_per_request"] >= 0
         assert row["ratio_to_bare"] == round(row["requests_per_s"] / best_bare, 3)
         assert f"| {name} | 4 |" in text
     assert rows["small"]["outcomes"] == {"succeeded": 4}
