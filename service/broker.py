@@ -176,6 +176,7 @@ class Broker:
         self._consume_channel: AbstractChannel | None = None
         self._publisher: Publisher | None = None
         self._secrets = settings.secret_values()
+        self._reopening = asyncio.Lock()
         # The queues Courier publishes to itself, with their arguments.
         self._own_queues: dict[str, dict[str, Any]] = {settings.dead_queue: {}}
         for delay in settings.retry_delays:
@@ -241,6 +242,26 @@ class Broker:
             await self._declare(publisher.channel, name, self._own_queues[name])
             await publisher.to_queue(name, message, mandatory=True)
 
+    async def _reopen_publisher(self) -> None:
+        """Reopen the publishing channel if the broker closed it.
+
+        The broker closes a channel on a channel-level error (a publish to an
+        events exchange that an operator deleted, say), and aio-pika restores
+        channels only after connection losses; without this every later publish
+        would fail. Reopening declares its exchange and queues again.
+        """
+        publisher, conn = self._publisher, self._publish_conn
+        if publisher is None or conn is None or not publisher.channel.is_closed:
+            return
+        async with self._reopening:
+            if not publisher.channel.is_closed or not conn.connected.is_set():
+                return  # reopened meanwhile, or the connection's own recovery will
+            log.warning("the broker closed the publishing channel; reopening it")
+            try:
+                await publisher.channel.reopen()
+            except _SETTLE_ERRORS as exc:
+                log.warning("could not reopen the publishing channel (%s)", type(exc).__name__)
+
     async def ready(self) -> bool:
         """True only while both connections are up and the consumer is registered."""
         if self._stopping.is_set() or self._consumer_tag is None:
@@ -249,7 +270,8 @@ class Broker:
         if not all(c is not None and c.connected.is_set() and not c.is_closed for c in conns):
             return False
         channel = self._consume_channel
-        if channel is None or channel.is_closed:
+        publisher = self._publisher
+        if channel is None or channel.is_closed or publisher is None or publisher.channel.is_closed:
             return False
         try:
             underlay = await asyncio.wait_for(channel.get_underlay_channel(), 0.5)
@@ -420,6 +442,7 @@ class Broker:
                 "could not settle the message (%s); the broker will redeliver it",
                 type(exc).__name__,
             )
+            await self._reopen_publisher()
             await self._nack(message)
             return
         outcome_label = "succeeded" if error is None else "failed"

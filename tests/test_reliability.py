@@ -487,3 +487,30 @@ async def test_deleted_retry_and_dead_queues_are_declared_again(
     assert event["data"]["attempts"] == 2
     [dead] = [m async for m in drain(amqp, names.dead_queue)]
     assert (dead.headers or {})["x-courier-attempts"] == 2
+
+
+async def test_a_deleted_events_exchange_does_not_wedge_publishing(
+    make_settings: Callable[..., Settings],
+    amqp: AbstractRobustConnection,
+    names: Names,
+    files: FileServer,
+    inconvo: FakeInconvo,
+) -> None:
+    """An operator deletes the events exchange: the broker closes the publishing channel; Courier reopens it, declares the exchange again, and later requests get their events."""
+    url = files.add("/a.csv", b"1\n")
+    async with running(make_settings()) as service:
+        channel = await amqp.channel()
+        await channel.exchange_delete(names.events_exchange)
+        await channel.close()
+        # Its event cannot be published: the broker closes the channel and the
+        # request is delivered (and uploaded) again.
+        await publish(amqp, names.queue, inconvo_request(url, "while-deleted"))
+        async with asyncio.timeout(15):
+            while len(inconvo.uploads) < 2 or not await service.ready():
+                await asyncio.sleep(0.05)
+        collector = await EventCollector(amqp, names.events_exchange).start()
+        await publish(amqp, names.queue, inconvo_request(url, "after"))
+        await collector.wait_for_ids({"after"}, timeout=15)
+    [event] = collector.by_request("after")
+    assert event["data"]["status"] == "succeeded"
+    assert [m async for m in drain(amqp, names.dead_queue)] == []
