@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import json
 import socket
@@ -50,7 +51,7 @@ async def drain(request: web.Request) -> None:
         pass
 
 
-class FakeServer:
+class FakeServer(abc.ABC):
     """Base of the fakes: an aiohttp app on 127.0.0.1 on a free port.
 
     Attributes: ``requests`` (every request, rejected ones too), ``delay`` (seconds
@@ -73,8 +74,9 @@ class FakeServer:
 
     # -- to override -------------------------------------------------------------------
 
+    @abc.abstractmethod
     def _routes(self) -> list[web.RouteDef]:
-        raise NotImplementedError
+        """The fake API's routes."""
 
     def _error_body(self, status: int, message: str) -> object:
         """The JSON body of an error answer."""
