@@ -65,6 +65,22 @@ def main_queue_arguments(settings: Settings) -> dict[str, Any]:
     }
 
 
+async def declare_queue(
+    channel: AbstractChannel, name: str, arguments: dict[str, Any]
+) -> AbstractQueue:
+    """Declare a durable queue; one that exists with other arguments is used as it is.
+
+    (Say, an older delivery limit: better to run than to refuse to start. The
+    broker closes the channel on the mismatch, so it is reopened first.)
+    """
+    try:
+        return await channel.declare_queue(name, durable=True, arguments=arguments)
+    except aio_pika.exceptions.ChannelPreconditionFailed:
+        log.warning("queue %s exists with different arguments; using it as is", name)
+        await channel.reopen()
+        return await channel.declare_queue(name, passive=True)
+
+
 def pick_delay(delays: tuple[int, ...], attempt: int, retry_after: float | None) -> int:
     """The delay tier after ``attempt`` failed: one tier per attempt, or the first
     tier at least as long as the server's ``Retry-After``."""
@@ -203,28 +219,16 @@ class Broker:
             s.events_exchange, aio_pika.ExchangeType.TOPIC, durable=True
         )
         for name, arguments in self._own_queues.items():
-            await self._declare(pub_channel, name, arguments)
+            await declare_queue(pub_channel, name, arguments)
         self._publisher = Publisher(s, pub_channel, events)
         channel = await self._consume_conn.channel(publisher_confirms=False)
         await channel.set_qos(prefetch_count=s.concurrency)
         self._consume_channel = channel
-        self._queue = await self._declare(channel, s.queue, main_queue_arguments(s))
+        self._queue = await declare_queue(channel, s.queue, main_queue_arguments(s))
         self._consumer_tag = await self._queue.consume(self._on_message, no_ack=False)
         self._metrics.broker_connected.set(1)
         self._metrics.consumer_active.set(1)
         log.info("consuming %s with prefetch %d", s.queue, s.concurrency)
-
-    async def _declare(
-        self, channel: AbstractChannel, name: str, arguments: dict[str, Any]
-    ) -> AbstractQueue:
-        try:
-            return await channel.declare_queue(name, durable=True, arguments=arguments)
-        except aio_pika.exceptions.ChannelPreconditionFailed:
-            # The queue exists with other arguments (say, an older delivery limit).
-            # Use it as it is rather than refusing to start.
-            log.warning("queue %s exists with different arguments; using it as is", name)
-            await channel.reopen()
-            return await channel.declare_queue(name, passive=True)
 
     async def _to_own_queue(self, name: str, message: aio_pika.Message) -> None:
         """Publish to a retry tier or the dead letters, confirmed and routed.
@@ -239,7 +243,7 @@ class Broker:
             await publisher.to_queue(name, message, mandatory=True)
         except aio_pika.exceptions.DeliveryError:
             log.warning("queue %s is missing; declaring it again", name)
-            await self._declare(publisher.channel, name, self._own_queues[name])
+            await declare_queue(publisher.channel, name, self._own_queues[name])
             await publisher.to_queue(name, message, mandatory=True)
 
     async def _reopen_publisher(self) -> None:

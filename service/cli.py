@@ -10,7 +10,7 @@ from typing import Any
 import aio_pika
 import orjson
 
-from service.broker import copy_message, main_queue_arguments
+from service.broker import copy_message, declare_queue, main_queue_arguments
 from service.config import ConfigError, Settings, load_settings
 from service.errors import CourierError
 from service.events import build_event
@@ -76,9 +76,7 @@ async def _submit(settings: Settings, body: bytes) -> int:
     async with connection:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         # Declaring (idempotently) makes sure the request cannot vanish unrouted.
-        await channel.declare_queue(
-            settings.queue, durable=True, arguments=main_queue_arguments(settings)
-        )
+        await declare_queue(channel, settings.queue, main_queue_arguments(settings))
         await channel.default_exchange.publish(
             aio_pika.Message(
                 body=body,
@@ -109,10 +107,8 @@ async def _dead(settings: Settings, action: str, limit: int) -> int:
     connection = await aio_pika.connect(settings.amqp_url, timeout=10)
     async with connection:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        queue = await channel.declare_queue(settings.dead_queue, durable=True)
-        await channel.declare_queue(
-            settings.queue, durable=True, arguments=main_queue_arguments(settings)
-        )
+        queue = await declare_queue(channel, settings.dead_queue, {})
+        await declare_queue(channel, settings.queue, main_queue_arguments(settings))
         done = 0
         while done < limit:
             message = await queue.get(no_ack=False, fail=False, timeout=10)

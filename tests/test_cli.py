@@ -208,6 +208,11 @@ async def test_submit_and_dead_commands(
     assert code == 0 and orjson.loads(out)["submitted"] == "sub-2"
     [message] = [m async for m in drain(amqp, names.queue)]
     assert message.message_id == "sub-2" and message.body == good.read_bytes()
+    # A queue declared by a service with another delivery limit is used as it is.
+    other = {**env, "COURIER_MAX_REDELIVERIES": "9"}
+    code, out, err = await courier("submit", str(good), env=other)
+    assert code == 0, err.decode()
+    assert [m.message_id async for m in drain(amqp, names.queue)] == ["sub-2"]
 
     # Put a dead letter in place as the service would, then list and replay it.
     channel = await amqp.channel()
