@@ -130,12 +130,13 @@ async def wait_status(url: str, status: int, timeout: float = 20) -> None:
 
 
 class CourierProcess:
-    """`courier run` as a subprocess, as a user runs it."""
+    """`courier run` as a subprocess, as a user runs it; its output is kept."""
 
     def __init__(self, env: Mapping[str, str]) -> None:
         self.env = dict(env)
         self.port = int(self.env["COURIER_HTTP_PORT"])
         self.proc: asyncio.subprocess.Process | None = None
+        self.stdout = b""
         self.stderr = b""
 
     async def start(self, wait_ready: bool = True) -> CourierProcess:
@@ -147,19 +148,21 @@ class CourierProcess:
             "run",
             env=self.env,
             cwd=ROOT,
-            stdout=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
-        self._reader = asyncio.create_task(self._read_stderr())
+        self._reader = asyncio.create_task(self._read_output())
         if wait_ready:
             await wait_status(f"http://127.0.0.1:{self.port}/readyz", 200)
         return self
 
-    async def _read_stderr(self) -> None:
-        assert self.proc is not None and self.proc.stderr is not None
-        while chunk := await self.proc.stderr.read(65536):
-            self.stderr += chunk
-        LEDGER.add("courier run stderr", self.stderr)
+    async def _read_output(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        assert self.proc.stderr is not None
+        self.stdout, self.stderr = await asyncio.gather(
+            self.proc.stdout.read(), self.proc.stderr.read()
+        )
+        LEDGER.add("courier run output", self.stdout + self.stderr)
 
     async def signal(self, sig: int, timeout: float = 60) -> int:
         """Send ``sig`` and wait for the exit status."""

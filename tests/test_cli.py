@@ -17,7 +17,7 @@ from service.config import Settings
 from tests.conftest import INCONVO_KEY
 from tests.fakes import FakeInconvo
 from tests.support import (
-    ROOT,
+    CourierProcess,
     EventCollector,
     FileServer,
     Names,
@@ -127,32 +127,21 @@ async def test_run_serves_readiness_and_stops_on_sigterm(
         COURIER_INCONVO_BASE_URL=inconvo.base_url,
         COURIER_SOURCE_ALLOWED_HOSTS=f"127.0.0.1:{files.port}",
     )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "service",
-        "run",
-        env=env,
-        cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    courier_run = await CourierProcess(env).start()
     try:
-        await wait_status(f"http://127.0.0.1:{port}/readyz", 200)
         await wait_status(f"http://127.0.0.1:{port}/healthz", 200)
         request = inconvo_request(files.add("/a.csv", b"1\n"), "sub-1")
         await publish(amqp, names.queue, request)
         [event] = await collector.wait_for(1)
         assert event["data"]["status"] == "succeeded"
     finally:
-        proc.send_signal(signal.SIGTERM)
-        out, err = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode == 0
-    assert out == b""
-    lines = err.decode().strip().splitlines()
-    records = [orjson.loads(line) for line in lines]
+        code = await courier_run.signal(signal.SIGTERM, timeout=30)
+    assert code == 0
+    assert courier_run.stdout == b""
+    err = courier_run.stderr.decode()
+    records = [orjson.loads(line) for line in err.strip().splitlines()]
     assert any(r.get("requestId") == "sub-1" for r in records)
-    assert INCONVO_KEY not in err.decode()
+    assert INCONVO_KEY not in err
 
 
 async def test_unreachable_broker_is_reported_and_retried(
@@ -165,25 +154,15 @@ async def test_unreachable_broker_is_reported_and_retried(
         COURIER_HTTP_PORT=str(http_port),
         COURIER_LOG_FORMAT="console",
     )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "service",
-        "run",
-        env=env,
-        cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    courier_run = await CourierProcess(env).start(wait_ready=False)
     try:
         await wait_status(f"http://127.0.0.1:{http_port}/readyz", 503)
         await asyncio.sleep(1.5)  # let it retry at least once
         await wait_status(f"http://127.0.0.1:{http_port}/readyz", 503)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        _, err = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode == 0
-    text = err.decode()
+        code = await courier_run.signal(signal.SIGTERM, timeout=30)
+    assert code == 0
+    text = courier_run.stderr.decode()
     assert f"cannot reach RabbitMQ at amqp://127.0.0.1:{amqp_port}/" in text
     assert "rabbitmq-server -detached" in text
     assert text.count("cannot reach RabbitMQ") >= 2
