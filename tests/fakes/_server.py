@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
 
+import orjson
 from aiohttp import hdrs, web
 from multidict import CIMultiDict
 
@@ -43,6 +44,11 @@ def media_type(request: web.Request) -> str:
     package, which made it the fakes' largest cost in the benchmarks.
     """
     return request.headers.get(hdrs.CONTENT_TYPE, "").split(";", 1)[0].strip().lower()
+
+
+def json_response(data: object, status: int = 200) -> web.Response:
+    """A JSON answer, encoded with orjson (the standard library's encoder showed in profiles)."""
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
 
 
 async def drain(request: web.Request) -> None:
@@ -173,7 +179,7 @@ class FakeServer(abc.ABC):
 
     def error(self, status: int, message: str) -> web.Response:
         """A JSON error answer in the fake's error shape."""
-        return web.json_response(self._error_body(status, message), status=status)
+        return json_response(self._error_body(status, message), status=status)
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:

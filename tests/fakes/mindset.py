@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 from aiohttp import web
 from multidict import CIMultiDict
 
-from tests.fakes._server import FakeServer, drain, media_type
+from tests.fakes._server import FakeServer, drain, json_response, media_type
 
 MIME_TYPES = frozenset(
     {
@@ -222,7 +222,7 @@ class FakeMindset(FakeServer):
         self.ingests.append(
             ReceivedIngest(app_uid, context_uid, body, CIMultiDict(request.headers))
         )
-        return web.json_response(file)
+        return json_response(file)
 
     async def _by_external(self, request: web.Request) -> web.Response:
         if not self._authorised(request):
@@ -231,4 +231,4 @@ class FakeMindset(FakeServer):
         file = self._by_external_id.get((info["appUid"], info["contextUid"], info["externalId"]))
         if file is None:
             return self.error(404, "File not found")
-        return web.json_response(file)
+        return json_response(file)
