@@ -102,6 +102,7 @@ class Result:
     idle_rss_mib: float
     ready_s: float
     cpu_ms_per_request: float
+    others_cpu_ms_per_request: dict[str, float] = field(default_factory=dict)
     outcomes: dict[str, int] = field(default_factory=dict)
     ratio_to_bare: float | None = None
     ratio_to_copy: float | None = None
@@ -154,6 +155,7 @@ async def measure(
     ready: Callable[[asyncio.subprocess.Process], Any],
     expect: str,
     url: str,
+    others: dict[str, int],
 ) -> Result:
     """Start a consumer process, publish ``bodies``, wait for every event; measure."""
     async with await aio_pika.connect_robust(url) as connection:
@@ -166,12 +168,14 @@ async def measure(
             await asyncio.sleep(1.0)
             idle = proc_status(proc.pid, "VmRSS")
             cpu_before = cpu_seconds(proc.pid)
+            others_before = {key: cpu_seconds(pid) for key, pid in others.items()}
             began = time.monotonic()
             await publish_all(url, names.queue, bodies)
             await collector.wait_for(n, timeout=1800)
             elapsed = collector.arrivals[n - 1] - began
             peak = proc_status(proc.pid, "VmHWM")
             cpu = cpu_seconds(proc.pid) - cpu_before
+            others_cpu = {key: cpu_seconds(pid) - others_before[key] for key, pid in others.items()}
         finally:
             proc.send_signal(signal.SIGTERM)
             await proc.wait()
@@ -199,11 +203,14 @@ async def measure(
         round(idle, 1),
         round(ready_s, 3),
         round(cpu / n * 1000, 3),
+        {key: round(value / n * 1000, 3) for key, value in others_cpu.items()},
         outcomes,
     )
 
 
-async def run_courier(scenario: Scenario, n: int, info: dict[str, Any], url: str) -> Result:
+async def run_courier(
+    scenario: Scenario, n: int, info: dict[str, Any], url: str, others: dict[str, int]
+) -> Result:
     """One Courier scenario."""
     names = Names.fresh()
     port = free_port()
@@ -240,13 +247,15 @@ async def run_courier(scenario: Scenario, n: int, info: dict[str, Any], url: str
         )
 
     try:
-        return await measure(scenario.name, n, bodies, names, start, ready, scenario.expect, url)
+        return await measure(
+            scenario.name, n, bodies, names, start, ready, scenario.expect, url, others
+        )
     finally:
         await http.close()
         await delete_topology(names, (10, 60, 300, 1800), url)
 
 
-async def run_bare(n: int, url: str, label: str) -> Result:
+async def run_bare(n: int, url: str, label: str, others: dict[str, int]) -> Result:
     """The bare aio-pika loop with the same publish-and-wait procedure."""
     names = Names.fresh()
     bodies = [orjson.dumps({"id": f"r{i}", "pad": "x" * 200}) for i in range(n)]
@@ -272,7 +281,7 @@ async def run_bare(n: int, url: str, label: str) -> Result:
         return ready_line.get(proc.pid, False)
 
     try:
-        result = await measure(label, n, bodies, names, start, ready, "any", url)
+        result = await measure(label, n, bodies, names, start, ready, "any", url, others)
     finally:
         await delete_topology(names, (10, 60, 300, 1800), url)
     result.outcomes = {"acked": n}
@@ -295,6 +304,17 @@ async def run_copy(info: dict[str, Any], n: int, concurrency: int) -> dict[str, 
     )
     out, _ = await proc.communicate()
     return dict(orjson.loads(out))
+
+
+def broker_pid() -> dict[str, int]:
+    """The local RabbitMQ's process (Erlang's beam), when it runs on this machine."""
+    for stat in Path("/proc").glob("[0-9]*/comm"):
+        try:
+            if stat.read_text().startswith("beam"):
+                return {"broker": int(stat.parent.name)}
+        except OSError:
+            continue
+    return {}
 
 
 def machine() -> str:
@@ -323,15 +343,17 @@ def table(results: list[Result]) -> str:
     """The results as a Markdown table."""
     head = (
         "| scenario | N | req/s | MB/s | vs bare loop | vs copy | peak RSS MiB | idle RSS MiB "
-        "| ready s | CPU ms/req |"
+        "| ready s | CPU ms/req | others' CPU ms/req |"
     )
-    rows = [head, "|" + "---|" * 10]
+    rows = [head, "|" + "---|" * 11]
     for r in results:
         ratio = f"{r.ratio_to_bare:.2f}x" if r.ratio_to_bare is not None else "-"
         copy = f"{r.ratio_to_copy:.2f}x" if r.ratio_to_copy is not None else "-"
         rows.append(
             f"| {r.scenario} | {r.n} | {r.requests_per_s} | {r.mb_per_s} | {ratio} | {copy} | "
-            f"{r.peak_rss_mib} | {r.idle_rss_mib} | {r.ready_s} | {r.cpu_ms_per_request} |"
+            f"{r.peak_rss_mib} | {r.idle_rss_mib} | {r.ready_s} | {r.cpu_ms_per_request} | "
+            + ", ".join(f"{k} {v}" for k, v in r.others_cpu_ms_per_request.items())
+            + " |"
         )
     return "\n".join(rows)
 
@@ -355,16 +377,18 @@ async def main() -> int:
     )
     assert servers.stdout is not None and servers.stdin is not None
     info = orjson.loads(await servers.stdout.readline())
+    # Everything else that shares the machine, so each run shows where the CPU went.
+    others = {"peers": servers.pid, "harness": os.getpid(), **broker_pid()}
     results: list[Result] = []
     copy: dict[str, Any] | None = None
     try:
         # The bare loop runs first and last; ratios are taken against the faster
         # of the two, so a slow moment of the broker cannot flatter Courier.
-        results.append(await run_bare(args.n or args.bare_n, url, "bare-loop"))
+        results.append(await run_bare(args.n or args.bare_n, url, "bare-loop", others))
         for name in args.scenarios.split(","):
             scenario = SCENARIOS[name]
             n = args.n or scenario.n
-            result = await run_courier(scenario, n, info, url)
+            result = await run_courier(scenario, n, info, url, others)
             if name == "big":
                 copy = await run_copy(info, n, scenario.concurrency)
                 result.ratio_to_copy = round(result.mb_per_s / copy["mb_per_s"], 3)
@@ -375,7 +399,7 @@ async def main() -> int:
                 file=sys.stderr,
                 flush=True,
             )
-        results.append(await run_bare(args.n or args.bare_n, url, "bare-loop-end"))
+        results.append(await run_bare(args.n or args.bare_n, url, "bare-loop-end", others))
     finally:
         servers.stdin.close()
         await servers.wait()
