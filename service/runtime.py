@@ -9,6 +9,7 @@ import ctypes.util
 import logging
 import os
 import signal
+import ssl
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -48,6 +49,21 @@ def limit_malloc_arenas(arenas: int = 2) -> bool:
     except (OSError, AttributeError):
         return False
     return bool(mallopt(_M_ARENA_MAX, arenas))
+
+
+def s3_http_session(limit: int, timeout: aiohttp.ClientTimeout) -> aiohttp.ClientSession:
+    """The session for S3's presigned HEADs, reaching S3 as botocore would.
+
+    Proxies from ``HTTPS_PROXY``/``NO_PROXY`` and the CA bundle of ``AWS_CA_BUNDLE``.
+    The S3 endpoint is the operator's, so no source address policy applies.
+    """
+    context = ssl.create_default_context(cafile=os.environ.get("AWS_CA_BUNDLE") or None)
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=limit, ssl=context),
+        timeout=timeout,
+        trust_env=True,
+        trace_configs=[trace_config()],
+    )
 
 
 @contextlib.asynccontextmanager
@@ -90,10 +106,12 @@ async def pipeline_for(
         get_session().create_client(
             "s3", region_name=settings.aws_region, config=s3_config
         ) as s3_client,
+        s3_http_session(settings.concurrency * 2, timeout) as s3_session,
     ):
         http = HttpSource(source_session, policy, settings.tmp_dir)
         s3 = S3Source(
             s3_client,
+            s3_session,
             allowed_buckets=settings.s3_allowed_buckets,
             presign_ttl=settings.presign_ttl,
             tmp_dir=settings.tmp_dir,

@@ -11,12 +11,14 @@ from urllib.parse import parse_qs, urlsplit
 import aiohttp
 import pytest
 from aio_pika.abc import AbstractRobustConnection
+from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
+from aiohttp import web
 
 from service.config import Settings
 from service.contracts import SourceSpec
 from service.destinations.mindset import api_length, infer_mime_type
-from service.errors import CourierError, ErrorCode
+from service.errors import CourierError, ErrorCode, RetryableError
 from service.sources.base import SizeLimit
 from service.sources.s3 import S3Location, S3Source
 from tests.conftest import AWS_SECRET, running
@@ -26,6 +28,7 @@ from tests.support import EventCollector, FileServer, Names, drain, publish
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
 
+SIGV4 = AioConfig(signature_version="s3v4")  # as the service's client
 PDF = b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF\n"
 
 
@@ -98,15 +101,18 @@ async def test_bucket_outside_allowlist_makes_no_s3_call(
     """A bucket outside COURIER_S3_ALLOWED_BUCKETS is source_blocked before any S3 request is sent."""
     await s3.put_object(Bucket=bucket, Key="a.csv", Body=b"1\n")
     sent: list[str] = []
-    async with get_session().create_client("s3", region_name="us-east-1") as client:
+    async with (
+        get_session().create_client("s3", region_name="us-east-1") as client,
+        aiohttp.ClientSession() as http,
+    ):
         client.meta.events.register("before-send.s3", lambda request, **_: sent.append(request.url))
-        source = S3Source(client, allowed_buckets=("some-other-bucket",))
+        source = S3Source(client, http, allowed_buckets=("some-other-bucket",))
         spec = SourceSpec(url=f"s3://{bucket}/a.csv")
         with pytest.raises(CourierError) as info:
             source.check(spec)
         assert info.value.code is ErrorCode.SOURCE_BLOCKED
         assert sent == []
-        allowed = S3Source(client, allowed_buckets=(bucket,))
+        allowed = S3Source(client, http, allowed_buckets=(bucket,))
         allowed.check(spec)
         async with allowed.open(spec, SizeLimit(1024, "t")) as fetched:
             assert await fetched.read() == b"1\n"
@@ -115,8 +121,11 @@ async def test_bucket_outside_allowlist_makes_no_s3_call(
 
 async def test_s3_error_mapping(s3_endpoint: str, s3: S3Client, bucket: str) -> None:
     """NoSuchBucket is source_not_found; bad credentials are source_forbidden; a big object is too_large."""
-    async with get_session().create_client("s3", region_name="us-east-1") as client:
-        source = S3Source(client)
+    async with (
+        get_session().create_client("s3", region_name="us-east-1") as client,
+        aiohttp.ClientSession() as http,
+    ):
+        source = S3Source(client, http)
         with pytest.raises(CourierError) as info:
             async with source.open(
                 SourceSpec(url=f"s3://{bucket}-missing/a.csv"), SizeLimit(10, "t")
@@ -129,6 +138,96 @@ async def test_s3_error_mapping(s3_endpoint: str, s3: S3Client, bucket: str) -> 
                 pass
         assert info.value.code is ErrorCode.TOO_LARGE
     assert S3Location.parse(f"s3://{bucket}/a%2Fb%20c.csv?versionId=x").key == "a/b c.csv"
+
+
+async def test_describe_heads_a_presigned_url(s3: S3Client, bucket: str) -> None:
+    """describe() reads size, type and name from a presigned HEAD; its GET URL fetches the object."""
+    await s3.put_object(
+        Bucket=bucket,
+        Key="talks/keynote.pdf",
+        Body=PDF,
+        ContentType="application/pdf",
+        ContentDisposition='attachment; filename="Keynote 2026.pdf"',
+    )
+    first = await s3.put_object(Bucket=bucket, Key="notes.txt", Body=b"first")
+    await s3.put_object(Bucket=bucket, Key="notes.txt", Body=b"second, longer")
+    heads: list[str] = []
+
+    async def on_start(_: Any, __: Any, params: aiohttp.TraceRequestStartParams) -> None:
+        heads.append(params.method)
+
+    tracing = aiohttp.TraceConfig()
+    tracing.on_request_start.append(on_start)
+    async with (
+        get_session().create_client("s3", region_name="us-east-1", config=SIGV4) as client,
+        aiohttp.ClientSession(trace_configs=[tracing]) as http,
+    ):
+        source = S3Source(client, http, presign_ttl=600)
+        facts = await source.describe(SourceSpec(url=f"s3://{bucket}/talks/keynote.pdf"))
+        assert heads == ["HEAD"]
+        assert (facts.file_name, facts.content_type, facts.size) == (
+            "Keynote 2026.pdf",
+            "application/pdf",
+            len(PDF),
+        )
+        assert facts.url == f"s3://{bucket}/talks/keynote.pdf"
+        query = parse_qs(urlsplit(facts.fetch_url).query)
+        assert query["X-Amz-Expires"] == ["600"]
+        async with http.get(facts.fetch_url) as response:
+            assert await response.read() == PDF
+        old = await source.describe(
+            SourceSpec(url=f"s3://{bucket}/notes.txt?versionId={first['VersionId']}")
+        )
+        assert old.size == len(b"first")
+        async with http.get(old.fetch_url) as response:
+            assert await response.read() == b"first"
+        with pytest.raises(CourierError) as info:
+            await source.describe(SourceSpec(url=f"s3://{bucket}/talks/missing.pdf"))
+        assert info.value.code is ErrorCode.SOURCE_NOT_FOUND
+        assert info.value.http_status == 404
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "retryable"),
+    [
+        (403, ErrorCode.SOURCE_FORBIDDEN, False),
+        (503, ErrorCode.SOURCE_UNAVAILABLE, True),
+        (301, ErrorCode.SOURCE_UNAVAILABLE, True),
+    ],
+)
+async def test_describe_maps_head_answers(
+    status: int, code: ErrorCode, retryable: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A HEAD answered 403 is source_forbidden; 503 (retried first) and redirects, source_unavailable."""
+    seen: list[str] = []
+
+    async def answer(request: web.Request) -> web.Response:
+        seen.append(request.method)
+        return web.Response(status=status, headers={"Retry-After": "0"})
+
+    app = web.Application()
+    app.router.add_route("HEAD", "/{tail:.*}", answer)
+    runner = web.AppRunner(app, access_log=None)  # its log would show the signature
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test-key-id")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", AWS_SECRET)
+    try:
+        async with (
+            get_session().create_client("s3", region_name="us-east-1", config=SIGV4) as client,
+            aiohttp.ClientSession() as http,
+        ):
+            with pytest.raises(CourierError) as info:
+                await S3Source(client, http).describe(SourceSpec(url="s3://media/a.mp4"))
+    finally:
+        await runner.cleanup()
+    assert info.value.code is code
+    assert info.value.http_status == status
+    assert isinstance(info.value, RetryableError) is retryable
+    assert seen == ["HEAD"] * (3 if retryable else 1)
 
 
 async def test_mindset_source_url_from_http_and_s3(

@@ -1,4 +1,4 @@
-"""S3 sources on aiobotocore: streamed GetObject, HeadObject and presigned GET URLs.
+"""S3 sources on aiobotocore: streamed GetObject, presigned HEAD and presigned GET URLs.
 
 One client for the process, created at start-up from the standard AWS chain
 (environment, web identity for IRSA, instance profile; ``AWS_ENDPOINT_URL_S3``).
@@ -13,12 +13,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+import aiohttp
+from aiohttp import hdrs
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+from multidict import CIMultiDictProxy
 
 from service.contracts import SourceSpec
 from service.errors import CourierError, ErrorCode, PermanentError, RetryableError
 from service.redact import redact_url
-from service.retry import retried
+from service.retry import parse_retry_after, retried
 from service.sources.base import (
     CHUNK_SIZE,
     FetchedFile,
@@ -44,6 +47,9 @@ _FORBIDDEN = frozenset(
         "AllAccessDisabled",
     }
 )
+
+# The HEAD's URL is used at once: a short validity keeps a leaked one worthless.
+_HEAD_URL_TTL = 60
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,49 +78,60 @@ class S3Location:
         return params
 
 
-def map_error(exc: Exception, where: S3Location) -> CourierError:
-    """Translate a botocore failure into the contract's codes."""
+def answer_error(
+    where: S3Location, code: str, status: int | None, retry_after: float | None = None
+) -> CourierError:
+    """The contract's code for an S3 error answer (its error code, HTTP status or both)."""
     what = f"s3://{where.bucket}/{where.key}"
-    if isinstance(exc, ClientError):
-        error = exc.response.get("Error", {})
-        code = str(error.get("Code", ""))
-        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0) or None
-        if code in _NOT_FOUND or status == 404:
-            return PermanentError(
-                ErrorCode.SOURCE_NOT_FOUND,
-                f"{what} does not exist ({code or status})",
-                http_status=status,
-            )
-        if code in _FORBIDDEN or status in (401, 403):
-            return PermanentError(
-                ErrorCode.SOURCE_FORBIDDEN,
-                f"access to {what} was denied ({code or status})",
-                http_status=status,
-            )
-        return RetryableError(
-            ErrorCode.SOURCE_UNAVAILABLE,
-            f"S3 answered {code or status} for {what}",
+    if code in _NOT_FOUND or status == 404:
+        return PermanentError(
+            ErrorCode.SOURCE_NOT_FOUND,
+            f"{what} does not exist ({code or status})",
             http_status=status,
         )
-    if isinstance(exc, NoCredentialsError):
-        return PermanentError(ErrorCode.SOURCE_FORBIDDEN, "no AWS credentials were found")
+    if code in _FORBIDDEN or status in (401, 403):
+        return PermanentError(
+            ErrorCode.SOURCE_FORBIDDEN,
+            f"access to {what} was denied ({code or status})",
+            http_status=status,
+        )
     return RetryableError(
-        ErrorCode.SOURCE_UNAVAILABLE, f"S3 could not be reached ({type(exc).__name__})"
+        ErrorCode.SOURCE_UNAVAILABLE,
+        f"S3 answered {code or status} for {what}",
+        http_status=status,
+        retry_after=retry_after,
     )
 
 
+def map_error(exc: Exception, where: S3Location) -> CourierError:
+    """Translate a botocore or transport failure into the contract's codes."""
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0) or None
+        return answer_error(where, str(error.get("Code", "")), status)
+    if isinstance(exc, NoCredentialsError):
+        return PermanentError(ErrorCode.SOURCE_FORBIDDEN, "no AWS credentials were found")
+    what = "did not answer in time" if isinstance(exc, TimeoutError) else "could not be reached"
+    return RetryableError(ErrorCode.SOURCE_UNAVAILABLE, f"S3 {what} ({type(exc).__name__})")
+
+
 class S3Source:
-    """Reads ``s3://`` URLs with the process's one S3 client."""
+    """Reads ``s3://`` URLs with the process's one S3 client.
+
+    ``http`` makes the existence checks: a HEAD of a URL that ``client`` presigned.
+    """
 
     def __init__(
         self,
         client: S3Client,
+        http: aiohttp.ClientSession,
         *,
         allowed_buckets: tuple[str, ...] = (),
         presign_ttl: int = 12 * 3600,
         tmp_dir: Path | None = None,
     ) -> None:
         self._client = client
+        self._http = http
         self._allowed = frozenset(allowed_buckets)
         self._ttl = presign_ttl
         self._tmp_dir = tmp_dir
@@ -166,30 +183,49 @@ class S3Source:
         except (BotoCoreError, OSError, TimeoutError) as exc:
             raise map_error(exc, location) from None
 
-    async def _head(self, location: S3Location) -> Any:
+    async def _presign(self, method: str, location: S3Location, ttl: int) -> str:
         try:
-            return await self._client.head_object(**location.params())  # type: ignore[arg-type]
+            return await self._client.generate_presigned_url(
+                method, Params=location.params(), ExpiresIn=ttl
+            )
         except (ClientError, BotoCoreError) as exc:
+            raise map_error(exc, location) from None
+
+    async def _head(self, location: S3Location) -> CIMultiDictProxy[str]:
+        # A HEAD of a presigned URL rather than the client's HeadObject: the same
+        # credentials and signer, at about a quarter of the CPU (botocore's request
+        # pipeline measured 1.6 ms a call, this 0.4 ms; see the README), and it
+        # proves that S3 takes the signatures this client makes.
+        url = await self._presign("head_object", location, _HEAD_URL_TTL)
+        try:
+            async with self._http.head(url, allow_redirects=False) as response:
+                if response.status >= 300:
+                    raise answer_error(
+                        location,
+                        response.headers.get("x-amz-error-code", ""),
+                        response.status,
+                        parse_retry_after(response.headers),
+                    )
+                return response.headers
+        except (aiohttp.ClientError, TimeoutError) as exc:
             raise map_error(exc, location) from None
 
     async def describe(self, spec: SourceSpec) -> SourceFacts:
         """HEAD the object, then a presigned GET URL valid for ``COURIER_PRESIGN_TTL``."""
         location = S3Location.parse(spec.url)
         head = await retried(lambda: self._head(location))
-        try:
-            url = await self._client.generate_presigned_url(
-                "get_object", Params=location.params(), ExpiresIn=self._ttl
-            )
-        except (ClientError, BotoCoreError) as exc:
-            raise map_error(exc, location) from None
+        url = await self._presign("get_object", location, self._ttl)
         name = pick_name(
-            spec, _disposition_name(head.get("ContentDisposition")), location.key.rsplit("/", 1)[-1]
+            spec,
+            _disposition_name(head.get(hdrs.CONTENT_DISPOSITION)),
+            location.key.rsplit("/", 1)[-1],
         )
+        length = head.get(hdrs.CONTENT_LENGTH)
         return SourceFacts(
             fetch_url=url,
             file_name=name,
-            content_type=pick_type(spec, head.get("ContentType"), name),
-            size=head.get("ContentLength"),
+            content_type=pick_type(spec, head.get(hdrs.CONTENT_TYPE), name),
+            size=int(length) if length and length.isdigit() else None,
             url=redact_url(spec.url),
         )
 
