@@ -52,16 +52,14 @@ def limit_malloc_arenas(arenas: int = 2) -> bool:
 
 
 def s3_http_session(limit: int, timeout: aiohttp.ClientTimeout) -> aiohttp.ClientSession:
-    """The session for S3's presigned HEADs, reaching S3 as botocore would.
+    """The session for S3's presigned HEADs, with the CA bundle of ``AWS_CA_BUNDLE``.
 
-    Proxies from ``HTTPS_PROXY``/``NO_PROXY`` and the CA bundle of ``AWS_CA_BUNDLE``.
     The S3 endpoint is the operator's, so no source address policy applies.
     """
     context = ssl.create_default_context(cafile=os.environ.get("AWS_CA_BUNDLE") or None)
     return aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=limit, ssl=context),
         timeout=timeout,
-        trust_env=True,
         trace_configs=[trace_config()],
     )
 

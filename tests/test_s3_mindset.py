@@ -20,7 +20,7 @@ from service.contracts import SourceSpec
 from service.destinations.mindset import api_length, infer_mime_type
 from service.errors import CourierError, ErrorCode, RetryableError
 from service.sources.base import SizeLimit
-from service.sources.s3 import S3Location, S3Source
+from service.sources.s3 import S3Location, S3Source, env_proxy
 from tests.conftest import AWS_SECRET, running
 from tests.fakes import FakeInconvo, FakeMindset
 from tests.support import EventCollector, FileServer, Names, drain, publish
@@ -228,6 +228,24 @@ async def test_describe_maps_head_answers(
     assert info.value.http_status == status
     assert isinstance(info.value, RetryableError) is retryable
     assert seen == ["HEAD"] * (3 if retryable else 1)
+
+
+def test_env_proxy_follows_https_proxy_and_no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The S3 HEADs take the environment's proxy as botocore does, NO_PROXY hosts excepted."""
+    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
+    monkeypatch.setenv("NO_PROXY", "minio.local,.svc.cluster.local")
+    env_proxy.cache_clear()
+    try:
+        assert env_proxy("https", "bucket.s3.eu-west-1.amazonaws.com") == (
+            "http://proxy.internal:3128"
+        )
+        assert env_proxy("https", "minio.local") is None
+        assert env_proxy("https", "s3.storage.svc.cluster.local") is None
+        assert env_proxy("http", "bucket.s3.amazonaws.com") is None  # no HTTP_PROXY set
+    finally:
+        env_proxy.cache_clear()
 
 
 async def test_mindset_source_url_from_http_and_s3(
