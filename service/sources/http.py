@@ -14,7 +14,6 @@ from service.errors import CourierError, ErrorCode, PermanentError, RetryableErr
 from service.redact import redact_url
 from service.retry import parse_retry_after, retried
 from service.sources.base import (
-    CHUNK_SIZE,
     FetchedFile,
     SizeLimit,
     SourceFacts,
@@ -142,7 +141,8 @@ class HttpSource:
 
     async def _chunks(self, response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
         try:
-            async for chunk in response.content.iter_chunked(CHUNK_SIZE):
+            # The chunks as received: iter_chunked() would join and slice them into a copy.
+            async for chunk, _ in response.content.iter_chunks():
                 yield chunk
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise RetryableError(
