@@ -45,13 +45,19 @@ async def main(source: str, target: str, key: str, count: int, concurrency: int)
             async with limit:
                 return await copy_one(session, source, target, key)
 
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         sizes = await asyncio.gather(*(bounded() for _ in range(count)))
-        elapsed = time.perf_counter() - started
+        elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
     total = sum(sizes)
     print(
         orjson.dumps(
-            {"files": count, "bytes": total, "seconds": elapsed, "mb_per_s": total / 1e6 / elapsed}
+            {
+                "files": count,
+                "bytes": total,
+                "seconds": elapsed,
+                "mb_per_s": total / 1e6 / elapsed,
+                "cpu_ms_per_file": cpu / count * 1000,
+            }
         ).decode()
     )
 

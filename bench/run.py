@@ -288,8 +288,9 @@ async def run_bare(n: int, url: str, label: str, others: dict[str, int]) -> Resu
     return result
 
 
-async def run_copy(info: dict[str, Any], n: int, concurrency: int) -> dict[str, Any]:
+async def run_copy(info: dict[str, Any], n: int, concurrency: int, peers: int) -> dict[str, Any]:
     """The plain aiohttp copy baseline for `big`."""
+    peers_before = cpu_seconds(peers)
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -303,7 +304,9 @@ async def run_copy(info: dict[str, Any], n: int, concurrency: int) -> dict[str, 
         stdout=asyncio.subprocess.PIPE,
     )
     out, _ = await proc.communicate()
-    return dict(orjson.loads(out))
+    result = dict(orjson.loads(out))
+    result["peers_cpu_ms_per_file"] = (cpu_seconds(peers) - peers_before) / n * 1000
+    return result
 
 
 def broker_pid() -> dict[str, int]:
@@ -390,7 +393,7 @@ async def main() -> int:
             n = args.n or scenario.n
             result = await run_courier(scenario, n, info, url, others)
             if name == "big":
-                copy = await run_copy(info, n, scenario.concurrency)
+                copy = await run_copy(info, n, scenario.concurrency, servers.pid)
                 result.ratio_to_copy = round(result.mb_per_s / copy["mb_per_s"], 3)
             results.append(result)
             print(
@@ -411,7 +414,10 @@ async def main() -> int:
     print(f"\nMachine: {report['machine']}\n")
     print(table(results))
     if copy:
-        print(f"\ncopy baseline (plain aiohttp stream, big): {copy['mb_per_s']:.1f} MB/s")
+        print(
+            f"\ncopy baseline (plain aiohttp stream, big): {copy['mb_per_s']:.1f} MB/s, "
+            f"CPU ms/file {copy['cpu_ms_per_file']:.1f}, peers {copy['peers_cpu_ms_per_file']:.1f}"
+        )
     print("\n" + orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
     args.json.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
     return 0
