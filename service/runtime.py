@@ -60,6 +60,7 @@ def s3_http_session(limit: int, timeout: aiohttp.ClientTimeout) -> aiohttp.Clien
     return aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=limit, ssl=context),
         timeout=timeout,
+        cookie_jar=aiohttp.DummyCookieJar(),
         trace_configs=[trace_config()],
     )
 
@@ -97,6 +98,9 @@ async def pipeline_for(
             connector=guarded_connector(policy, limit=settings.concurrency * 2),
             timeout=timeout,
             auto_decompress=True,
+            # Sources belong to different producers: a cookie one server sets must
+            # never ride along on another request.
+            cookie_jar=aiohttp.DummyCookieJar(),
             trace_configs=[trace_config()],
         ) as source_session,
         api_session("inconvo") as inconvo_session,

@@ -6,18 +6,20 @@ import asyncio
 import hashlib
 import os
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from service.contracts import SourceSpec
+from service.config import Settings
+from service.contracts import SourceSpec, UploadRequest
 from service.errors import CourierError, ErrorCode
+from service.runtime import pipeline_for
 from service.sources.base import SizeLimit, spool
 from service.sources.guard import AddressPolicy, guarded_connector, parse_allowed_hosts
 from service.sources.http import HttpSource
-from tests.support import FileServer
+from tests.support import FileServer, inconvo_request
 
 LIMIT = SizeLimit(2 * 1024 * 1024, "test")
 
@@ -210,3 +212,20 @@ async def test_temp_file_removed_on_cancellation(
         await task
     await asyncio.sleep(0.05)
     assert os.listdir(spool_dir) == []
+
+
+async def test_source_cookies_are_not_kept(
+    files: FileServer, make_settings: Callable[..., Settings]
+) -> None:
+    """A cookie a source server sets is not sent back on a later request (sources are unrelated)."""
+    files.add("/tracked.csv", b"a,b\n1,2\n", headers={"Set-Cookie": "session=from-source; Path=/"})
+    # By name: aiohttp's jar would ignore cookies of a bare IP address anyway.
+    url = f"http://localhost:{files.port}/tracked.csv"
+    request = UploadRequest.model_validate(inconvo_request(url))
+    settings = make_settings(source_allowed_hosts=(f"localhost:{files.port}",))
+    async with pipeline_for(settings) as pipeline:
+        first = await pipeline.process(request)
+        second = await pipeline.process(request)
+    assert first.error is None and second.error is None
+    assert len(files.hit_headers) == 2
+    assert "Cookie" not in files.hit_headers[1]
