@@ -53,3 +53,23 @@ async def test_bench_runs_every_scenario(tmp_path: Path) -> None:
     assert rows["caps"]["outcomes"] == {"too_large": 4}
     assert rows["big"]["ratio_to_copy"] is not None
     assert report["copy_baseline"]["files"] == 4
+
+
+async def test_s3_head_bench_reports_both_checks() -> None:
+    """`python -m bench.s3_head` prints CPU per check, both ways, against both servers."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bench.s3_head",
+        "10",
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 0, err.decode()[-3000:]
+    report = orjson.loads(out)
+    assert set(report) == {"moto", "keep_alive"}
+    for figures in report.values():
+        assert set(figures) == {"botocore_head_object_cpu_ms", "presigned_head_cpu_ms"}
+        assert all(value > 0 for value in figures.values())

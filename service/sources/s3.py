@@ -207,9 +207,9 @@ class S3Source:
 
     async def _head(self, location: S3Location) -> CIMultiDictProxy[str]:
         # A HEAD of a presigned URL rather than the client's HeadObject: the same
-        # credentials and signer, at about a quarter of the CPU (botocore's request
-        # pipeline measured 1.6 ms a call, this 0.4 ms; see the README), and it
-        # proves that S3 takes the signatures this client makes.
+        # credentials and signer at a third to a half of the CPU (`python -m
+        # bench.s3_head`, README Performance), and it proves that S3 takes the
+        # signatures this client makes.
         url = await self._presign("head_object", location, _HEAD_URL_TTL)
         parts = urlsplit(url)
         try:
