@@ -6,6 +6,7 @@ from typing import Any
 from urllib.parse import quote
 
 import aiohttp
+from aiohttp import hdrs
 from pydantic import SecretStr
 
 from service.contracts import (
@@ -128,9 +129,16 @@ class Inconvo:
             if notes is not None:
                 form.add_field("notes", notes)
             headers = {"Authorization": f"Bearer {self._api_key.get_secret_value()}"}
+            multipart = form()
+            data: aiohttp.Payload | bytes = multipart
+            if isinstance(body, bytes):
+                # A file held in memory goes as one buffer: aiohttp writes each
+                # boundary and part separately otherwise, five sends per upload.
+                headers[hdrs.CONTENT_TYPE] = multipart.content_type
+                data = await multipart.as_bytes()
             try:
                 async with self._session.post(
-                    url, data=form, headers=headers, timeout=self._timeout
+                    url, data=data, headers=headers, timeout=self._timeout
                 ) as response:
                     if response.status >= 400:
                         raise response_error(
