@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import os
 import platform
+import pstats
 import signal
 import subprocess
 import sys
@@ -210,9 +211,14 @@ async def measure(
 
 
 async def run_courier(
-    scenario: Scenario, n: int, info: dict[str, Any], url: str, others: dict[str, int]
+    scenario: Scenario,
+    n: int,
+    info: dict[str, Any],
+    url: str,
+    others: dict[str, int],
+    profile: Path | None = None,
 ) -> Result:
-    """One Courier scenario."""
+    """One Courier scenario; with ``profile``, the service runs under cProfile, saved there."""
     names = Names.fresh()
     port = free_port()
     env = {
@@ -242,9 +248,18 @@ async def run_courier(
         except aiohttp.ClientError:
             return False
 
+    profiler = ["-m", "cProfile", "-o", str(profile)] if profile else []
+
     async def start() -> asyncio.subprocess.Process:
         return await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "service", "run", env=env, cwd=ROOT, stdout=subprocess.DEVNULL
+            sys.executable,
+            *profiler,
+            "-m",
+            "service",
+            "run",
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
         )
 
     try:
@@ -310,6 +325,51 @@ async def run_copy(info: dict[str, Any], n: int, concurrency: int, peers: int) -
     return result
 
 
+# Where a function's own time is counted, by the path of its file; first match wins.
+COMPONENTS = (
+    ("courier", f"{ROOT}/service/"),
+    ("aiohttp", "/aiohttp/"),
+    ("aio-pika, aiormq, pamqp", "/aio_pika/"),
+    ("aio-pika, aiormq, pamqp", "/aiormq/"),
+    ("aio-pika, aiormq, pamqp", "/pamqp/"),
+    ("pydantic", "/pydantic"),
+    ("prometheus_client", "/prometheus_client/"),
+    ("botocore, aiobotocore", "botocore/"),
+    ("asyncio event loop", "/asyncio/"),
+    ("asyncio event loop", "/selectors.py"),
+    ("C built-ins (socket calls, hashing, JSON...)", "~"),
+)
+
+
+def profile_summary(path: Path, top: int = 15) -> str:
+    """The service's own CPU time by component, and its most expensive functions."""
+    functions = pstats.Stats(str(path)).get_stats_profile().func_profiles
+    # cProfile's clock is the wall clock: time spent waiting in epoll is idle, not work.
+    idle = sum(
+        f.tottime for name, f in functions.items() if name.endswith("'select.epoll' objects>")
+    )
+    functions = {n: f for n, f in functions.items() if not n.endswith("'select.epoll' objects>")}
+    total = sum(f.tottime for f in functions.values()) or 1.0
+    by_component: dict[str, float] = {}
+    for function in functions.values():
+        name = next((label for label, part in COMPONENTS if part in function.file_name), "other")
+        by_component[name] = by_component.get(name, 0.0) + function.tottime
+    lines = [
+        f"own time by component (cProfile, which inflates call-heavy code; {idle:.1f} s "
+        "idle in epoll left out):"
+    ]
+    for name, seconds in sorted(by_component.items(), key=lambda item: -item[1]):
+        lines.append(f"  {100 * seconds / total:5.1f}%  {name}")
+    lines.append(f"top {top} functions by own time:")
+    ranked = sorted(functions.items(), key=lambda item: -item[1].tottime)[:top]
+    for function_name, function in ranked:
+        where = function.file_name.split("site-packages/")[-1].replace(f"{ROOT}/", "")
+        lines.append(
+            f"  {100 * function.tottime / total:5.1f}%  {function_name} ({where}:{function.line_number})"
+        )
+    return "\n".join(lines)
+
+
 def broker_pid() -> dict[str, int]:
     """The local RabbitMQ's process (Erlang's beam), when it runs on this machine."""
     for stat in Path("/proc").glob("[0-9]*/comm"):
@@ -369,7 +429,16 @@ async def main() -> int:
     parser.add_argument("--n", type=int, help="override N for every scenario")
     parser.add_argument("--bare-n", type=int, default=5000)
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results.json")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="run the service under cProfile, save <scenario>.prof in DIR and print where "
+        "its time went (the figures of such a run are not comparable)",
+    )
     args = parser.parse_args()
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
     url = os.environ.get("COURIER_AMQP_URL", AMQP_URL)
     servers = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -399,7 +468,10 @@ async def main() -> int:
                 if name == "big"
                 else []
             )
-            result = await run_courier(scenario, n, info, url, others)
+            profile = args.profile / f"{name}.prof" if args.profile else None
+            result = await run_courier(scenario, n, info, url, others, profile)
+            if profile is not None:
+                print(f"{name}: {profile_summary(profile)}", file=sys.stderr, flush=True)
             if copies:
                 # The copy baseline likewise runs before and after; the faster counts.
                 copies.append(await run_copy(info, n, scenario.concurrency, servers.pid))

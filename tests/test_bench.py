@@ -14,7 +14,7 @@ SCENARIOS = ("small", "big", "presign", "inline", "caps")
 
 
 async def test_bench_runs_every_scenario(tmp_path: Path) -> None:
-    """`python -m bench.run` with a tiny N prints the table and a JSON report for every scenario."""
+    """`python -m bench.run` with a tiny N prints the table, a JSON report and a profile for every scenario."""
     report_path = tmp_path / "results.json"
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -28,6 +28,8 @@ async def test_bench_runs_every_scenario(tmp_path: Path) -> None:
         ",".join(SCENARIOS),
         "--json",
         str(report_path),
+        "--profile",
+        str(tmp_path / "profiles"),
         cwd=ROOT,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -57,6 +59,11 @@ async def test_bench_runs_every_scenario(tmp_path: Path) -> None:
     assert rows["small"]["outcomes"] == {"succeeded": 4}
     assert rows["caps"]["outcomes"] == {"too_large": 4}
     assert report["copy_baseline"]["files"] == 4
+    # --profile: the service ran under cProfile; where its time went is printed per scenario.
+    for name in SCENARIOS:
+        assert (tmp_path / "profiles" / f"{name}.prof").stat().st_size > 0
+        assert f"{name}: own time by component" in err.decode()
+    assert "courier" in err.decode() and "aiohttp" in err.decode()
     assert rows["big"]["ratio_to_copy"] == round(
         rows["big"]["mb_per_s"] / report["copy_baseline"]["mb_per_s"], 3
     )
