@@ -18,15 +18,18 @@ from moto.server import ThreadedMotoServer
 
 from service.config import Settings
 from service.runtime import Service
-from tests.fakes import FakeInconvo, FakeMindset
-from tests.support import (
+from testbed.fakes import FakeInconvo, FakeMindset
+from testbed.rabbit import RabbitNode, start_cluster
+from testbed.support import (
     AMQP_URL,
     LEDGER,
     EventCollector,
     FileServer,
     LedgerHandler,
     Names,
+    courier_env,
     delete_topology,
+    free_port,
 )
 
 if TYPE_CHECKING:
@@ -39,12 +42,26 @@ AWS_SECRET = "test-aws-secret-7d2b4e"
 TEST_DELAYS = (1, 2)
 
 
+@pytest.fixture(scope="session")
+def own_node() -> Iterator[RabbitNode]:
+    """A RabbitMQ node of the tests' own: stopping or blocking it disturbs no other test.
+
+    A node of the installed server on ports of its own (testbed/rabbit.py); the
+    machine's node on 5672 is never stopped or reconfigured by a test.
+    """
+    cluster = asyncio.run(start_cluster(1))
+    yield cluster.nodes[0]
+    asyncio.run(cluster.stop())
+
+
 @pytest.fixture(autouse=True)
 def no_secret_leaks() -> Iterator[None]:
-    """Every test: no API key, AWS secret or presigned signature in what Courier emitted."""
+    """Every test: no API key, AWS secret or presigned signature in what Courier emitted, and
+    every event it published (and a test collected) valid against schemas/event.schema.json."""
     LEDGER.secrets = (INCONVO_KEY, MINDSET_KEY, AWS_SECRET)
     LEDGER.enabled = True
     LEDGER.texts.clear()
+    LEDGER.invalid_events.clear()
     handler = LedgerHandler(level=logging.DEBUG)
     root = logging.getLogger()
     root.addHandler(handler)
@@ -55,6 +72,8 @@ def no_secret_leaks() -> Iterator[None]:
     leaks = LEDGER.leaks()
     LEDGER.texts.clear()
     assert not leaks, f"secrets leaked: {leaks}"
+    invalid, LEDGER.invalid_events = LEDGER.invalid_events, []
+    assert not invalid, f"events that break the event schema: {invalid[:5]}"
 
 
 @pytest.fixture
@@ -175,6 +194,27 @@ def make_settings(
 async def collector(amqp: AbstractRobustConnection, names: Names) -> EventCollector:
     """Collects the result events of this test's exchange."""
     return await EventCollector(amqp, names.events_exchange).start()
+
+
+@pytest.fixture
+def process_env(
+    names: Names, files: FileServer, inconvo: FakeInconvo
+) -> Callable[..., dict[str, str]]:
+    """The environment for a `courier run` subprocess on this test's queues."""
+
+    def make(**extra: str) -> dict[str, str]:
+        return courier_env(
+            COURIER_QUEUE=names.queue,
+            COURIER_EVENTS_EXCHANGE=names.events_exchange,
+            COURIER_HTTP_PORT=str(free_port()),
+            COURIER_INCONVO_API_KEY=INCONVO_KEY,
+            COURIER_INCONVO_BASE_URL=inconvo.base_url,
+            COURIER_SOURCE_ALLOWED_HOSTS=f"127.0.0.1:{files.port}",
+            COURIER_RETRY_DELAYS="1s,2s",
+            **extra,
+        )
+
+    return make
 
 
 @contextlib.asynccontextmanager

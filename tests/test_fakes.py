@@ -11,7 +11,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.fakes import FakeInconvo, FakeMindset
+from testbed.fakes import FakeInconvo, FakeMindset
+from testbed.fakes._server import SlidingWindow, retry_after_headers
+from testbed.support import FileServer
 
 KEY = "test-inconvo-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -605,3 +607,111 @@ async def test_mindset_fail_next_and_delay(
     assert loop.time() - started >= 0.1
     assert [(r.method, r.status) for r in fake_mindset.requests] == [("POST", 503), ("POST", 200)]
     assert len(fake_mindset.ingests) == 1
+
+
+# -- outages, rate limits, trickling sources -------------------------------------------
+
+
+def test_sliding_window_is_strict() -> None:
+    """At most N accepted calls in any one-second window; refused calls do not count."""
+    window = SlidingWindow(2)
+    assert window.admit(0.0) is None
+    assert window.admit(0.4) is None
+    assert window.admit(0.5) == pytest.approx(0.5)
+    assert window.admit(0.999) == pytest.approx(0.001)
+    assert window.admit(1.0) is None  # the call at 0.0 has left the window
+    assert window.admit(1.3) == pytest.approx(0.1)
+    assert window.admit(1.45) is None
+
+
+def test_retry_after_headers_round_up() -> None:
+    """Retry-After is whole seconds rounded up; retry-after-ms is optional."""
+    assert retry_after_headers(0.0101) == {"Retry-After": "1", "retry-after-ms": "11"}
+    assert retry_after_headers(2.5, millis=False) == {"Retry-After": "3"}
+
+
+async def test_outage_answers_everything_until_healed(
+    fake_inconvo: FakeInconvo, session: aiohttp.ClientSession
+) -> None:
+    """During an outage every request gets the outage status and is counted; heal() ends it."""
+    url = fake_inconvo.base_url + "/datasets/user/u1"
+    fake_inconvo.fail_next(500)
+    fake_inconvo.outage(503, headers={"Retry-After": "7"})
+    assert fake_inconvo.down
+    for method in ("POST", "GET", "POST"):
+        async with session.request(method, url, data=csv_form(), headers=AUTH) as response:
+            assert (response.status, response.headers["Retry-After"]) == (503, "7")
+    assert fake_inconvo.outage_calls == 3
+    assert fake_inconvo.uploads == []
+    fake_inconvo.heal()
+    assert not fake_inconvo.down
+    assert (await call(session, "POST", url, data=csv_form(), headers=AUTH))[0] == 500
+    assert (await call(session, "POST", url, data=csv_form(), headers=AUTH))[0] == 200
+    assert fake_inconvo.outage_calls == 3
+
+
+async def test_outage_heals_by_itself(
+    fake_mindset: FakeMindset, session: aiohttp.ClientSession
+) -> None:
+    """An outage given a duration ends on its own."""
+    fake_mindset.outage(502, seconds=0.05)
+    url = files_url(fake_mindset)
+    assert (await call(session, "POST", url, json=ingest_body(), headers=MINDSET_AUTH))[0] == 502
+    async with asyncio.timeout(5):
+        while fake_mindset.down:
+            await asyncio.sleep(0.01)
+    assert (await call(session, "POST", url, json=ingest_body(), headers=MINDSET_AUTH))[0] == 200
+    assert fake_mindset.outage_calls == 1
+
+
+async def test_rate_limit_answers_429_with_retry_after(
+    fake_inconvo: FakeInconvo, session: aiohttp.ClientSession
+) -> None:
+    """Beyond N requests in the window: 429 with Retry-After and retry-after-ms, counted."""
+    fake_inconvo.rate_limit(per_second=3, window=60)
+    url = fake_inconvo.base_url + "/datasets/user/u1"
+    answers = []
+    for _ in range(5):
+        async with session.post(url, data=csv_form(), headers=AUTH) as response:
+            answers.append((response.status, dict(response.headers)))
+    assert [status for status, _ in answers] == [200, 200, 200, 429, 429]
+    for _, headers in answers[3:]:
+        assert 59 <= int(headers["Retry-After"]) <= 60
+        assert 58_000 < int(headers["retry-after-ms"]) <= 60_000
+    assert fake_inconvo.throttled == 2
+    assert len(fake_inconvo.uploads) == 3
+    fake_inconvo.rate_limit(per_second=1, window=60, millis=False)
+    async with session.post(url, data=csv_form(), headers=AUTH) as response:
+        assert response.status == 200
+    async with session.post(url, data=csv_form(), headers=AUTH) as response:
+        assert response.status == 429
+        assert "retry-after-ms" not in response.headers
+    fake_inconvo.rate_limit(None)
+    assert (await call(session, "POST", url, data=csv_form(), headers=AUTH))[0] == 200
+    assert fake_inconvo.throttled == 3
+
+
+async def test_file_server_trickles_until_stopped(session: aiohttp.ClientSession) -> None:
+    """A trickled body sends a byte per interval: a short timeout expires; stop_trickles cuts it."""
+    files = await FileServer().start()
+    try:
+        slow = files.add("slow.csv", b"a,b\n" * 100, trickle=0.02)
+        quick = files.add("quick.csv", b"a,b\n", trickle=0.001)
+        async with session.get(quick) as response:
+            assert await response.read() == b"a,b\n"
+        with pytest.raises(TimeoutError):
+            async with session.get(slow, timeout=aiohttp.ClientTimeout(total=0.1)) as response:
+                await response.read()
+        async with session.get(slow) as response:
+            assert response.content_length == 400
+            assert await response.content.readexactly(1) == b"a"
+            assert files.trickling >= 1
+            files.stop_trickles()
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await response.read()
+        async with asyncio.timeout(5):
+            while files.trickling:
+                await asyncio.sleep(0.01)
+    finally:
+        await files.close()
+    assert files.trickling == 0

@@ -5,7 +5,8 @@ from __future__ import annotations
 import abc
 import asyncio
 import json
-import socket
+import math
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
@@ -14,6 +15,8 @@ from typing import Self
 import orjson
 from aiohttp import hdrs, web
 from multidict import CIMultiDict
+
+from testbed.loopback import Loopback, serve
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -35,6 +38,38 @@ class _Failure:
     body: object | None
     method: str | None
     disconnect: bool
+
+
+class SlidingWindow:
+    """A strict rate limit: at most ``per_second`` accepted calls in any one-second window.
+
+    Refused calls do not count. Shared by the HTTP fakes and the flow-control
+    simulations, so both enforce the same limit.
+    """
+
+    def __init__(self, per_second: int, window: float = 1.0) -> None:
+        if per_second < 1:
+            raise ValueError("per_second must be at least 1")
+        self.per_second = per_second
+        self.window = window
+        self._accepted: deque[float] = deque()
+
+    def admit(self, now: float) -> float | None:
+        """None when a call at ``now`` is accepted (and counted); else seconds until one would be."""
+        while self._accepted and self._accepted[0] <= now - self.window:
+            self._accepted.popleft()
+        if len(self._accepted) < self.per_second:
+            self._accepted.append(now)
+            return None
+        return self._accepted[0] + self.window - now
+
+
+def retry_after_headers(seconds: float, *, millis: bool = True) -> dict[str, str]:
+    """``Retry-After`` in whole seconds (rounded up) and, if ``millis``, ``retry-after-ms``."""
+    headers = {"Retry-After": str(math.ceil(seconds))}
+    if millis:
+        headers["retry-after-ms"] = str(math.ceil(seconds * 1000))
+    return headers
 
 
 def media_type(request: web.Request) -> str:
@@ -64,7 +99,8 @@ class FakeServer(abc.ABC):
     slept before a request is handled; if the client has gone by then, the request is
     dropped unhandled), ``delay_after`` (seconds slept after it was handled, before
     answering: the request takes effect even if the client gives up), ``root_url``
-    and ``base_url`` (set by :meth:`start`).
+    and ``base_url`` (set by :meth:`start`), ``outage_calls`` (requests answered by
+    an :meth:`outage`) and ``throttled`` (429s sent by a :meth:`rate_limit`).
     """
 
     _api_prefix = ""
@@ -76,7 +112,13 @@ class FakeServer(abc.ABC):
         self.root_url = ""
         self.base_url = ""
         self._failures: list[_Failure] = []
-        self._runner: web.AppRunner | None = None
+        self._runner: Loopback | None = None
+        self.outage_calls = 0
+        self.throttled = 0
+        self._outage: _Failure | None = None
+        self._heal_handle: asyncio.TimerHandle | None = None
+        self._limit: SlidingWindow | None = None
+        self._limit_millis = True
 
     # -- to override -------------------------------------------------------------------
 
@@ -96,27 +138,17 @@ class FakeServer(abc.ABC):
             raise RuntimeError("already started")
         app = web.Application(middlewares=[self._middleware])
         app.add_routes(self._routes())
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-        await runner.setup()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            sock.bind(("127.0.0.1", 0))
-            port = int(sock.getsockname()[1])
-            await web.SockSite(runner, sock).start()
-        except BaseException:
-            sock.close()
-            await runner.cleanup()
-            raise
-        self._runner = runner
-        self.root_url = f"http://127.0.0.1:{port}"
+        self._runner = await serve(app)
+        self.root_url = self._runner.url
         self.base_url = self.root_url + self._api_prefix
         return self.base_url
 
     async def close(self) -> None:
         """Stop serving (idempotent)."""
+        self.heal()
         runner, self._runner = self._runner, None
         if runner is not None:
-            await runner.cleanup()
+            await runner.close()
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -156,6 +188,60 @@ class FakeServer(abc.ABC):
         """Forget queued failures: the API is healthy again."""
         self._failures.clear()
 
+    def outage(
+        self,
+        status: int = 503,
+        *,
+        seconds: float | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        """Go down: answer every request with ``status`` (its handler never runs) until healed.
+
+        ``seconds``: heal by itself after that long (needs a running loop);
+        else call :meth:`heal`. ``outage_calls`` counts the requests answered
+        meanwhile, across outages. ``headers`` go on every answer (``Retry-After``).
+        """
+        self.heal()
+        self._outage = _Failure(status, dict(headers or {}), None, None, False)
+        if seconds is not None:
+            self._heal_handle = asyncio.get_running_loop().call_later(seconds, self.heal)
+
+    def heal(self) -> None:
+        """End an :meth:`outage` (idempotent)."""
+        self._outage = None
+        if self._heal_handle is not None:
+            self._heal_handle.cancel()
+            self._heal_handle = None
+
+    @property
+    def down(self) -> bool:
+        """Whether an outage is going on."""
+        return self._outage is not None
+
+    def rate_limit(
+        self, per_second: int | None, *, millis: bool = True, window: float = 1.0
+    ) -> None:
+        """Accept at most ``per_second`` requests in any one-second window; None lifts it.
+
+        Requests beyond it get a 429 with ``Retry-After`` (whole seconds, rounded
+        up) and, if ``millis``, ``retry-after-ms``: when the window has room again.
+        ``throttled`` counts them. The limit applies before queued failures.
+        ``window`` stretches the second (so a test need not outrun the clock).
+        """
+        self._limit = None if per_second is None else SlidingWindow(per_second, window)
+        self._limit_millis = millis
+
+    def _throttle(self) -> _Failure | None:
+        if self._limit is None:
+            return None
+        wait = self._limit.admit(asyncio.get_running_loop().time())
+        if wait is None:
+            return None
+        self.throttled += 1
+        return _Failure(
+            429, retry_after_headers(wait, millis=self._limit_millis), None, None, False
+        )
+
     def _take_failure(self, method: str) -> _Failure | None:
         for index, failure in enumerate(self._failures):
             if failure.method is None or failure.method.upper() == method:
@@ -189,7 +275,11 @@ class FakeServer(abc.ABC):
             await asyncio.sleep(self.delay)
             if request.transport is None or request.transport.is_closing():
                 return web.Response(status=499)  # the client gave up: never handled
-        failure = self._take_failure(request.method)
+        failure = self._outage
+        if failure is not None:
+            self.outage_calls += 1
+        else:
+            failure = self._throttle() or self._take_failure(request.method)
         if failure is not None:
             await drain(request)
             if failure.disconnect:

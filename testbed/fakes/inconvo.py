@@ -10,7 +10,7 @@ from aiohttp import MultipartReader, hdrs, web
 from aiohttp.multipart import content_disposition_filename, parse_content_disposition
 from multidict import CIMultiDict
 
-from tests.fakes._server import FakeServer, drain, json_response, media_type
+from testbed.fakes._server import FakeServer, drain, json_response, media_type
 
 MAX_FILE_BYTES = 10 * 1024 * 1024
 MAX_CONTEXT_SCOPES = 3

@@ -21,8 +21,18 @@ from urllib.parse import unquote, urlsplit
 import aio_pika
 import aiohttp
 import orjson
-from aio_pika.abc import AbstractConnection, AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.abc import (
+    AbstractConnection,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
 from aiohttp import web
+
+from testbed.loopback import Loopback, serve
+from testbed.producer import inconvo_request, publish, publish_many, publish_requests
+
+__all__ = ["inconvo_request", "publish", "publish_many", "publish_requests"]
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 DEFAULT_DELAYS = (10, 60, 300, 1800)  # COURIER_RETRY_DELAYS' default, in seconds
@@ -38,6 +48,22 @@ class SecretLedger:
         self.secrets: tuple[str, ...] = ()
         self.texts: list[tuple[str, str]] = []
         self.enabled = False  # the test suite turns it on; benchmarks keep nothing
+        self.invalid_events: list[str] = []  # events that break schemas/event.schema.json
+        self._event_schema: Any = None
+
+    def check_event(self, body: bytes) -> None:
+        """Hold a published event against the checked-in event schema (tests only)."""
+        if not self.enabled:
+            return
+        if self._event_schema is None:
+            import jsonschema
+
+            schema = orjson.loads((ROOT / "schemas" / "event.schema.json").read_bytes())
+            self._event_schema = jsonschema.Draft202012Validator(schema)
+        event = orjson.loads(body)
+        self.invalid_events += [
+            f"{event.get('id')}: {error.message}" for error in self._event_schema.iter_errors(event)
+        ]
 
     def add(self, where: str, text: str | bytes) -> None:
         """Record ``text`` as seen in ``where``."""
@@ -67,17 +93,6 @@ class LedgerHandler(logging.Handler):
         if record.name.startswith(("werkzeug", "moto")):
             return  # the S3 server's own access log: a test peer, not Courier
         LEDGER.add(f"log {record.name}", logging.Formatter().format(record) + repr(record.__dict__))
-
-
-def inconvo_request(url: str, rid: str | None = None, **destination: Any) -> dict[str, Any]:
-    """A user-scoped Inconvo request for ``url`` (extra destination fields as given)."""
-    body: dict[str, Any] = {
-        "source": {"url": url},
-        "destination": {"type": "inconvo", "userIdentifier": "user_123", **destination},
-    }
-    if rid:
-        body["id"] = rid
-    return body
 
 
 def free_port() -> int:
@@ -110,7 +125,12 @@ async def courier(
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    out, err = await asyncio.wait_for(proc.communicate(stdin), timeout)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(stdin), timeout)
+    except TimeoutError:
+        proc.kill()  # a command that hangs must not outlive the test
+        await proc.wait()
+        raise
     assert proc.returncode is not None
     LEDGER.add(f"courier {args[0]} output", out + err)
     return proc.returncode, out, err
@@ -187,6 +207,7 @@ class Served:
     redirect: str | None = None
     stream_bytes: int = 0  # stream this many zero bytes instead of body
     delay: float = 0.0
+    trickle: float = 0.0  # send the body one byte every `trickle` seconds
     _gzipped: bytes | None = None
 
     def encoded(self) -> bytes:
@@ -199,14 +220,20 @@ class Served:
 
 
 class FileServer:
-    """An aiohttp server on 127.0.0.1 answering from ``files``; counts every hit."""
+    """An aiohttp server on 127.0.0.1 answering from ``files``; counts every hit.
+
+    ``trickling`` is how many trickled bodies are being sent right now; they end
+    when the client goes, or, unfinished, at :meth:`stop_trickles` / :meth:`close`.
+    """
 
     def __init__(self) -> None:
         self.files: dict[str, Served] = {}
         self.hits: list[str] = []
         self.hit_headers: list[dict[str, str]] = []
-        self._runner: web.AppRunner | None = None
+        self._runner: Loopback | None = None
         self.port = 0
+        self.trickling = 0
+        self._stop_trickles = asyncio.Event()
 
     def url(self, path: str) -> str:
         """The URL of ``path`` on this server."""
@@ -231,11 +258,13 @@ class FileServer:
         headers = dict(served.headers)
         if served.content_type:
             headers["Content-Type"] = served.content_type
-        if served.status >= 400:
+        if served.status != 200:  # an error, or a status that carries no file (204, 3xx, ...)
             return web.Response(status=served.status, body=served.body, headers=headers)
         body = served.encoded()
         if served.gzip:
             headers["Content-Encoding"] = "gzip"
+        if served.trickle:
+            return await self._trickle(request, served, headers, body)
         if not (served.chunked or served.stream_bytes):
             return web.Response(body=body, headers=headers)
         response = web.StreamResponse(headers=headers)
@@ -256,21 +285,55 @@ class FileServer:
         await response.write_eof()
         return response
 
+    async def _trickle(
+        self, request: web.Request, served: Served, headers: dict[str, str], body: bytes
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(headers=headers)
+        if served.chunked:
+            response.enable_chunked_encoding()
+        else:
+            response.content_length = len(body)
+        await response.prepare(request)
+        self.trickling += 1
+        try:
+            for index in range(len(body)):
+                await response.write(body[index : index + 1])
+                if await self._stopped_within(served.trickle):
+                    if request.transport is not None:
+                        request.transport.close()  # the body stays unfinished
+                    return response
+            await response.write_eof()
+        except (ConnectionResetError, RuntimeError):
+            pass  # the client went away
+        finally:
+            self.trickling -= 1
+        return response
+
+    async def _stopped_within(self, seconds: float) -> bool:
+        try:
+            async with asyncio.timeout(seconds):
+                await self._stop_trickles.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    def stop_trickles(self) -> None:
+        """End every trickled body now (the connections are dropped unfinished)."""
+        self._stop_trickles.set()
+
     async def start(self) -> FileServer:
         """Bind a free loopback port."""
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._runner = await serve(app)
+        self.port = self._runner.port
         return self
 
     async def close(self) -> None:
-        """Stop serving."""
+        """Stop serving (trickled bodies are cut off first)."""
+        self.stop_trickles()
         if self._runner is not None:
-            await self._runner.cleanup()
+            await self._runner.close()
 
 
 @dataclass
@@ -305,6 +368,7 @@ class EventCollector:
         self.events: list[dict[str, Any]] = []
         self.messages: list[AbstractIncomingMessage] = []
         self.arrivals: list[float] = []
+        self._ids: set[str | None] = set()
         self._changed = asyncio.Condition()
 
     async def start(self) -> EventCollector:
@@ -314,21 +378,35 @@ class EventCollector:
             self._exchange, aio_pika.ExchangeType.TOPIC, durable=True
         )
         if self._durable:
-            queue = await channel.declare_queue(f"{self._exchange}.collector", durable=True)
+            # A quorum queue: a classic one lost events delivered just as the node stopped.
+            queue = await channel.declare_queue(
+                f"{self._exchange}.collector", durable=True, arguments={"x-queue-type": "quorum"}
+            )
         else:
             queue = await channel.declare_queue(exclusive=True, auto_delete=True)
         await queue.bind(exchange, routing_key="#")
-        await queue.consume(self._on_message, no_ack=True)
+        # A durable collector acks what it has recorded: an event delivered just as the
+        # broker goes away is delivered again, and counted once (by its event id).
+        await queue.consume(self._on_message, no_ack=not self._durable)
         return self
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        if LEDGER.enabled:  # the headers' repr is not free: benchmarks skip it
-            LEDGER.add("event", message.body + repr(message.headers).encode())
-        async with self._changed:
-            self.messages.append(message)
-            self.events.append(orjson.loads(message.body))
-            self.arrivals.append(time.monotonic())
-            self._changed.notify_all()
+        first = message.message_id not in self._ids
+        self._ids.add(message.message_id)
+        if first or not self._durable:
+            if LEDGER.enabled:  # the headers' repr is not free: benchmarks skip it
+                LEDGER.add("event", message.body + repr(message.headers).encode())
+                LEDGER.check_event(message.body)
+            async with self._changed:
+                self.messages.append(message)
+                self.events.append(orjson.loads(message.body))
+                self.arrivals.append(time.monotonic())
+                self._changed.notify_all()
+        if self._durable:
+            # Acked once recorded: an event delivered just as the broker goes away is
+            # delivered again, and counted once (by its event id).
+            with contextlib.suppress(aio_pika.exceptions.AMQPError, RuntimeError):
+                await message.ack()
 
     async def wait_for(self, count: int, timeout: float = 20.0) -> list[dict[str, Any]]:
         """Wait until at least ``count`` events arrived; returns them all."""
@@ -366,25 +444,16 @@ class EventCollector:
         return [e for e in self.events if e["data"]["requestId"] == request_id]
 
 
-async def publish(
-    connection: AbstractRobustConnection,
-    queue: str,
-    body: bytes | dict[str, Any],
-    **properties: Any,
-) -> None:
-    """Publish a request body to ``queue`` (confirmed), as a producer would."""
-    raw = body if isinstance(body, bytes) else orjson.dumps(body)
-    channel = await connection.channel(publisher_confirms=True)
-    try:
-        await channel.default_exchange.publish(
-            aio_pika.Message(
-                body=raw, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, **properties
-            ),
-            routing_key=queue,
-            timeout=10,
-        )
-    finally:
-        await channel.close()
+async def next_message(queue: AbstractQueue, timeout: float = 5.0) -> AbstractIncomingMessage:
+    """The next message of ``queue``, waiting for it (``queue.get`` only looks once).
+
+    For what Courier publishes after a result event (the reply, the dead letter):
+    the event may arrive first.
+    """
+    async with asyncio.timeout(timeout):
+        while (message := await queue.get(fail=False)) is None:
+            await asyncio.sleep(0.02)
+    return message
 
 
 async def drain(

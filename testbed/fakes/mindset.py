@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 from aiohttp import web
 from multidict import CIMultiDict
 
-from tests.fakes._server import FakeServer, drain, json_response, media_type
+from testbed.fakes._server import FakeServer, drain, json_response, media_type
 
 MIME_TYPES = frozenset(
     {

@@ -7,7 +7,8 @@ import contextlib
 
 
 class TcpProxy:
-    """Forwards 127.0.0.1:<port> to a target; ``cut()`` drops every connection and refuses new ones."""
+    """Forwards 127.0.0.1:<port> to a target; ``cut()`` drops every connection and refuses new
+    ones; ``stall()`` holds everything the broker sends (confirms, deliveries) until ``resume()``."""
 
     def __init__(self, target_host: str = "127.0.0.1", target_port: int = 5672) -> None:
         self._target = (target_host, target_port)
@@ -17,6 +18,8 @@ class TcpProxy:
         self.is_cut = False
         self.port = 0
         self.connections = 0
+        self._flowing = asyncio.Event()
+        self._flowing.set()
 
     @property
     def amqp_url(self) -> str:
@@ -42,7 +45,7 @@ class TcpProxy:
         self._writers.update((writer, up_writer))
         pumps = [
             asyncio.create_task(self._pump(reader, up_writer)),
-            asyncio.create_task(self._pump(up_reader, writer)),
+            asyncio.create_task(self._pump(up_reader, writer, held=True)),
         ]
         self._tasks.update(pumps)
         await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
@@ -53,11 +56,23 @@ class TcpProxy:
             pump.cancel()
             self._tasks.discard(pump)
 
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pump(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, held: bool = False
+    ) -> None:
         with contextlib.suppress(OSError, asyncio.IncompleteReadError):
             while data := await reader.read(65536):
+                if held:
+                    await self._flowing.wait()
                 writer.write(data)
                 await writer.drain()
+
+    def stall(self) -> None:
+        """Hold every byte the broker sends (its confirms, deliveries, heartbeats)."""
+        self._flowing.clear()
+
+    def resume(self) -> None:
+        """Pass the broker's bytes on again, the held ones first."""
+        self._flowing.set()
 
     def cut(self) -> None:
         """Drop every open connection (no goodbye) and refuse new ones."""
