@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import calendar
 import email.utils
+import math
+import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
@@ -15,27 +18,45 @@ ATTEMPTS = 3
 WAIT_INITIAL = 0.5
 MAX_RETRY_AFTER = 30.0
 T = TypeVar("T")
+_SECONDS = re.compile(r"[0-9]+")
+_MILLIS = re.compile(r"[0-9]+(?:\.[0-9]+)?")
+_ASCTIME = re.compile(r"[A-Z][a-z]{2} [A-Z][a-z]{2} [ 0-9][0-9] [0-9]{2}(?::[0-9]{2}){2} [0-9]{4}")
 
 
 def parse_retry_after(headers: Mapping[str, str]) -> float | None:
-    """Seconds to wait from ``retry-after-ms`` or ``Retry-After`` (seconds or HTTP date)."""
+    """Seconds to wait from ``retry-after-ms`` or ``Retry-After`` (seconds or HTTP date).
+
+    Only what RFC 9110 allows counts: ASCII digits, or an HTTP-date, which is
+    always GMT. Anything else is ignored (None), never an exception.
+    """
     millis = headers.get("retry-after-ms")
-    if millis:
-        try:
-            return max(0.0, float(millis) / 1000)
-        except ValueError:
-            pass
+    if millis and _MILLIS.fullmatch(millis.strip()):
+        wait = float(millis) / 1000
+        if math.isfinite(wait):
+            return wait
     value = headers.get("Retry-After")
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    if _SECONDS.fullmatch(value):
+        seconds = float(value)
+        return seconds if math.isfinite(seconds) else None
+    when = _http_date(value)
+    return None if when is None else max(0.0, when - time.time())
+
+
+def _http_date(value: str) -> float | None:
+    """The POSIX time of an HTTP-date (IMF-fixdate, RFC 850 or asctime form), else None."""
+    # IMF-fixdate and the RFC 850 form end in "GMT"; asctime names no zone but is GMT too.
+    if not (value.endswith(" GMT") or _ASCTIME.fullmatch(value)):
         return None
-    return max(0.0, when.timestamp() - time.time())
+    parsed = email.utils.parsedate_tz(value)
+    if parsed is None:
+        return None
+    try:
+        return float(calendar.timegm(parsed[:6]))
+    except (OverflowError, ValueError):
+        return None
 
 
 def backoff(exc: Exception) -> bool | float:

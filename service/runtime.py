@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import gc
 import logging
 import os
 import signal
@@ -16,18 +17,23 @@ import aiohttp
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 
-from service.broker import Broker
+from service.amqp.consumer import Consumer
+from service.amqp.publisher import Publisher
+from service.amqp.topology import Topology
 from service.config import Settings
 from service.destinations.base import Destination
 from service.destinations.inconvo import Inconvo
 from service.destinations.mindset import Mindset
-from service.metrics import MeteredSource, Metrics
+from service.flow import FlowControl, flow_middleware
+from service.instrument import Instruments, MeteredSource
+from service.metrics import Metrics
 from service.pipeline import Pipeline
-from service.sources.base import Source
+from service.retry import ATTEMPTS, MAX_RETRY_AFTER
+from service.sources.base import DeadlineSource, Source, remove_stale_spool_files
 from service.sources.guard import AddressPolicy, guarded_connector, parse_allowed_hosts
 from service.sources.http import HttpSource
 from service.sources.s3 import S3Source
-from service.tracing import trace_config
+from service.tracing import client_middleware
 from service.web import make_app, start_http
 
 log = logging.getLogger(__name__)
@@ -51,6 +57,11 @@ def limit_malloc_arenas(arenas: int = 2) -> bool:
     return bool(mallopt(_M_ARENA_MAX, arenas))
 
 
+def max_attempt_seconds(settings: Settings) -> float:
+    """The longest one attempt can keep a spool file: the fetch, then every try of the upload."""
+    return settings.source_timeout + ATTEMPTS * (settings.destination_timeout + MAX_RETRY_AFTER)
+
+
 def s3_http_session(limit: int, timeout: aiohttp.ClientTimeout) -> aiohttp.ClientSession:
     """The session for S3's presigned HEADs, with the CA bundle of ``AWS_CA_BUNDLE``.
 
@@ -61,16 +72,17 @@ def s3_http_session(limit: int, timeout: aiohttp.ClientTimeout) -> aiohttp.Clien
         connector=aiohttp.TCPConnector(limit=limit, ssl=context),
         timeout=timeout,
         cookie_jar=aiohttp.DummyCookieJar(),
-        trace_configs=[trace_config()],
+        middlewares=[client_middleware()],
     )
 
 
 @contextlib.asynccontextmanager
 async def pipeline_for(
-    settings: Settings, metrics: Metrics | None = None
+    settings: Settings, instruments: Instruments | None = None
 ) -> AsyncIterator[Pipeline]:
     """A Pipeline with its HTTP sessions and S3 client; everything is closed on exit."""
-    metrics = metrics or Metrics()
+    instruments = instruments or Instruments(Metrics())
+    metrics = instruments.metrics
     policy = AddressPolicy(
         allow_private=settings.source_allow_private,
         allowed_hosts=parse_allowed_hosts(settings.source_allowed_hosts),
@@ -86,11 +98,16 @@ async def pipeline_for(
         signature_version="s3v4",
     )
 
+    flows = FlowControl.from_settings(settings, instruments)
+
     def api_session(name: str) -> aiohttp.ClientSession:
         return aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=settings.concurrency * 2),
             timeout=aiohttp.ClientTimeout(total=settings.destination_timeout),
-            trace_configs=[trace_config(metrics, name)],
+            middlewares=[
+                flow_middleware(flows.for_destination(name)),
+                client_middleware(instruments.destination_call(name)),
+            ],
         )
 
     async with (
@@ -101,7 +118,7 @@ async def pipeline_for(
             # Sources belong to different producers: a cookie one server sets must
             # never ride along on another request.
             cookie_jar=aiohttp.DummyCookieJar(),
-            trace_configs=[trace_config()],
+            middlewares=[client_middleware()],
         ) as source_session,
         api_session("inconvo") as inconvo_session,
         api_session("mindset") as mindset_session,
@@ -118,10 +135,11 @@ async def pipeline_for(
             presign_ttl=settings.presign_ttl,
             tmp_dir=settings.tmp_dir,
         )
+        deadline = settings.source_timeout
         sources: dict[str, Source] = {
-            "http": MeteredSource(http, metrics, "http"),
-            "https": MeteredSource(http, metrics, "https"),
-            "s3": MeteredSource(s3, metrics, "s3"),
+            "http": MeteredSource(DeadlineSource(http, deadline), metrics, "http"),
+            "https": MeteredSource(DeadlineSource(http, deadline), metrics, "https"),
+            "s3": MeteredSource(DeadlineSource(s3, deadline), metrics, "s3"),
         }
         destinations: dict[str, Destination] = {
             "inconvo": Inconvo(
@@ -136,9 +154,12 @@ async def pipeline_for(
                 base_url=settings.mindset_base_url,
                 api_key=settings.mindset_api_key,
                 timeout=settings.destination_timeout,
+                policy=policy,
             ),
         }
-        yield Pipeline(sources, destinations)
+        if (note := await s3.presign_report()) is not None:
+            log.warning(note)
+        yield Pipeline(sources, destinations, flows)
 
 
 class Service:
@@ -147,8 +168,9 @@ class Service:
     def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics()
+        self.instruments = Instruments(self.metrics)
         self.http_port: int | None = None
-        self.broker: Broker | None = None
+        self.consumer: Consumer | None = None
         self._stop = asyncio.Event()
 
     def request_stop(self) -> None:
@@ -156,8 +178,8 @@ class Service:
         self._stop.set()
 
     async def ready(self) -> bool:
-        """Readiness: connected and consuming."""
-        return self.broker is not None and await self.broker.ready()
+        """Readiness: connected, not blocked, and consuming."""
+        return self.consumer is not None and await self.consumer.ready()
 
     async def run(self, *, install_signals: bool = True) -> None:
         """Run until :meth:`request_stop` (or SIGTERM/SIGINT); then stop gracefully."""
@@ -169,21 +191,31 @@ class Service:
             make_app(self.metrics, self.ready), self.settings.http_host, self.settings.http_port
         )
         log.info("HTTP endpoints on port %d", self.http_port)
+        removed = remove_stale_spool_files(
+            self.settings.tmp_dir, max_attempt_seconds(self.settings)
+        )
+        if removed:
+            log.info("removed %d spool files left by an earlier run", removed)
         try:
-            async with pipeline_for(self.settings, self.metrics) as pipeline:
-                self.broker = Broker(self.settings, pipeline.process, self.metrics)
-                start = asyncio.create_task(self.broker.start())
-                stop = asyncio.create_task(self._stop.wait())
-                await asyncio.wait({start, stop}, return_when=asyncio.FIRST_COMPLETED)
-                if start.done():
-                    start.result()
-                    await stop
-                else:
-                    start.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await start
+            async with pipeline_for(self.settings, self.instruments) as pipeline:
+                topology = Topology.from_settings(self.settings)
+                publisher = Publisher(
+                    self.settings.amqp_urls,
+                    topology,
+                    self.instruments,
+                    slow_confirm=self.settings.publish_timeout,
+                )
+                self.consumer = Consumer(
+                    self.settings, topology, pipeline.process, publisher, self.instruments
+                )
+                # What start-up built (imported modules, botocore's models) lives as long
+                # as the process: kept out of every later garbage collection, it halved
+                # the collector's time under the `small` benchmark (0.41 to 0.20 s).
+                gc.freeze()
+                self.consumer.start()
+                await self._stop.wait()
                 log.info("shutting down")
-                await self.broker.stop()
+                await self.consumer.stop()
         finally:
             await runner.cleanup()
             if install_signals:

@@ -13,9 +13,17 @@ from aio_pika.abc import AbstractRobustConnection
 
 from service.config import Settings
 from service.runtime import Service
+from testbed.fakes import FakeInconvo
+from testbed.support import (
+    EventCollector,
+    FileServer,
+    Names,
+    drain,
+    inconvo_request,
+    next_message,
+    publish,
+)
 from tests.conftest import running
-from tests.fakes import FakeInconvo
-from tests.support import EventCollector, FileServer, Names, drain, inconvo_request, publish
 
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
@@ -91,7 +99,7 @@ async def test_http_source_to_inconvo_succeeds(
         "file": {"name": "sales_q4.csv", "path": upload.path, "size": len(body)}
     }
     assert "error" not in data
-    replied = await reply.get(timeout=5)
+    replied = await next_message(reply)  # published just after the event
     assert orjson.loads(replied.body)["data"]["requestId"] == "req-ok-1"
     assert await queue_depth(amqp, names.queue) == 0
     assert await dead_letters(amqp, names) == []
@@ -243,7 +251,8 @@ async def test_retryable_failure_goes_through_delay_tiers_then_dead(
 ) -> None:
     """A destination that keeps failing is retried via the tiers, then fails once with attempts = max."""
     inconvo.fail_next(500, count=100)
-    async with running(make_settings(max_attempts=2)):
+    # The breaker would hold the last tries (tests/test_flow_control.py); here, the tiers alone.
+    async with running(make_settings(max_attempts=2, breaker_threshold=100)):
         await publish(amqp, names.queue, inconvo_request(files.add("/a.csv", b"1\n"), "req-500"))
         [event] = await collector.wait_for(1, timeout=30)
     data = event["data"]

@@ -4,25 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import subprocess
 import time
 from collections import Counter
 from collections.abc import Callable
 
-import aio_pika
 import aiohttp
-import orjson
 import pytest
 from aio_pika.abc import AbstractRobustConnection
 
-from service.broker import pick_delay
 from service.config import Settings
 from service.errors import CourierError, ErrorCode, RetryableError, error_for
 from service.retry import backoff, parse_retry_after, retried
-from tests.conftest import INCONVO_KEY, running
-from tests.fakes import FakeInconvo
-from tests.proxy import TcpProxy
-from tests.support import (
+from service.settle import pick_delay
+from testbed.fakes import FakeInconvo
+from testbed.proxy import TcpProxy
+from testbed.support import (
     CourierProcess,
     EventCollector,
     FileServer,
@@ -30,35 +26,12 @@ from tests.support import (
     courier,
     courier_env,
     drain,
-    free_port,
     inconvo_request,
+    next_message,
     publish,
+    publish_many,
 )
-
-
-async def publish_many(
-    amqp: AbstractRobustConnection, queue: str, url: str, count: int, prefix: str
-) -> set[str]:
-    """Publish ``count`` requests (confirmed) and return their ids."""
-    channel = await amqp.channel(publisher_confirms=True)
-    ids = {f"{prefix}-{i}" for i in range(count)}
-    try:
-        await asyncio.gather(
-            *(
-                channel.default_exchange.publish(
-                    aio_pika.Message(
-                        body=orjson.dumps(inconvo_request(url, rid)),
-                        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                    ),
-                    routing_key=queue,
-                    timeout=30,
-                )
-                for rid in ids
-            )
-        )
-    finally:
-        await channel.close()
-    return ids
+from tests.conftest import running
 
 
 def assert_exactly_terminal(collector: EventCollector, ids: set[str]) -> dict[str, int]:
@@ -180,7 +153,7 @@ async def test_exhausted_retries_dead_letter_then_replay(
     """Always 500: one failed event after COURIER_MAX_ATTEMPTS, the message dead-lettered; replay after healing succeeds."""
     url = files.add("/a.csv", b"1\n")
     inconvo.fail_next(500, count=1000)
-    async with running(make_settings(max_attempts=3)):
+    async with running(make_settings(max_attempts=3, breaker_threshold=100)):
         await publish(amqp, names.queue, inconvo_request(url, "doomed"), message_id="doomed")
         [failed] = await collector.wait_for(1, timeout=30)
         await asyncio.sleep(0.5)
@@ -194,7 +167,7 @@ async def test_exhausted_retries_dead_letter_then_replay(
             "httpStatus": 500,
         }
         channel = await amqp.channel()
-        dead = await (await channel.declare_queue(names.dead_queue, passive=True)).get(timeout=5)
+        dead = await next_message(await channel.declare_queue(names.dead_queue, passive=True))
         headers = dead.headers or {}
         assert headers["x-courier-error-code"] == "destination_unavailable"
         assert headers["x-courier-attempts"] == 3
@@ -288,66 +261,6 @@ async def test_connection_cut_during_a_run(
     print(
         f"\nconnection cut: 500 requests, {duplicates} duplicates, resumed {resumed_after:.1f}s after restore"
     )
-
-
-async def test_broker_restart_during_a_run(
-    make_settings: Callable[..., Settings],
-    amqp: AbstractRobustConnection,
-    names: Names,
-    files: FileServer,
-    inconvo: FakeInconvo,
-) -> None:
-    """`rabbitmqctl stop_app` / `start_app` mid-run: every request ends, consuming resumes within 10 s."""
-    collector = await EventCollector(amqp, names.events_exchange, durable=True).start()
-    url = files.add("/a.csv", b"1\n")
-    inconvo.delay = 0.005
-    async with running(make_settings(concurrency=16)) as service:
-        ids = await publish_many(amqp, names.queue, url, 300, "restart")
-        await collector.wait_for(50, timeout=60)
-        await asyncio.to_thread(
-            subprocess.run, ["rabbitmqctl", "-q", "stop_app"], check=True, timeout=60
-        )
-        try:
-            await asyncio.sleep(1)
-            assert not await service.ready()
-        finally:
-            await asyncio.to_thread(
-                subprocess.run, ["rabbitmqctl", "-q", "start_app"], check=True, timeout=120
-            )
-        restored = time.monotonic()
-        async with asyncio.timeout(10):
-            while not await service.ready():
-                await asyncio.sleep(0.1)
-        ready_after = time.monotonic() - restored
-        await collector.wait_for_ids(ids, timeout=90)
-    counts = assert_exactly_terminal(collector, ids)
-    print(
-        f"\nbroker restart: 300 requests, {sum(counts.values()) - 300} duplicates, ready {ready_after:.1f}s after start_app"
-    )
-
-
-# -- process faults -------------------------------------------------------------------------
-
-
-@pytest.fixture
-def process_env(
-    names: Names, files: FileServer, inconvo: FakeInconvo
-) -> Callable[..., dict[str, str]]:
-    """The environment for a `courier run` subprocess on this test's queues."""
-
-    def make(**extra: str) -> dict[str, str]:
-        return courier_env(
-            COURIER_QUEUE=names.queue,
-            COURIER_EVENTS_EXCHANGE=names.events_exchange,
-            COURIER_HTTP_PORT=str(free_port()),
-            COURIER_INCONVO_API_KEY=INCONVO_KEY,
-            COURIER_INCONVO_BASE_URL=inconvo.base_url,
-            COURIER_SOURCE_ALLOWED_HOSTS=f"127.0.0.1:{files.port}",
-            COURIER_RETRY_DELAYS="1s,2s",
-            **extra,
-        )
-
-    return make
 
 
 async def test_sigkill_mid_run_then_restart(
@@ -496,21 +409,22 @@ async def test_a_deleted_events_exchange_does_not_wedge_publishing(
     files: FileServer,
     inconvo: FakeInconvo,
 ) -> None:
-    """An operator deletes the events exchange: the broker closes the publishing channel; Courier reopens it, declares the exchange again, and later requests get their events."""
+    """An operator deletes the events exchange: the broker closes the publishing channel; Courier reopens it, declares the exchange again and publishes the event once more, without uploading again; later requests get their events."""
     url = files.add("/a.csv", b"1\n")
     async with running(make_settings()) as service:
         channel = await amqp.channel()
         await channel.exchange_delete(names.events_exchange)
         await channel.close()
-        # Its event cannot be published: the broker closes the channel and the
-        # request is delivered (and uploaded) again.
+        # Its event cannot be published: the broker closes the channel; Courier
+        # opens another, declares the exchange, and publishes the event there.
         await publish(amqp, names.queue, inconvo_request(url, "while-deleted"))
         async with asyncio.timeout(15):
-            while len(inconvo.uploads) < 2 or not await service.ready():
+            while not inconvo.uploads or not await service.ready():
                 await asyncio.sleep(0.05)
         collector = await EventCollector(amqp, names.events_exchange).start()
         await publish(amqp, names.queue, inconvo_request(url, "after"))
         await collector.wait_for_ids({"after"}, timeout=15)
     [event] = collector.by_request("after")
     assert event["data"]["status"] == "succeeded"
+    assert [u.file_name for u in inconvo.uploads] == ["a.csv", "a.csv"], "one upload per request"
     assert [m async for m in drain(amqp, names.dead_queue)] == []

@@ -1,0 +1,170 @@
+"""Every queue and exchange Courier uses, with its arguments, and every wire name.
+
+Pure data: nothing here talks to a broker, so the settle decision, the CLI and
+the documentation generators can all read the same names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+# -- headers Courier writes and reads ---------------------------------------------------
+ATTEMPT_HEADER = "x-courier-attempt"  # the attempt this copy runs (1 for a producer's message)
+ERROR_CODE_HEADER = "x-courier-error-code"
+ERROR_MESSAGE_HEADER = "x-courier-error-message"
+ATTEMPTS_HEADER = "x-courier-attempts"
+FAILED_AT_HEADER = "x-courier-failed-at"
+HELD_SINCE_HEADER = "x-courier-held-since"  # when a held request was first held (ISO 8601)
+COPY_ID_HEADER = "x-courier-copy-id"  # identifies one copy Courier published
+# Crashes of earlier copies of this request, carried over when Courier republishes it.
+REDELIVERIES_HEADER = "x-courier-redeliveries"
+DEAD_LETTER_HEADERS = (ERROR_CODE_HEADER, ERROR_MESSAGE_HEADER, ATTEMPTS_HEADER, FAILED_AT_HEADER)
+COURIER_HEADER_PREFIX = "x-courier-"
+# The broker's own headers.
+DELIVERY_COUNT_HEADER = "x-delivery-count"
+BROKER_HEADERS = ("x-death", "x-first-death-", "x-last-death-", DELIVERY_COUNT_HEADER)
+TRACEPARENT_HEADER = "traceparent"
+
+# -- the events exchange's routing keys -------------------------------------------------
+SUCCEEDED_KEY = "upload.succeeded"
+FAILED_KEY = "upload.failed"
+EVENT_TYPE_PREFIX = "courier."
+
+# RabbitMQ refuses a message TTL above this many milliseconds.
+MAX_TTL_MS = 4_294_967_295
+
+QueueRole = Literal["requests", "delay", "dead"]
+
+
+class TopologySettings(Protocol):
+    """The settings the topology is made of (``service.config.Settings`` has them)."""
+
+    @property
+    def queue(self) -> str: ...
+
+    @property
+    def events_exchange(self) -> str: ...
+
+    @property
+    def retry_delays(self) -> tuple[int, ...]: ...
+
+    @property
+    def max_redeliveries(self) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSpec:
+    """One durable queue and the arguments Courier declares it with."""
+
+    name: str
+    role: QueueRole
+    arguments: Mapping[str, Any] = field(default_factory=dict)
+    delay: int | None = None  # seconds, for a delay tier
+
+
+def requests_arguments(dead_queue: str, max_redeliveries: int) -> dict[str, Any]:
+    """The request queue: quorum; the broker dead-letters what crashed consumers too often.
+
+    Courier fails such a request as ``poison_message`` itself first; the delivery
+    limit is only the broker's backstop.
+    """
+    return {
+        "x-queue-type": "quorum",
+        "x-delivery-limit": max_redeliveries + 2,
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": dead_queue,
+    }
+
+
+def delay_arguments(delay: int, requests_queue: str) -> dict[str, Any]:
+    """A delay tier: quorum, every message expires after ``delay`` seconds and is
+    dead-lettered back to the request queue at least once (never dropped on the way)."""
+    return {
+        "x-queue-type": "quorum",
+        "x-message-ttl": delay * 1000,
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": requests_queue,
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+    }
+
+
+DEAD_ARGUMENTS: Mapping[str, Any] = {"x-queue-type": "quorum"}
+
+
+@dataclass(frozen=True, slots=True)
+class Topology:
+    """The whole topology of one Courier deployment."""
+
+    requests: QueueSpec
+    tiers: tuple[QueueSpec, ...]
+    dead: QueueSpec
+    events_exchange: str
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        queue: str,
+        events_exchange: str,
+        retry_delays: tuple[int, ...],
+        max_redeliveries: int,
+    ) -> Topology:
+        """The topology for these names and knobs."""
+        dead = f"{queue}.dead"
+        return cls(
+            requests=QueueSpec(queue, "requests", requests_arguments(dead, max_redeliveries)),
+            tiers=tuple(
+                QueueSpec(tier_name(queue, d), "delay", delay_arguments(d, queue), delay=d)
+                for d in retry_delays
+            ),
+            dead=QueueSpec(dead, "dead", DEAD_ARGUMENTS),
+            events_exchange=events_exchange,
+        )
+
+    @classmethod
+    def from_settings(cls, settings: TopologySettings) -> Topology:
+        """The topology the settings describe."""
+        return cls.build(
+            queue=settings.queue,
+            events_exchange=settings.events_exchange,
+            retry_delays=settings.retry_delays,
+            max_redeliveries=settings.max_redeliveries,
+        )
+
+    @property
+    def delays(self) -> tuple[int, ...]:
+        """The delay tiers' delays in seconds, shortest first."""
+        return tuple(t.delay for t in self.tiers if t.delay is not None)
+
+    def tier(self, delay: int) -> QueueSpec:
+        """The delay tier of ``delay`` seconds."""
+        for spec in self.tiers:
+            if spec.delay == delay:
+                return spec
+        raise KeyError(delay)
+
+    def own_queues(self) -> dict[str, QueueSpec]:
+        """The queues Courier itself publishes to (delay tiers and dead letters), by name."""
+        return {spec.name: spec for spec in (*self.tiers, self.dead)}
+
+
+def tier_name(queue: str, delay: int) -> str:
+    """``<queue>.retry.<N>s``."""
+    return f"{queue}.retry.{delay}s"
+
+
+def event_routing_key(event_type: str) -> str:
+    """``courier.upload.succeeded`` -> ``upload.succeeded``."""
+    return event_type.removeprefix(EVENT_TYPE_PREFIX)
+
+
+def strip_for_replay(headers: Mapping[str, Any]) -> dict[str, Any]:
+    """A dead letter's headers without Courier's and the broker's bookkeeping."""
+    return {
+        k: v
+        for k, v in headers.items()
+        if not k.startswith(COURIER_HEADER_PREFIX) and not k.startswith(BROKER_HEADERS)
+    }

@@ -1,0 +1,53 @@
+"""The AMQP messages Courier publishes: copies of a delivery, and result events."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import aio_pika
+import orjson
+from aio_pika.abc import AbstractIncomingMessage
+
+from service.amqp.topology import DELIVERY_COUNT_HEADER, TRACEPARENT_HEADER
+from service.events import CONTENT_TYPE, Event
+
+
+def copy_message(incoming: AbstractIncomingMessage, headers: dict[str, Any]) -> aio_pika.Message:
+    """The incoming message, byte for byte, with new headers; persistent."""
+    return aio_pika.Message(
+        body=incoming.body,
+        headers=headers,
+        content_type=incoming.content_type,
+        content_encoding=incoming.content_encoding,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        priority=incoming.priority,
+        correlation_id=incoming.correlation_id,
+        reply_to=incoming.reply_to,
+        message_id=incoming.message_id,
+        timestamp=incoming.timestamp,
+        type=incoming.type,
+        user_id=None,
+        app_id=incoming.app_id,
+    )
+
+
+def copy_with(incoming: AbstractIncomingMessage, updates: dict[str, Any]) -> aio_pika.Message:
+    """A copy of ``incoming`` whose headers are its own, without the broker's delivery
+    count (a new copy has not been delivered yet), updated with ``updates``."""
+    kept = {k: v for k, v in (incoming.headers or {}).items() if k != DELIVERY_COUNT_HEADER}
+    return copy_message(incoming, kept | updates)
+
+
+def event_message(event: Event, correlation_id: str, traceparent: str | None) -> aio_pika.Message:
+    """A result event in CloudEvents' structured mode: persistent, id as message id."""
+    return aio_pika.Message(
+        body=orjson.dumps(event),
+        content_type=CONTENT_TYPE,
+        message_id=event["id"],
+        correlation_id=correlation_id,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        headers={TRACEPARENT_HEADER: traceparent} if traceparent else {},
+        type=event["type"],
+        timestamp=datetime.now(UTC),
+    )

@@ -1,0 +1,360 @@
+"""Dead letters by code, destination, time and request id: list, replay (paced, dry-run) and purge."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import aio_pika
+import orjson
+import pytest
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+
+from service import deadletters
+from service.amqp.declare import declare_queue
+from service.amqp.topology import (
+    ATTEMPT_HEADER,
+    ATTEMPTS_HEADER,
+    DELIVERY_COUNT_HEADER,
+    ERROR_CODE_HEADER,
+    ERROR_MESSAGE_HEADER,
+    FAILED_AT_HEADER,
+    Topology,
+)
+from service.deadletters import Selection
+from service.runtime import Service
+from testbed.support import (
+    AMQP_URL,
+    Names,
+    courier,
+    courier_env,
+    drain,
+    free_port,
+    inconvo_request,
+)
+from tests.conftest import TEST_DELAYS
+
+NOW = datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class Seed:
+    """A dead letter as Courier writes it."""
+
+    rid: str
+    code: str
+    destination: str
+    age: timedelta
+    body: bytes | None = None  # None: a valid request for ``destination``
+
+    def raw(self) -> bytes:
+        if self.body is not None:
+            return self.body
+        if self.destination == "mindset":
+            destination = {"type": "mindset", "appUid": "app", "contextUid": "ctx"}
+        else:
+            destination = {"type": "inconvo", "userIdentifier": "user_123"}
+        return orjson.dumps(
+            {
+                "id": self.rid,
+                "source": {"url": f"s3://b/{self.rid}.csv"},
+                "destination": destination,
+            }
+        )
+
+    def headers(self) -> dict[str, Any]:
+        return {
+            ERROR_CODE_HEADER: self.code,
+            ERROR_MESSAGE_HEADER: f"{self.code} for {self.rid}",
+            ATTEMPTS_HEADER: 3,
+            ATTEMPT_HEADER: 3,
+            FAILED_AT_HEADER: (NOW - self.age).isoformat(timespec="milliseconds"),
+        }
+
+
+SEEDS = [
+    Seed("a", "destination_unavailable", "inconvo", timedelta(hours=3)),
+    Seed("b", "destination_rejected", "mindset", timedelta(minutes=30)),
+    Seed("c", "source_not_found", "inconvo", timedelta(minutes=10)),
+    Seed("d", "destination_unavailable", "mindset", timedelta(minutes=1)),
+    Seed("e", "invalid_request", "inconvo", timedelta(days=5), body=b"{not json"),
+    Seed("f", "destination_unavailable", "inconvo", timedelta(minutes=2)),
+]
+
+
+def _topology(names: Names) -> Topology:
+    return Topology.build(
+        queue=names.queue,
+        events_exchange=names.events_exchange,
+        retry_delays=TEST_DELAYS,
+        max_redeliveries=5,
+    )
+
+
+async def _seed(amqp: AbstractRobustConnection, names: Names, seeds: list[Seed]) -> None:
+    channel = await amqp.channel(publisher_confirms=True)
+    await declare_queue(channel, _topology(names).dead)
+    for seed in seeds:
+        await channel.default_exchange.publish(
+            aio_pika.Message(
+                body=seed.raw(),
+                headers=seed.headers(),
+                message_id=seed.rid,
+                content_type="application/json",
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            ),
+            routing_key=names.dead_queue,
+            timeout=10,
+        )
+    await channel.close()
+
+
+@pytest.fixture
+async def channel(amqp: AbstractRobustConnection) -> AsyncIterator[AbstractChannel]:
+    """A channel with publisher confirms, as the dead commands use."""
+    chan = await amqp.channel(publisher_confirms=True, on_return_raises=True)
+    yield chan
+    await chan.close()
+
+
+async def _contents(amqp: AbstractRobustConnection, queue: str) -> list[AbstractIncomingMessage]:
+    return [message async for message in drain(amqp, queue)]
+
+
+def _ids(messages: list[AbstractIncomingMessage]) -> list[str | None]:
+    return [message.message_id for message in messages]
+
+
+@pytest.mark.parametrize(
+    ("selection", "limit", "expected"),
+    [
+        (Selection(codes=frozenset({"destination_unavailable"})), None, "adf"),
+        (Selection(destinations=frozenset({"mindset"})), None, "bd"),
+        (Selection(since=NOW - timedelta(hours=1)), None, "bcdf"),
+        (Selection(request_ids=frozenset({"c", "e"})), None, "ce"),
+        (
+            Selection(
+                codes=frozenset({"destination_unavailable"}),
+                destinations=frozenset({"inconvo"}),
+                since=NOW - timedelta(hours=1),
+            ),
+            None,
+            "f",
+        ),
+        (Selection(codes=frozenset({"destination_unavailable"})), 2, "ad"),
+        (Selection(), None, "abcdef"),
+    ],
+    ids=["code", "destination", "since", "request-id", "all-three", "limit", "no-filter"],
+)
+async def test_each_filter_selects_exactly_its_letters(
+    amqp: AbstractRobustConnection,
+    names: Names,
+    channel: AbstractChannel,
+    selection: Selection,
+    limit: int | None,
+    expected: str,
+) -> None:
+    """A filter selects exactly its letters; listing leaves every letter, byte for byte, in its order."""
+    await _seed(amqp, names, SEEDS)
+    result = await deadletters.sweep(channel, _topology(names), "list", selection, limit=limit)
+    assert [letter.request_id for letter in result.handled] == list(expected)
+    assert result.visited == len(SEEDS)
+    left = await _contents(amqp, names.dead_queue)
+    assert _ids(left) == list("abcdef")
+    for message, seed in zip(left, SEEDS, strict=True):
+        assert message.body == seed.raw()
+        headers = dict(message.headers or {})
+        # Quorum queues count deliveries: still 0, as the letters were never handed back.
+        assert headers.pop(DELIVERY_COUNT_HEADER, 0) == 0
+        assert headers == seed.headers()
+        assert message.content_type == "application/json"
+
+
+async def test_replay_moves_only_matching_letters_and_keeps_the_rest_in_order(
+    amqp: AbstractRobustConnection, names: Names, channel: AbstractChannel
+) -> None:
+    """Replay moves the matching letters (bookkeeping stripped, id kept); the others stay, in order."""
+    await _seed(amqp, names, SEEDS)
+    topology = _topology(names)
+    # A request queue from an older Courier (classic): the broker refuses Courier's
+    # declare and closes the channel, and the replay goes on with the queue as it is.
+    classic = await amqp.channel()
+    await classic.declare_queue(names.queue, durable=True)
+    await classic.close()
+    result = await deadletters.sweep(
+        channel, topology, "replay", Selection(codes=frozenset({"destination_unavailable"}))
+    )
+    assert [letter.request_id for letter in result.handled] == ["a", "d", "f"]
+    replayed = await _contents(amqp, names.queue)
+    assert _ids(replayed) == ["a", "d", "f"]
+    by_id = {seed.rid: seed for seed in SEEDS}
+    for message in replayed:
+        assert message.body == by_id[str(message.message_id)].raw()
+        assert not any(k.startswith("x-courier-") for k in message.headers or {})
+    assert _ids(await _contents(amqp, names.dead_queue)) == ["b", "c", "e"]
+
+
+async def test_purge_deletes_only_the_matching_letters(
+    amqp: AbstractRobustConnection, names: Names, channel: AbstractChannel
+) -> None:
+    """Purge deletes exactly the matching letters and moves nothing to the request queue."""
+    await _seed(amqp, names, SEEDS)
+    result = await deadletters.sweep(
+        channel, _topology(names), "purge", Selection(destinations=frozenset({"mindset"}))
+    )
+    assert [letter.request_id for letter in result.handled] == ["b", "d"]
+    assert _ids(await _contents(amqp, names.dead_queue)) == ["a", "c", "e", "f"]
+    channel2 = await amqp.channel()
+    with pytest.raises(aio_pika.exceptions.ChannelNotFoundEntity):
+        await channel2.declare_queue(names.queue, passive=True)
+
+
+async def test_a_letter_that_fails_again_is_replayed_once(
+    amqp: AbstractRobustConnection, names: Names, channel: AbstractChannel, service: Service
+) -> None:
+    """A replayed letter that the running service fails straight back is not taken again in the same run."""
+    pdf = [
+        Seed(rid, "unsupported_type", "inconvo", timedelta(minutes=5), body=orjson.dumps(body))
+        for rid, body in (
+            ("x1", inconvo_request("https://files.example/x1.pdf", "x1")),
+            ("x2", inconvo_request("https://files.example/x2.pdf", "x2")),
+        )
+    ]
+    others = [
+        Seed(rid, "source_not_found", "inconvo", timedelta(minutes=5)) for rid in ("n1", "n2")
+    ]
+    await _seed(amqp, names, [*pdf, *others])
+    result = await deadletters.sweep(
+        channel,
+        _topology(names),
+        "replay",
+        Selection(codes=frozenset({"unsupported_type"})),
+        limit=10,
+        rate=2,  # x2 waits 0.5 s: long enough for x1 to fail back into the dead queue
+    )
+    assert [letter.request_id for letter in result.handled] == ["x1", "x2"]
+    assert result.visited == 4
+    dead = await channel.declare_queue(names.dead_queue, passive=True)
+    async with asyncio.timeout(10):
+        while dead.declaration_result.message_count != 4:
+            await asyncio.sleep(0.05)
+            dead = await channel.declare_queue(names.dead_queue, passive=True)
+    left = await _contents(amqp, names.dead_queue)
+    ids = _ids(left)
+    assert sorted(ids, key=str) == ["n1", "n2", "x1", "x2"]
+    # x1 was back before the pass ended (it heads the queue) and was left alone.
+    assert ids[0] == "x1" and ids.index("n1") < ids.index("n2")
+    for message in left:
+        if str(message.message_id).startswith("x"):
+            assert message.headers is not None
+            assert message.headers[ERROR_CODE_HEADER] == "unsupported_type"
+            assert message.headers[ATTEMPTS_HEADER] == 1
+
+
+def _env(names: Names) -> dict[str, str]:
+    return courier_env(
+        COURIER_QUEUE=names.queue, COURIER_RETRY_DELAYS=",".join(f"{d}s" for d in TEST_DELAYS)
+    )
+
+
+async def test_list_prints_a_table_or_json(amqp: AbstractRobustConnection, names: Names) -> None:
+    """`courier dead list` prints a readable table, `--json` the letters; both leave them in place."""
+    await _seed(amqp, names, SEEDS)
+    code, out, _ = await courier(
+        "dead", "list", "--code", "destination_unavailable", "--since", "1h", env=_env(names)
+    )
+    assert code == 0
+    lines = out.decode().splitlines()
+    assert lines[0].split() == [
+        "REQUEST",
+        "ID",
+        "CODE",
+        "DESTINATION",
+        "ATTEMPTS",
+        "FAILED",
+        "AT",
+        "MESSAGE",
+    ]
+    assert [line.split()[:4] for line in lines[1:3]] == [
+        ["d", "destination_unavailable", "mindset", "3"],
+        ["f", "destination_unavailable", "inconvo", "3"],
+    ]
+    assert lines[1].endswith("destination_unavailable for d")
+    assert lines[-1] == f"2 of 6 letters in {names.dead_queue} matched; showing 2"
+    # A cluster whose first node is down: the next one is used.
+    cluster = f"amqp://guest:guest@127.0.0.1:{free_port()}/,{AMQP_URL}"
+    code, out, err = await courier(
+        "dead",
+        "list",
+        "--request-id",
+        "e",
+        "--json",
+        env={**_env(names), "COURIER_AMQP_URL": cluster},
+    )
+    assert code == 0, err.decode()
+    report = orjson.loads(out)
+    [letter] = report["letters"]
+    assert letter["requestId"] == "e" and letter["errorCode"] == "invalid_request"
+    assert letter["body"] == "{not json" and letter["destination"] is None
+    assert report["matching"] == 1 and report["inQueue"] == 6
+    assert _ids(await _contents(amqp, names.dead_queue)) == list("abcdef")
+
+
+async def test_dry_run_moves_nothing_and_purge_needs_yes(
+    amqp: AbstractRobustConnection, names: Names
+) -> None:
+    """`replay --dry-run` and `purge` without --yes change nothing; `purge --yes` deletes the matching letters."""
+    await _seed(amqp, names, SEEDS)
+    code, out, _ = await courier(
+        "dead", "replay", "--destination", "mindset", "--dry-run", env=_env(names)
+    )
+    assert code == 0
+    text = out.decode()
+    assert text.splitlines()[-1] == (
+        f"2 of 6 letters in {names.dead_queue} matched; dry run: would replay 2 to "
+        f"{names.queue}, nothing was moved"
+    )
+    code, _, err = await courier("dead", "purge", "--destination", "mindset", env=_env(names))
+    assert code == 2 and b"--yes" in err
+    channel = await amqp.channel()
+    dead = await channel.declare_queue(names.dead_queue, passive=True)
+    assert dead.declaration_result.message_count == 6
+    with pytest.raises(aio_pika.exceptions.ChannelNotFoundEntity):
+        await channel.declare_queue(names.queue, passive=True)
+    code, out, _ = await courier(
+        "dead", "purge", "--destination", "mindset", "--yes", "--json", env=_env(names)
+    )
+    assert code == 0 and orjson.loads(out)["purged"] == 2
+    assert _ids(await _contents(amqp, names.dead_queue)) == list("acef")
+
+
+async def test_replay_rate_holds_its_pace(amqp: AbstractRobustConnection, names: Names) -> None:
+    """`replay --rate 4` spreads 8 letters over about 1.75 s, and says how far it got on stderr."""
+    seeds = [Seed(f"r{i}", "destination_unavailable", "inconvo", timedelta()) for i in range(8)]
+    await _seed(amqp, names, seeds)
+    channel = await amqp.channel()
+    requests = await declare_queue(channel, _topology(names).requests)
+    arrivals: list[float] = []
+
+    async def arrived(message: AbstractIncomingMessage) -> None:
+        arrivals.append(time.monotonic())
+        await message.ack()
+
+    await requests.consume(arrived)
+    code, out, err = await courier("dead", "replay", "--rate", "4", env=_env(names))
+    assert code == 0
+    assert (
+        out.decode().splitlines()[-1].endswith(f"replayed 8 to {names.queue} at most 4 per second")
+    )
+    async with asyncio.timeout(5):
+        while len(arrivals) < 8:
+            await asyncio.sleep(0.02)
+    span = arrivals[-1] - arrivals[0]
+    # Seven intervals of 0.25 s; the upper bound only guards against a stall.
+    assert 1.75 * 0.9 <= span <= 1.75 + 1.0, span
+    assert b"courier dead replay: " in err and b"letters looked at" in err
+    await channel.close()

@@ -1,0 +1,354 @@
+"""The settle decision, branch by branch, without a broker (CONTRACT sections 4 and 7)."""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from service.amqp.topology import (
+    ATTEMPT_HEADER,
+    ATTEMPTS_HEADER,
+    COPY_ID_HEADER,
+    DELIVERY_COUNT_HEADER,
+    ERROR_CODE_HEADER,
+    ERROR_MESSAGE_HEADER,
+    FAILED_AT_HEADER,
+    HELD_SINCE_HEADER,
+    REDELIVERIES_HEADER,
+)
+from service.errors import CourierError, ErrorCode, PermanentError, RetryableError
+from service.pipeline import Held, Outcome
+from service.settle import (
+    DeliveryFacts,
+    Finish,
+    Hold,
+    Policy,
+    Retry,
+    decide,
+    delivery_facts,
+    give_back_headers,
+    nearest_delay,
+    pick_delay,
+    poisoned,
+)
+
+NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
+POLICY = Policy(
+    max_attempts=5,
+    delays=(10, 60, 300, 1800),
+    max_redeliveries=5,
+    hold_max=3600.0,
+    secrets=("sk-live-secret-1234",),
+)
+
+
+def outcome(error: CourierError | None = None, held: Held | None = None) -> Outcome:
+    return Outcome(duration_ms=1.0, destination="inconvo", error=error, held=held)
+
+
+def unavailable(retry_after: float | None = None) -> RetryableError:
+    return RetryableError(ErrorCode.DESTINATION_UNAVAILABLE, "503", retry_after=retry_after)
+
+
+def rejected() -> PermanentError:
+    return PermanentError(ErrorCode.DESTINATION_REJECTED, "422")
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    outcome: Outcome
+    facts: DeliveryFacts
+    kind: type
+    delay: int | None = None  # for Retry / Hold
+    attempt_header: int | None = None  # the copy's x-courier-attempt
+    attempts: int | None = None  # data.attempts of a Finish
+    code: ErrorCode | None = None  # the final error code of a Finish
+
+
+def facts(
+    attempt: int = 1, redeliveries: int = 0, held_since: datetime | None = None
+) -> DeliveryFacts:
+    return DeliveryFacts(attempt=attempt, redeliveries=redeliveries, held_since=held_since)
+
+
+CASES = [
+    Case("success on the first try", outcome(), facts(), Finish, attempts=1),
+    Case("success on the third attempt", outcome(), facts(3), Finish, attempts=3),
+    Case(
+        "permanent failure is final",
+        outcome(rejected()),
+        facts(),
+        Finish,
+        attempts=1,
+        code=ErrorCode.DESTINATION_REJECTED,
+    ),
+    Case("first retryable failure: the first tier", outcome(unavailable()), facts(1), Retry, 10, 2),
+    Case("second: the second tier", outcome(unavailable()), facts(2), Retry, 60, 3),
+    Case("fourth: the last tier", outcome(unavailable()), facts(4), Retry, 1800, 5),
+    Case(
+        "max attempts reached: final",
+        outcome(unavailable()),
+        facts(5),
+        Finish,
+        attempts=5,
+        code=ErrorCode.DESTINATION_UNAVAILABLE,
+    ),
+    Case(
+        "Retry-After longer than the tier picks the first tier at least that long",
+        outcome(unavailable(45.0)),
+        facts(1),
+        Retry,
+        60,
+        2,
+    ),
+    Case(
+        "Retry-After beyond every tier: the last tier",
+        outcome(unavailable(5000.0)),
+        facts(1),
+        Retry,
+        1800,
+        2,
+    ),
+    Case(
+        "Retry-After shorter than the tier: the tier",
+        outcome(unavailable(2.0)),
+        facts(2),
+        Retry,
+        60,
+        3,
+    ),
+    Case(
+        "held before any try: parked, same attempt",
+        outcome(held=Held(9.0, "breaker open")),
+        facts(2),
+        Hold,
+        10,
+        2,
+    ),
+    Case(
+        "held with a long cooldown: the nearest tier",
+        outcome(held=Held(240.0, "breaker open")),
+        facts(1),
+        Hold,
+        300,
+        1,
+    ),
+    Case(
+        "held again: the hold does not end before COURIER_HOLD_MAX",
+        outcome(held=Held(40.0, "breaker open")),
+        facts(1, held_since=NOW - timedelta(minutes=59, seconds=50)),
+        Hold,
+        10,
+        1,
+    ),
+    Case(
+        "held past COURIER_HOLD_MAX: fails, counting only real tries",
+        outcome(held=Held(10.0, "breaker open")),
+        facts(3, held_since=NOW - timedelta(hours=1)),
+        Finish,
+        attempts=2,
+        code=ErrorCode.DESTINATION_UNAVAILABLE,
+    ),
+    Case(
+        "held past COURIER_HOLD_MAX on the first attempt: zero tries",
+        outcome(held=Held(10.0, "breaker open")),
+        facts(1, held_since=NOW - timedelta(hours=2)),
+        Finish,
+        attempts=0,
+        code=ErrorCode.DESTINATION_UNAVAILABLE,
+    ),
+    Case(
+        "tried, then held: a real failed try, retried after the cooldown",
+        outcome(held=Held(50.0, "breaker open", tried=True)),
+        facts(1),
+        Retry,
+        60,
+        2,
+    ),
+    Case(
+        "tried, then held on the last attempt: final",
+        outcome(held=Held(50.0, "breaker open", tried=True)),
+        facts(5),
+        Finish,
+        attempts=5,
+        code=ErrorCode.DESTINATION_UNAVAILABLE,
+    ),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_decide(case: Case) -> None:
+    """Each branch of CONTRACT section 4 (and 7's hold) yields its one decision."""
+    decision = decide(case.outcome, case.facts, POLICY, now=NOW)
+    assert type(decision) is case.kind
+    if isinstance(decision, Finish):
+        assert decision.attempts == case.attempts
+        error = decision.outcome.error
+        assert (error.code if error else None) == case.code
+        assert decision.failed == (case.code is not None)
+        return
+    assert isinstance(decision, Retry | Hold)
+    assert decision.delay == case.delay
+    headers = decision.copy_headers(
+        {DELIVERY_COUNT_HEADER: 2, HELD_SINCE_HEADER: "x", "keep": "me", REDELIVERIES_HEADER: 1}
+    )
+    assert headers[ATTEMPT_HEADER] == case.attempt_header
+    assert headers["keep"] == "me"
+    assert DELIVERY_COUNT_HEADER not in headers, "a new copy has not been delivered yet"
+    assert headers[REDELIVERIES_HEADER] == case.facts.redeliveries
+    assert len(str(headers[COPY_ID_HEADER])) == 36
+    if isinstance(decision, Hold):
+        since = case.facts.held_since or NOW
+        assert headers[HELD_SINCE_HEADER] == since.isoformat(timespec="milliseconds")
+    else:
+        assert HELD_SINCE_HEADER not in headers, "a retried request is no longer held"
+
+
+def test_every_decision_kind_is_covered() -> None:
+    """The table above reaches every kind of decision and every tier choice rule."""
+    kinds = {c.kind for c in CASES}
+    assert kinds == {Finish, Retry, Hold}
+
+
+def test_hold_past_the_limit_says_how_long() -> None:
+    """A request held too long fails with a message naming how long and the knob."""
+    decision = decide(
+        outcome(held=Held(10.0, "inconvo's breaker is open")),
+        facts(1, held_since=NOW - timedelta(hours=1, minutes=5)),
+        POLICY,
+        now=NOW,
+    )
+    assert isinstance(decision, Finish)
+    error = decision.outcome.error
+    assert error is not None and error.retryable
+    assert "held for 1h05m" in error.message and "COURIER_HOLD_MAX" in error.message
+    assert decision.outcome.held is None
+
+
+def test_two_copies_never_share_a_copy_id() -> None:
+    """Every republished copy gets its own id (the duplicate check relies on it)."""
+    ids = {
+        str(decide(outcome(unavailable()), facts(), POLICY, now=NOW).headers[COPY_ID_HEADER])  # type: ignore[union-attr]
+        for _ in range(50)
+    }
+    assert len(ids) == 50
+
+
+@pytest.mark.parametrize(
+    ("message", "leaked"),
+    [
+        ("inconvo answered 401: bad key sk-live-secret-1234", "sk-live-secret-1234"),
+        ("cannot fetch https://alice:hunter2@files.example/x.csv", "hunter2"),
+        (
+            "mindset echoed https://b.s3.amazonaws.com/k?X-Amz-Signature=" + "a" * 64,
+            "a" * 64,
+        ),
+    ],
+)
+def test_messages_are_masked(message: str, leaked: str) -> None:
+    """API keys, URL user-info and presigned signatures never reach an event or a dead letter."""
+    for error in (PermanentError(ErrorCode.DESTINATION_REJECTED, message), unavailable()):
+        error.message = message
+        for attempt in (1, 5):
+            decision = decide(outcome(error), facts(attempt), POLICY, now=NOW)
+            if isinstance(decision, Finish):
+                headers = decision.dead_letter_headers(NOW)
+                assert leaked not in str(headers) and leaked not in repr(decision.outcome)
+            else:
+                assert leaked not in decision.error.message
+
+
+def test_dead_letter_headers() -> None:
+    """A failure's dead letter carries the code, message, attempts and time."""
+    decision = decide(outcome(rejected()), facts(2), POLICY, now=NOW)
+    assert isinstance(decision, Finish)
+    assert decision.dead_letter_headers(NOW) == {
+        ERROR_CODE_HEADER: "destination_rejected",
+        ERROR_MESSAGE_HEADER: "422",
+        ATTEMPTS_HEADER: 2,
+        FAILED_AT_HEADER: "2026-11-27T12:00:00.000+00:00",
+    }
+
+
+@pytest.mark.parametrize(
+    ("redeliveries", "max_redeliveries", "poison"),
+    [(0, 5, False), (4, 5, False), (5, 5, True), (9, 5, True), (1, 1, True)],
+)
+def test_poison(redeliveries: int, max_redeliveries: int, poison: bool) -> None:
+    """A request that crashed consumers COURIER_MAX_REDELIVERIES times is poison_message."""
+    policy = Policy(max_attempts=5, delays=(10,), max_redeliveries=max_redeliveries)
+    error = poisoned(facts(redeliveries=redeliveries), policy)
+    assert (error is not None) == poison
+    if error is not None:
+        assert error.code == ErrorCode.POISON_MESSAGE and not error.retryable
+
+
+@pytest.mark.parametrize(
+    ("headers", "delivery_count", "expected"),
+    [
+        (None, 0, DeliveryFacts(1, 0)),
+        ({DELIVERY_COUNT_HEADER: 3}, 3, DeliveryFacts(1, 3)),
+        ({REDELIVERIES_HEADER: 2}, 1, DeliveryFacts(1, 3)),
+        ({REDELIVERIES_HEADER: b"2"}, 0, DeliveryFacts(1, 2)),
+        ({REDELIVERIES_HEADER: "junk"}, 0, DeliveryFacts(1, 0)),
+        ({REDELIVERIES_HEADER: -4}, 0, DeliveryFacts(1, 0)),
+        ({REDELIVERIES_HEADER: True}, 0, DeliveryFacts(1, 0)),
+        (
+            {HELD_SINCE_HEADER: "2026-11-27T11:00:00.000+00:00", COPY_ID_HEADER: b"c-1"},
+            0,
+            DeliveryFacts(1, 0, datetime(2026, 11, 27, 11, tzinfo=UTC), "c-1"),
+        ),
+        ({HELD_SINCE_HEADER: "yesterday"}, 0, DeliveryFacts(1, 0)),
+    ],
+)
+def test_delivery_facts(
+    headers: dict[str, Any] | None, delivery_count: int, expected: DeliveryFacts
+) -> None:
+    """Crash counts add the carried header to the broker's count; odd values count as absent."""
+    assert delivery_facts(headers, attempt=1, delivery_count=delivery_count) == expected
+
+
+def test_a_graceful_give_back_is_not_a_crash() -> None:
+    """Handing work back at shutdown keeps the attempt and adds no redelivery."""
+    headers = give_back_headers(facts(3, redeliveries=2))
+    assert headers[REDELIVERIES_HEADER] == 2
+    assert ATTEMPT_HEADER not in headers, "the copy keeps the original's attempt header"
+    again = delivery_facts(headers, attempt=3, delivery_count=0)
+    assert again.redeliveries == 2 and poisoned(again, POLICY) is None
+
+
+@pytest.mark.parametrize(
+    ("attempt", "retry_after", "expected"),
+    [(1, None, 10), (2, None, 60), (4, None, 1800), (9, None, 1800), (1, 45.0, 60), (3, 20.0, 300)],
+)
+def test_pick_delay(attempt: int, retry_after: float | None, expected: int) -> None:
+    """One tier per attempt; a longer Retry-After picks the first tier at least that long."""
+    assert pick_delay((10, 60, 300, 1800), attempt, retry_after) == expected
+
+
+@pytest.mark.parametrize(
+    ("seconds", "expected"),
+    [(0.0, 10), (10.0, 10), (34.0, 10), (35.0, 10), (36.0, 60), (1e9, 1800)],
+)
+def test_nearest_delay(seconds: float, expected: int) -> None:
+    """A hold parks in the tier nearest to the time left (the shorter one on a tie)."""
+    assert nearest_delay((10, 60, 300, 1800), seconds) == expected
+
+
+def test_decide_imports_no_amqp_client() -> None:
+    """settle.py decides without aio-pika: nothing in it can ack, nack or publish."""
+    source = Path(__file__).parent.parent / "service" / "settle.py"
+    tree = ast.parse(source.read_text())
+    imported = {
+        alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import)
+        for alias in node.names
+    } | {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert not any(name.startswith(("aio_pika", "aiormq", "pamqp")) for name in imported)
