@@ -6,14 +6,23 @@ the value (surrounding whitespace trimmed), as Kubernetes secrets are mounted.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import socket
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import unquote, urlsplit
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -22,7 +31,11 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from service.amqp.topology import MAX_TTL_MS
+
 ENV_PREFIX = "COURIER_"
+MAX_NAME_BYTES = 255  # an AMQP short string: queue and exchange names
+_LONGEST_TIER_SUFFIX = len(f".retry.{MAX_TTL_MS // 1000}s")
 _DURATION = re.compile(r"^\s*(\d+)\s*(ms|s|m|h|d)?\s*$", re.IGNORECASE)
 _UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -99,6 +112,13 @@ class Settings(BaseSettings):
     destination_timeout: float = Field(default=60.0, gt=0)
     publish_timeout: float = Field(default=10.0, gt=0)
     tmp_dir: Path | None = None
+    # Flow control (CONTRACT section 7).
+    breaker_threshold: int = Field(default=5, ge=1, le=1000)
+    breaker_cooldown: float = Field(default=10.0, gt=0, le=300)
+    hold_max: float = Field(default=3600.0, gt=0)
+    inconvo_rate_limit: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    mindset_rate_limit: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    source_timeout: float = Field(default=300.0, gt=0)
 
     @field_validator("retry_delays", mode="before")
     @classmethod
@@ -114,6 +134,27 @@ class Settings(BaseSettings):
             raise ValueError("delays must be distinct and increasing")
         return tuple(int(d) for d in delays)
 
+    @field_validator("retry_delays")
+    @classmethod
+    def _delays_fit_the_broker(cls, delays: tuple[int, ...]) -> tuple[int, ...]:
+        longest = MAX_TTL_MS // 1000
+        if any(d * 1000 > MAX_TTL_MS for d in delays):
+            raise ValueError(
+                f"a delay may be at most {longest}s (about 49 days), RabbitMQ's x-message-ttl limit"
+            )
+        return delays
+
+    @field_validator("queue", "events_exchange")
+    @classmethod
+    def _name_fits_the_broker(cls, name: str, info: ValidationInfo) -> str:
+        if name.startswith("amq."):
+            raise ValueError("names starting 'amq.' are reserved by RabbitMQ")
+        # AMQP names are at most 255 bytes; the queue's tiers add ".retry.<N>s".
+        room = MAX_NAME_BYTES - (_LONGEST_TIER_SUFFIX if info.field_name == "queue" else 0)
+        if len(name.encode()) > room:
+            raise ValueError(f"at most {room} bytes in UTF-8")
+        return name
+
     @field_validator("presign_ttl", mode="before")
     @classmethod
     def _parse_ttl(cls, value: Any) -> Any:
@@ -123,6 +164,18 @@ class Settings(BaseSettings):
             if not 1 <= seconds <= 7 * 86400:
                 raise ValueError("must be between 1s and 7d")
             return int(seconds)
+        return value
+
+    @field_validator("breaker_cooldown", "hold_max", "source_timeout", mode="before")
+    @classmethod
+    def _parse_seconds(cls, value: Any) -> Any:
+        return parse_duration(value) if isinstance(value, str) else value
+
+    @field_validator("inconvo_rate_limit", "mindset_rate_limit", mode="before")
+    @classmethod
+    def _unset_rate(cls, value: Any) -> Any:
+        if isinstance(value, str) and not value.strip():
+            return None
         return value
 
     @field_validator("source_allowed_hosts", "s3_allowed_buckets", mode="before")
@@ -155,22 +208,36 @@ class Settings(BaseSettings):
             return None
         return value
 
-    @field_validator("inconvo_base_url", "mindset_base_url", "amqp_url")
+    @field_validator("inconvo_base_url", "mindset_base_url")
     @classmethod
-    def _check_url(cls, value: str, info: Any) -> str:
-        schemes = (
-            ("amqp://", "amqps://") if info.field_name == "amqp_url" else ("http://", "https://")
-        )
-        if not value.startswith(schemes):
-            raise ValueError(f"must start with {' or '.join(schemes)}")
-        return value.rstrip("/") if info.field_name != "amqp_url" else value
+    def _check_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+    @field_validator("amqp_url")
+    @classmethod
+    def _check_amqp_urls(cls, value: str) -> str:
+        urls = _comma_list(value)
+        if not urls:
+            raise ValueError("needs at least one amqp:// or amqps:// URL")
+        for url in urls:
+            if not url.startswith(("amqp://", "amqps://")):
+                raise ValueError("each URL must start with amqp:// or amqps://")
+        return value
+
+    @property
+    def amqp_urls(self) -> tuple[str, ...]:
+        """The broker nodes of ``COURIER_AMQP_URL``, in the order they are tried."""
+        return tuple(_comma_list(self.amqp_url))
 
     def secret_values(self) -> list[str]:
         """Every configured secret (API keys, the AMQP password, AWS secrets), for masking."""
         values = [k.get_secret_value() for k in (self.inconvo_api_key, self.mindset_api_key) if k]
-        password = urlsplit(self.amqp_url).password
-        if password and password != "guest":  # noqa: S105 - the public default is no secret
-            values.append(unquote(password))
+        for url in self.amqp_urls:
+            password = urlsplit(url).password
+            if password and password != "guest":  # noqa: S105 - the public default is no secret
+                values.append(unquote(password))
         for name in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
             if value := os.environ.get(name):
                 values.append(value)
@@ -248,3 +315,32 @@ def load_settings(**overrides: Any) -> Settings:
         field = Settings.model_fields.get(field_name)
         variable = env_names(field_name, field)[0] if field else field_name.upper()
         raise ConfigError(variable, error["msg"]) from None
+
+
+def known_variables() -> frozenset[str]:
+    """Every variable name the settings read, ``_FILE`` variants and fallbacks included."""
+    names: set[str] = set()
+    for name, field in Settings.model_fields.items():
+        for env in env_names(name, field):
+            names |= {env.upper(), env.upper() + "_FILE"}
+    return frozenset(names)
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[tuple[str, str | None]]:
+    """``COURIER_*`` variables that Courier does not read (typos), each with the nearest known name.
+
+    Names compare case-insensitively, as the settings read them.
+    """
+    env = os.environ if environ is None else environ
+    known = known_variables()
+    # Compared without the shared prefix, which would make every name look close.
+    suffixes = sorted(
+        name.removeprefix(ENV_PREFIX) for name in known if name.startswith(ENV_PREFIX)
+    )
+    found: list[tuple[str, str | None]] = []
+    for key in sorted(env):
+        upper = key.upper()
+        if upper.startswith(ENV_PREFIX) and upper not in known:
+            nearest = difflib.get_close_matches(upper.removeprefix(ENV_PREFIX), suffixes, n=1)
+            found.append((key, ENV_PREFIX + nearest[0] if nearest else None))
+    return found

@@ -6,10 +6,12 @@ The JSON Schemas printed by ``courier schema`` and checked in under
 
 from __future__ import annotations
 
+import re
+from collections.abc import Container
 from typing import Annotated, Any, Literal, get_args
-from urllib.parse import unquote, urlsplit
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -17,6 +19,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from service.urls import check_http_url, parse_s3_url
 
 MindsetMimeType = Literal[
     "video/mp4",
@@ -34,15 +38,50 @@ Delivery = Literal["multipart", "sourceUrl", "documentContent"]
 _IDENT = r"^[A-Za-z0-9_.@-]{1,256}$"
 _CONTEXT_KEY = r"^[A-Za-z0-9_.-]{1,256}$"
 MAX_HTTP_URL = 2048
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
+MINDSET_MAX_URL = 2048  # sourceUrl, externalUrl, thumbnailUrl
+MINDSET_MAX_NAME = 100  # the limit of `name` below
 
 Identifier = Annotated[str, StringConstraints(pattern=_IDENT)]
 Text = Annotated[str, StringConstraints(min_length=1)]
 
 
-def _no_nulls(data: Any) -> Any:
-    """``null`` counts as absent for optional fields."""
-    if isinstance(data, dict):
-        return {key: value for key, value in data.items() if value is not None}
+def api_length(text: str) -> int:
+    """The length the Mindset API counts: UTF-16 code units, as JavaScript does."""
+    return len(text.encode("utf-16-le", "surrogatepass")) // 2
+
+
+def api_cut(text: str, limit: int) -> str:
+    """The longest start of ``text`` within ``limit`` UTF-16 code units, no half character."""
+    if len(text) * 2 <= limit:
+        return text
+    return text.encode("utf-16-le", "surrogatepass")[: limit * 2].decode("utf-16-le", "ignore")
+
+
+def _api_max(limit: int) -> AfterValidator:
+    """Mindset's limit of ``limit`` characters, counted as the API counts them.
+
+    Kept beside ``max_length`` (code points, what JSON Schema's maxLength means):
+    every value within this limit is within that one too.
+    """
+
+    def check(value: str) -> str:
+        if api_length(value) > limit:
+            raise ValueError(
+                f"at most {limit} characters, counted as UTF-16 code units as the API does"
+            )
+        return value
+
+    return AfterValidator(check)
+
+
+def _no_nulls(data: Any, fields: Container[str]) -> Any:
+    """``null`` counts as absent for the named ``fields`` only.
+
+    An unknown name stays, whatever its value, so ``extra="forbid"`` rejects it.
+    """
+    if isinstance(data, dict) and None in data.values():
+        return {key: value for key, value in data.items() if value is not None or key not in fields}
     return data
 
 
@@ -52,7 +91,7 @@ class _Strict(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _drop_nulls(cls, data: Any) -> Any:
-        return _no_nulls(data)
+        return _no_nulls(data, cls.model_fields)
 
 
 class SourceSpec(_Strict):
@@ -69,15 +108,11 @@ class SourceSpec(_Strict):
     def _check_url(cls, url: str) -> str:
         scheme = url.split(":", 1)[0].lower() if ":" in url else ""
         if scheme in ("http", "https"):
-            if len(url) > MAX_HTTP_URL:
+            if api_length(url) > MAX_HTTP_URL:  # Mindset's sourceUrl limit, counted as it does
                 raise ValueError(f"an http(s) URL may have at most {MAX_HTTP_URL} characters")
-            parts = urlsplit(url)
-            if not parts.hostname:
-                raise ValueError("the URL has no host")
+            check_http_url(url)
         elif scheme == "s3":
-            parts = urlsplit(url)
-            if not parts.netloc or not unquote(parts.path.lstrip("/")):
-                raise ValueError("an s3 URL needs a bucket and a key: s3://bucket/key")
+            parse_s3_url(url)
         # Any other scheme is left to the pipeline: it is `unsupported_source`.
         return url
 
@@ -123,21 +158,31 @@ class MindsetDestination(_Strict):
     type: Literal["mindset"]
     appUid: Text
     contextUid: Text
-    name: Annotated[str, StringConstraints(min_length=1, max_length=100)] | None = None
+    name: (
+        Annotated[str, StringConstraints(min_length=1, max_length=100), _api_max(MINDSET_MAX_NAME)]
+        | None
+    ) = None
     mimeType: MindsetMimeType | None = None
     delivery: Literal["auto", "sourceUrl", "documentContent"] = "auto"
     externalId: Text | None = None
-    zipType: Annotated[str, StringConstraints(max_length=20)] | None = None
+    zipType: Annotated[str, StringConstraints(max_length=20), _api_max(20)] | None = None
     autoPublish: bool | None = None
     hideContentSegments: bool | None = None
-    knownAs: Annotated[str, StringConstraints(max_length=200)] | None = None
-    externalUrl: Annotated[str, StringConstraints(max_length=2048)] | None = None
-    thumbnailUrl: Annotated[str, StringConstraints(max_length=2048)] | None = None
-    thumbnail: Annotated[str, StringConstraints(max_length=65536)] | None = None
+    knownAs: Annotated[str, StringConstraints(max_length=200), _api_max(200)] | None = None
+    externalUrl: Annotated[str, StringConstraints(max_length=2048), _api_max(2048)] | None = None
+    thumbnailUrl: Annotated[str, StringConstraints(max_length=2048), _api_max(2048)] | None = None
+    thumbnail: Annotated[str, StringConstraints(max_length=65536), _api_max(65536)] | None = None
     viewOriginalSource: bool | None = None
-    contentHash: Annotated[str, StringConstraints(max_length=200)] | None = None
+    contentHash: Annotated[str, StringConstraints(max_length=200), _api_max(200)] | None = None
     labels: Annotated[list[Text], Field(max_length=10)] | None = None
-    runId: Annotated[str, StringConstraints(max_length=200)] | None = None
+    runId: Annotated[str, StringConstraints(max_length=200), _api_max(200)] | None = None
+
+    @field_validator("externalUrl", "thumbnailUrl")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        # The API takes only absolute http(s) URLs here; Mindset fetches thumbnailUrl.
+        check_http_url(url)
+        return url
 
     @model_validator(mode="after")
     def _delivery_allowed(self) -> MindsetDestination:
@@ -200,7 +245,7 @@ def check_upload_file_name(name: str) -> None:
     """Raise ValueError for an Inconvo file name with path tricks or control characters."""
     if ".." in name or "/" in name or "\\" in name:
         raise ValueError("a file name may not contain '..', '/' or '\\'")
-    if any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
+    if _CONTROL.search(name):
         raise ValueError("a file name may not contain control characters")
     if not name.strip():
         raise ValueError("a file name may not be blank")
@@ -239,7 +284,11 @@ class EventData(_Out):
     status: Literal["succeeded", "failed"]
     destination: Literal["inconvo", "mindset"] | None
     delivery: Delivery | None
-    attempts: int = Field(ge=1)
+    attempts: int = Field(
+        ge=0,
+        description="Real tries of the pipeline: 1 for a first-try success, plus one per "
+        "delayed retry; 0 for a request held (destination unavailable) until COURIER_HOLD_MAX.",
+    )
     durationMs: float = Field(ge=0)
     source: SourceInfo | None
     result: Any = None

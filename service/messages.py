@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import uuid
 from collections.abc import Mapping
@@ -11,15 +12,38 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
+from service.amqp.topology import (
+    ATTEMPT_HEADER,
+    DELIVERY_COUNT_HEADER,
+    TRACEPARENT_HEADER,
+)
 from service.contracts import SourceSpec, UploadRequest
 from service.errors import ErrorCode, PermanentError
 from service.redact import redact_url
 
-ATTEMPT_HEADER = "x-courier-attempt"
-DELIVERY_COUNT_HEADER = "x-delivery-count"
-TRACEPARENT = "traceparent"
 MAX_DEPTH = 32
-_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
+_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}")
+log = logging.getLogger(__name__)
+
+
+def valid_traceparent(value: str) -> bool:
+    """Whether ``value`` is a W3C ``traceparent`` Courier may send on.
+
+    The whole value must match (a trailing newline would break every outgoing
+    HTTP call), version ``ff`` and all-zero trace or parent ids are invalid.
+    """
+    match = _TRACEPARENT.fullmatch(value)
+    return match is not None and match[1] != "ff" and match[2] != "0" * 32 and match[3] != "0" * 16
+
+
+def _traceparent(value: Any) -> str | None:
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    if value is None or (isinstance(value, str) and valid_traceparent(value)):
+        return value
+    # Never fatal: the request runs, it only starts a trace of its own.
+    log.debug("ignoring an invalid traceparent header: %.80r", value)
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,14 +68,11 @@ class Envelope:
     ) -> Envelope:
         """Read the envelope from message properties; odd header values count as absent."""
         headers = headers or {}
-        trace = headers.get(TRACEPARENT)
-        if isinstance(trace, bytes):
-            trace = trace.decode("ascii", "replace")
         return cls(
             message_id=message_id or None,
             correlation_id=correlation_id or None,
             reply_to=reply_to or None,
-            traceparent=trace if isinstance(trace, str) and _TRACEPARENT.match(trace) else None,
+            traceparent=_traceparent(headers.get(TRACEPARENT_HEADER)),
             attempt=_count(headers.get(ATTEMPT_HEADER), default=1),
             delivery_count=_count(headers.get(DELIVERY_COUNT_HEADER), default=0),
         )
@@ -108,7 +129,8 @@ def parse_body(body: bytes, max_bytes: int) -> Any:
         raise PermanentError(
             ErrorCode.INVALID_REQUEST, f"the body is not JSON: {str(exc)[:200]}"
         ) from None
-    if not _depth_ok(data, MAX_DEPTH):
+    # Fewer brackets than the limit (those inside strings counted too) cannot nest past it.
+    if body.count(b"{") + body.count(b"[") >= MAX_DEPTH and not _depth_ok(data, MAX_DEPTH):
         raise PermanentError(ErrorCode.INVALID_REQUEST, f"the body nests deeper than {MAX_DEPTH}")
     return data
 

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
-
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -16,9 +12,6 @@ from prometheus_client import (
 )
 
 from service import __version__
-from service.contracts import SourceSpec
-from service.sources.base import FetchedFile, SizeLimit, Source, SourceFacts
-from service.tracing import child_span
 
 _DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -95,41 +88,48 @@ class Metrics:
         self.reconnects = Counter(
             "courier_broker_reconnects_total", "Broker reconnections.", registry=r
         )
+        self.broker_blocked = Gauge(
+            "courier_broker_blocked",
+            "1 while RabbitMQ blocks the publishing connection (a resource alarm).",
+            registry=r,
+        )
+        self.reply_failures = Counter(
+            "courier_reply_failures_total",
+            "Result events that could not be sent to a request's reply_to queue.",
+            registry=r,
+        )
+        self.duplicates_dropped = Counter(
+            "courier_duplicate_copies_dropped_total",
+            "Second copies of an already settled request, acked without running.",
+            registry=r,
+        )
+        self.breaker_state = Gauge(
+            "courier_breaker_state",
+            "A destination's circuit breaker: 0 closed, 1 half-open, 2 open.",
+            ["destination"],
+            registry=r,
+        )
+        self.held = Gauge(
+            "courier_held_requests",
+            "Requests held (parked in a delay tier) for a sick destination; sum over replicas.",
+            ["destination"],
+            registry=r,
+        )
+        self.rate_limit = Gauge(
+            "courier_destination_rate_limit",
+            "Requests per second now allowed to a destination (absent while unlimited).",
+            ["destination"],
+            registry=r,
+        )
+        self.rate_limited = Counter(
+            "courier_rate_limited_total",
+            "Requests to a destination that were rate limited.",
+            ["destination"],
+            registry=r,
+        )
         self.build = Info("courier_build", "Build information.", registry=r)
         self.build.info({"version": __version__})
 
     def exposition(self) -> bytes:
         """The Prometheus text format of every metric."""
         return generate_latest(self.registry)
-
-
-class MeteredSource:
-    """A Source wrapper recording fetch duration and bytes by scheme, beside the work."""
-
-    def __init__(self, inner: Source, metrics: Metrics, scheme: str) -> None:
-        self._inner = inner
-        self._metrics = metrics
-        self._scheme = scheme
-
-    def check(self, spec: SourceSpec) -> None:
-        """Delegate the pre-flight checks."""
-        self._inner.check(spec)
-
-    async def describe(self, spec: SourceSpec) -> SourceFacts:
-        """Delegate; no bytes move."""
-        return await self._inner.describe(spec)
-
-    @asynccontextmanager
-    async def open(self, spec: SourceSpec, limit: SizeLimit) -> AsyncIterator[FetchedFile]:
-        """Time the fetch (until the file is spooled) and count its bytes."""
-        started = time.perf_counter()
-        async with AsyncExitStack() as stack:
-            with child_span("courier.source.fetch", **{"url.scheme": self._scheme}) as span:
-                fetched = await stack.enter_async_context(self._inner.open(spec, limit))
-                if span is not None:
-                    span.set_attribute("courier.source.bytes", fetched.size)
-            self._metrics.source_fetch_duration.labels(self._scheme).observe(
-                time.perf_counter() - started
-            )
-            self._metrics.source_bytes.labels(self._scheme).inc(fetched.size)
-            yield fetched

@@ -11,10 +11,20 @@ from typing import Any
 from service.contracts import Delivery, SourceInfo, UploadRequest
 from service.destinations.base import Destination
 from service.errors import CourierError, ErrorCode, PermanentError
+from service.flow import FlowControl, Hold, HoldReason, calls_made
 from service.redact import redact_url
 from service.sources.base import Source
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    """The destination could not take the request now (CONTRACT section 7)."""
+
+    seconds: float  # until it is expected to take requests again
+    reason: str
+    tried: bool = False  # whether this attempt had made a real call before it was held
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,11 +38,12 @@ class Outcome:
     result: Any = None
     error: CourierError | None = None
     deduplicated: bool = False
+    held: Held | None = None
 
     @property
     def succeeded(self) -> bool:
         """Whether the delivery succeeded."""
-        return self.error is None
+        return self.error is None and self.held is None
 
 
 def scheme_of(url: str) -> str:
@@ -44,17 +55,31 @@ class Pipeline:
     """Runs requests through the checks, the source and the destination."""
 
     def __init__(
-        self, sources: Mapping[str, Source], destinations: Mapping[str, Destination]
+        self,
+        sources: Mapping[str, Source],
+        destinations: Mapping[str, Destination],
+        flows: FlowControl | None = None,
     ) -> None:
         self._sources = dict(sources)
         self._destinations = dict(destinations)
+        self._flows = flows
 
     async def process(self, request: UploadRequest) -> Outcome:
         """Run one attempt; never raises for a failed request, only reports it."""
         started = time.perf_counter()
         kind = request.destination.type
+        calls_made.set(0)
         try:
             delivered = await self._run(request)
+        except Hold as hold:
+            return Outcome(
+                duration_ms=_since(started),
+                destination=kind,
+                source=SourceInfo(url=redact_url(request.source.url)),
+                held=Held(
+                    hold.seconds, _HOLD_REASONS[hold.reason].format(kind), calls_made.get() > 0
+                ),
+            )
         except CourierError as exc:
             return Outcome(
                 duration_ms=_since(started),
@@ -96,7 +121,17 @@ class Pipeline:
             )
         destination.precheck(request)
         source.check(request.source)
+        if self._flows is not None:
+            # An open breaker or a long rate-limit wait: hold before fetching anything.
+            self._flows.for_destination(destination.name).check()
         return await destination.deliver(request, source)
+
+
+_HOLD_REASONS = {
+    HoldReason.BREAKER_OPEN: "{}'s circuit breaker is open after repeated failures",
+    HoldReason.PROBE_IN_FLIGHT: "{} is being probed after an outage",
+    HoldReason.RATE_LIMITED: "{} is rate limited",
+}
 
 
 def _since(started: float) -> float:

@@ -13,13 +13,21 @@ _SECRET_QUERY = re.compile(
     r"(?i)\b(X-Amz-(?:Signature|Credential|Security-Token)|Signature|AWSAccessKeyId|"
     r"x-goog-signature|x-goog-credential|sig|token|access_token|api_key|apikey|key)=([^&\s\"']+)"
 )
-_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s\"']+@")
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s\"'<>]+@")
+# A password holding '/', '?' or '#' (unencoded): "user:pa/ss@host". May over-mask a path
+# with an '@' after a port ("host:8080/@me"), which errs on the safe side.
+_USERINFO_ODD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s\"'<>:]*:[^@\s\"'<>]*@")
+# User-info without a scheme, as a name such as an S3 bucket "user:pw@bucket" shows it.
+_USERINFO_BARE = re.compile(r"(?<![\w.+/:@-])[^\s/@\"'<>:=]+:[^\s/@\"'<>]+@(?=[\w\[])")
 
 
 def redact_url(url: str) -> str:
     """The URL without user-info and without its query (an s3 URL keeps ``versionId``)."""
     try:
         parts = urlsplit(url)
+        # A "port" that is no number is user-info whose password holds '/', '?' or '#':
+        # the rest of it would show in the host, path or fragment.
+        _ = parts.port
     except ValueError:
         return "<unparseable URL>"
     netloc = parts.netloc.rsplit("@", 1)[-1]
@@ -35,7 +43,9 @@ def mask_text(text: str, secrets: Iterable[str] = ()) -> str:
     for secret in secrets:
         if secret:
             text = text.replace(secret, MASK)
+    text = _USERINFO_ODD.sub(lambda m: m.group(1) + MASK + "@", text)
     text = _USERINFO.sub(lambda m: m.group(1) + MASK + "@", text)
+    text = _USERINFO_BARE.sub(MASK + "@", text)
     return _SECRET_QUERY.sub(lambda m: f"{m.group(1)}={MASK}", text)
 
 

@@ -15,9 +15,8 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Mapping
 from contextvars import ContextVar
-from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -27,12 +26,12 @@ from service import __version__
 if TYPE_CHECKING:
     from opentelemetry.trace import Span, Tracer, TracerProvider
 
-    from service.metrics import Metrics
-
 log = logging.getLogger(__name__)
 
 traceparent: ContextVar[str | None] = ContextVar("courier_traceparent", default=None)
 _tracer: Tracer | None = None
+# Without OTel a span costs nothing but this (reusable) context manager.
+NO_SPAN: contextlib.nullcontext[None] = contextlib.nullcontext()
 _provider: TracerProvider | None = None
 
 
@@ -96,20 +95,19 @@ def setup_otel(environ: Mapping[str, str] | None = None) -> bool:
     return True
 
 
-@contextlib.contextmanager
-def request_span(parent: str | None, **attributes: str | int) -> Iterator[Span | None]:
+def request_span(
+    parent: str | None, **attributes: str | int
+) -> contextlib.AbstractContextManager[Span | None]:
     """The span of one request, continuing the producer's trace; None without OTel."""
     if _tracer is None:
-        yield None
-        return
+        return NO_SPAN
     from opentelemetry.trace import SpanKind
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
     context = TraceContextTextMapPropagator().extract({"traceparent": parent}) if parent else None
-    with _tracer.start_as_current_span(
+    return _tracer.start_as_current_span(
         "courier.upload", context=context, kind=SpanKind.CONSUMER, attributes=attributes
-    ) as span:
-        yield span
+    )
 
 
 def record_outcome(span: Span | None, error_code: str | None) -> None:
@@ -122,14 +120,13 @@ def record_outcome(span: Span | None, error_code: str | None) -> None:
     span.set_status(Status(StatusCode.ERROR, error_code))
 
 
-@contextlib.contextmanager
-def child_span(name: str, **attributes: str | int) -> Iterator[Span | None]:
+def child_span(
+    name: str, **attributes: str | int
+) -> contextlib.AbstractContextManager[Span | None]:
     """A span inside the current request's span; None without OTel."""
     if _tracer is None:
-        yield None
-        return
-    with _tracer.start_as_current_span(name, attributes=attributes) as span:
-        yield span
+        return NO_SPAN
+    return _tracer.start_as_current_span(name, attributes=attributes)
 
 
 def _client_span(method: str, url: str) -> tuple[Span, dict[str, str]]:
@@ -148,53 +145,43 @@ def _client_span(method: str, url: str) -> tuple[Span, dict[str, str]]:
     return span, carrier
 
 
-def trace_config(
-    metrics: Metrics | None = None, destination: str | None = None
-) -> aiohttp.TraceConfig:
-    """An aiohttp TraceConfig that adds ``traceparent`` and, for a destination, records metrics."""
-    config = aiohttp.TraceConfig()
+CallObserver = Callable[[str, float], None]
 
-    async def on_start(
-        _: aiohttp.ClientSession, context: SimpleNamespace, params: aiohttp.TraceRequestStartParams
-    ) -> None:
-        context.started = time.perf_counter()
-        context.span = None
-        if "traceparent" in params.headers:
-            return
-        if _tracer is not None:
-            # Only the host: paths and queries may carry identifiers or signatures.
-            context.span, carrier = _client_span(params.method, params.url.host or "")
-            params.headers.update(carrier)
-        elif (value := traceparent.get()) is not None:
-            params.headers["traceparent"] = value
 
-    def finish(context: SimpleNamespace, status: str) -> None:
-        span = getattr(context, "span", None)
-        if span is not None:
-            if status.isdigit():
-                span.set_attribute("http.response.status_code", int(status))
-            else:
-                span.set_attribute("error.type", status)
-            span.end()
-        if metrics is not None and destination is not None:
-            metrics.destination_requests.labels(destination, status).inc()
-            metrics.destination_duration.labels(destination).observe(
-                time.perf_counter() - context.started
-            )
+def client_middleware(observe: CallObserver | None = None) -> aiohttp.ClientMiddlewareType:
+    """An aiohttp client middleware that adds ``traceparent`` and records client spans.
 
-    async def on_end(
-        _: aiohttp.ClientSession, context: SimpleNamespace, params: aiohttp.TraceRequestEndParams
-    ) -> None:
-        finish(context, str(params.response.status))
+    ``observe(status, seconds)`` is called when each call's answer arrives
+    (``status`` is the HTTP status code, or ``"error"`` when none came): metrics
+    hook in here. Placed after flow control's middleware, it sees only the calls
+    that were really made.
+    """
 
-    async def on_error(
-        _: aiohttp.ClientSession,
-        context: SimpleNamespace,
-        params: aiohttp.TraceRequestExceptionParams,
-    ) -> None:
-        finish(context, "error")
+    async def middleware(
+        request: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType
+    ) -> aiohttp.ClientResponse:
+        started = time.perf_counter()
+        span = None
+        if "traceparent" not in request.headers:
+            if _tracer is not None:
+                # Only the host: paths and queries may carry identifiers or signatures.
+                span, carrier = _client_span(request.method, request.url.host or "")
+                request.headers.update(carrier)
+            elif (value := traceparent.get()) is not None:
+                request.headers["traceparent"] = value
+        status = "error"
+        try:
+            response = await handler(request)
+            status = str(response.status)
+            return response
+        finally:
+            if span is not None:
+                if status == "error":
+                    span.set_attribute("error.type", status)
+                else:
+                    span.set_attribute("http.response.status_code", int(status))
+                span.end()
+            if observe is not None:
+                observe(status, time.perf_counter() - started)
 
-    config.on_request_start.append(on_start)
-    config.on_request_end.append(on_end)
-    config.on_request_exception.append(on_error)
-    return config
+    return middleware

@@ -14,9 +14,8 @@ import pytest
 from aio_pika.abc import AbstractRobustConnection
 
 from service.config import Settings
-from tests.conftest import INCONVO_KEY
-from tests.fakes import FakeInconvo
-from tests.support import (
+from testbed.fakes import FakeInconvo
+from testbed.support import (
     CourierProcess,
     EventCollector,
     FileServer,
@@ -29,6 +28,7 @@ from tests.support import (
     publish,
     wait_status,
 )
+from tests.conftest import INCONVO_KEY
 
 
 @pytest.mark.parametrize(
@@ -110,6 +110,25 @@ async def test_process_runs_one_request_locally(files: FileServer, inconvo: Fake
     assert orjson.loads(out)["data"]["error"]["code"] == "unsupported_type"
 
 
+async def test_process_masks_secrets_in_the_printed_event(
+    files: FileServer, inconvo: FakeInconvo
+) -> None:
+    """An API that echoes the key in its error: `courier process` prints the event masked, as `courier run` logs it."""
+    env = courier_env(
+        COURIER_INCONVO_API_KEY=INCONVO_KEY,
+        COURIER_INCONVO_BASE_URL=inconvo.base_url,
+        COURIER_SOURCE_ALLOWED_HOSTS=f"127.0.0.1:{files.port}",
+    )
+    inconvo.fail_next(400, body={"error": f"key {INCONVO_KEY} may not write to this scope"})
+    request = inconvo_request(files.add("/a.csv", b"x,y\n"), "local-2")
+    code, out, _ = await courier("process", "-", env=env, stdin=orjson.dumps(request))
+    assert code == 1
+    error = orjson.loads(out)["data"]["error"]
+    assert error["code"] == "destination_rejected"
+    assert error["message"] == "Inconvo answered HTTP 400: key *** may not write to this scope"
+    assert INCONVO_KEY not in out.decode()
+
+
 async def test_run_serves_readiness_and_stops_on_sigterm(
     amqp: AbstractRobustConnection,
     names: Names,
@@ -126,6 +145,7 @@ async def test_run_serves_readiness_and_stops_on_sigterm(
         COURIER_INCONVO_API_KEY=INCONVO_KEY,
         COURIER_INCONVO_BASE_URL=inconvo.base_url,
         COURIER_SOURCE_ALLOWED_HOSTS=f"127.0.0.1:{files.port}",
+        COURIER_CONCURENCY="4",  # a typo: warned about, not silently ignored
     )
     courier_run = await CourierProcess(env).start()
     try:
@@ -142,6 +162,12 @@ async def test_run_serves_readiness_and_stops_on_sigterm(
     records = [orjson.loads(line) for line in err.strip().splitlines()]
     assert any(r.get("requestId") == "sub-1" for r in records)
     assert INCONVO_KEY not in err
+    [typo] = [r for r in records if "COURIER_CONCURENCY" in r["message"]]
+    assert typo["level"] == "WARNING"
+    assert typo["message"] == (
+        "COURIER_CONCURENCY is not a Courier variable and is ignored "
+        "(did you mean COURIER_CONCURRENCY?)"
+    )
 
 
 async def test_unreachable_broker_is_reported_and_retried(
@@ -210,13 +236,15 @@ async def test_submit_and_dead_commands(
             "x-courier-failed-at": "2026-11-24T00:00:00.000+00:00",
         },
     )
-    code, out, _ = await courier("dead", "list", env=env)
+    code, out, _ = await courier("dead", "list", "--json", env=env)
     assert code == 0
-    listed = orjson.loads(out)
+    [listed] = orjson.loads(out)["letters"]
     assert listed["messageId"] == "sub-2" and listed["errorCode"] == "destination_unavailable"
     code, out, _ = await courier("dead", "list", env=env)
-    assert orjson.loads(out)["messageId"] == "sub-2", "list must leave dead letters in place"
-    code, out, _ = await courier("dead", "replay", "--limit", "10", env=env)
+    assert out.decode().splitlines()[1].startswith("sub-2 "), (
+        "list must leave dead letters in place"
+    )
+    code, out, _ = await courier("dead", "replay", "--limit", "10", "--json", env=env)
     assert code == 0 and orjson.loads(out)["replayed"] == 1
     [replayed] = [m async for m in drain(amqp, names.queue)]
     assert replayed.message_id == "sub-2" and replayed.body == good.read_bytes()

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import copy
+import logging
 from typing import Any
 
 import jsonschema
 import orjson
 import pytest
 
-from service.contracts import UploadRequest, json_schemas
-from service.errors import ErrorCode, PermanentError
-from service.messages import parse_request
+from service.contracts import ResultEvent, SourceInfo, UploadRequest, json_schemas
+from service.errors import ErrorCode, PermanentError, RetryableError
+from service.events import build_event
+from service.messages import Envelope, parse_request
+from service.pipeline import Outcome
+from service.urls import parse_s3_url
 from tests.regen_schemas import SCHEMA_DIR, rendered
 
 INCONVO: dict[str, Any] = {
@@ -66,6 +70,81 @@ def test_null_counts_as_absent() -> None:
     request = parse_request(orjson.dumps(doc), 1 << 20)
     assert request.metadata == {}
     assert request.destination.delivery == "auto"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("path", ["typo", "source.typo", "destination.userIdentifer"])
+def test_unknown_field_is_rejected_even_when_null(path: str) -> None:
+    """null stands for absent only for the contract's own fields: an unknown name is still an error."""
+    assert path.rsplit(".", 1)[-1] in _invalid(_with(INCONVO, path, None))
+
+
+def test_null_for_a_required_field_is_missing() -> None:
+    """A required field given as null is reported as missing."""
+    assert "source" in _invalid(_with(INCONVO, "source", None))
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:99999/x.csv",
+        "http://127.0.0.1:0/x.csv",
+        "http://xn--/x.csv",
+        "http://xn--zz/x.csv",
+        "http://[::1/x.csv",
+        "http://exa mple.com/x.csv",
+        "http://a..b/x.csv",
+        "http://x.\u200b/x.csv",
+        "https:///x.csv",
+        "http://user:pw@/x.csv",
+    ],
+)
+def test_unusable_http_url_is_invalid_request(url: str) -> None:
+    """A URL no fetch could use (port out of range, no or impossible host) fails in the model."""
+    message = _invalid(_with(INCONVO, "source.url", url))
+    assert "source.url" in message
+    assert "pw" not in message
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "s3://bucket/reports/q4#final.csv",
+        "s3://bucket/k.csv?foo=1",
+        "s3://bucket/k.csv?versionId=",
+        "s3://bucket/k.csv?versionId=1&x=2",
+        "s3://bucket/k.csv?",
+        "s3://user:pw@bucket/k.csv",
+        "s3://bucket:443/k.csv",
+        "s3://ab/k.csv",
+        "s3://bucket/%FF.csv",
+        "s3://bucket/" + "k" * 1025,
+        "s3:///k.csv",
+        "s3://bucket",
+        "s3://bucket/",
+    ],
+)
+def test_s3_url_rules(url: str) -> None:
+    """An s3 URL is s3://bucket/key[?versionId=v]: anything else fails before any S3 call."""
+    message = _invalid(_with(INCONVO, "source.url", url))
+    assert "source.url" in message
+    assert "pw" not in message
+
+
+@pytest.mark.parametrize(
+    ("url", "parts"),
+    [
+        ("s3://bucket//a.csv", ("bucket", "/a.csv", None)),
+        ("s3://bucket/reports/q4%23final.csv", ("bucket", "reports/q4#final.csv", None)),
+        ("s3://bucket/a%3Fb.csv?versionId=v%2B1", ("bucket", "a?b.csv", "v+1")),
+        ("s3://Legacy_Bucket.2017/k.csv", ("Legacy_Bucket.2017", "k.csv", None)),
+    ],
+)
+def test_s3_url_key_is_everything_after_the_bucket(
+    url: str, parts: tuple[str, str, str | None]
+) -> None:
+    """The key keeps a leading '/', and percent-encoded '#' and '?' are part of it."""
+    assert parse_s3_url(url) == parts
+    assert parse_request(orjson.dumps(_with(INCONVO, "source.url", url)), 1 << 20)
 
 
 @pytest.mark.parametrize(
@@ -125,11 +204,47 @@ def test_inconvo_needs_exactly_one_scope() -> None:
         ("destination.labels", [f"l{i}" for i in range(11)]),
         ("destination.autoPublish", "true"),
         ("destination.labels", "one"),
+        ("destination.thumbnailUrl", "ftp://files.example/t.png"),
+        ("destination.thumbnailUrl", "http://127.0.0.1:99999/t.png"),
+        ("destination.externalUrl", "not a URL"),
+        ("destination.externalUrl", "javascript:alert(1)"),
     ],
 )
 def test_mindset_limits(path: str, value: Any) -> None:
     """The Mindset API's field limits are checked up front."""
     _invalid(_with(MINDSET, path, value))
+
+
+ROCKET = "\U0001f680"  # one code point, two UTF-16 code units (as the API counts)
+
+
+@pytest.mark.parametrize(
+    ("path", "limit"),
+    [
+        ("destination.name", 100),
+        ("destination.knownAs", 200),
+        ("destination.thumbnail", 65536),
+        ("destination.zipType", 20),
+        ("destination.contentHash", 200),
+        ("destination.runId", 200),
+    ],
+)
+def test_mindset_limits_count_utf16_code_units(path: str, limit: int) -> None:
+    """Every limited Mindset field counts as the API does: a character outside the BMP counts twice."""
+    fits = ROCKET * (limit // 2)
+    assert parse_request(orjson.dumps(_with(MINDSET, path, fits)), 1 << 20)
+    assert str(limit) in _invalid(_with(MINDSET, path, fits + "a"))
+
+
+@pytest.mark.parametrize(
+    "path", ["destination.externalUrl", "destination.thumbnailUrl", "source.url"]
+)
+def test_url_limits_count_utf16_code_units(path: str) -> None:
+    """URLs Mindset is handed are limited to 2048 UTF-16 code units too."""
+    base = "https://files.example/"
+    fits = base + ROCKET * ((2048 - len(base)) // 2)
+    assert parse_request(orjson.dumps(_with(MINDSET, path, fits)), 1 << 20)
+    assert "2048" in _invalid(_with(MINDSET, path, fits + "ab"))
 
 
 @pytest.mark.parametrize(
@@ -166,3 +281,75 @@ def test_schema_agrees_with_the_model() -> None:
     assert not validator.is_valid(_with(INCONVO, "typo", 1))
     assert not validator.is_valid(_with(INCONVO, "destination.type", "dropbox"))
     assert UploadRequest.model_validate(INCONVO).id == "req-1"
+
+
+TRACE = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+def _trace(value: object) -> str | None:
+    return Envelope.from_properties(
+        message_id=None, correlation_id=None, reply_to=None, headers={"traceparent": value}
+    ).traceparent
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        TRACE + "\n",
+        TRACE + "\r\n",
+        TRACE + " ",
+        "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+        TRACE.upper(),
+        (TRACE + "\n").encode(),
+    ],
+)
+def test_invalid_traceparent_is_dropped(value: object, caplog: pytest.LogCaptureFixture) -> None:
+    """Only a W3C-valid traceparent is kept (and so sent on and copied to the event); the rest is dropped and logged."""
+    caplog.set_level(logging.DEBUG, logger="service.messages")
+    assert _trace(value) is None
+    assert "traceparent" in caplog.text
+
+
+def test_valid_traceparent_is_kept() -> None:
+    """A valid header, as str or bytes, is kept as is."""
+    assert _trace(TRACE) == TRACE
+    assert _trace(TRACE.encode()) == TRACE
+    assert _trace(TRACE.replace("-01", "-00").replace("00-", "01-", 1)) is not None
+
+
+_SOURCE = SourceInfo(
+    url="https://files.example/a.csv", bytes=3, contentType="text/csv", sha256="0" * 64
+)
+
+
+@pytest.mark.parametrize(
+    "outcome",
+    [
+        Outcome(12.5, "inconvo", "multipart", _SOURCE, result={"file": {"name": "a.csv"}}),
+        Outcome(3.0, "mindset", "sourceUrl", SourceInfo(url="s3://b/k"), result=None),
+        Outcome(3.0, "mindset", "documentContent", _SOURCE, result=[1, "x"], deduplicated=True),
+        Outcome(0.0, None, error=PermanentError(ErrorCode.INVALID_REQUEST, "bad")),
+        Outcome(
+            7.25,
+            "inconvo",
+            source=_SOURCE,
+            result={"ignored": True},
+            deduplicated=True,
+            error=RetryableError(ErrorCode.DESTINATION_UNAVAILABLE, "503", http_status=503),
+        ),
+    ],
+)
+def test_built_events_are_what_the_event_model_publishes(outcome: Outcome) -> None:
+    """The hot path builds the event's JSON directly: it must be the model's JSON, key order too."""
+    event = build_event(
+        event_source="urn:courier:test",
+        request_id="req-1",
+        attempts=2,
+        metadata={"tenant": "acme"},
+        outcome=outcome,
+    )
+    model = ResultEvent.model_validate(event)
+    assert orjson.dumps(event) == orjson.dumps(model.to_json_dict())
+    jsonschema.Draft202012Validator(json_schemas()["event"]).validate(event)

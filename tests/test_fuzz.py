@@ -17,8 +17,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from service.config import Settings
+from service.contracts import InconvoDestination, MindsetDestination, SourceSpec, UploadRequest
 from service.runtime import Service
-from tests.support import AMQP_URL, EventCollector, Names, delete_topology, publish
+from testbed.support import AMQP_URL, EventCollector, Names, delete_topology, publish
 
 T = TypeVar("T")
 MAX_BYTES = 64 * 1024
@@ -113,7 +114,81 @@ def _nested(depth: int) -> bytes:
     return b'{"a":' * depth + b"1" + b"}" * depth
 
 
+# Bodies that would be valid but for one thing: an unknown field set to null, or a URL
+# no fetch could use. Without an API key configured, a valid one would end
+# destination_not_configured, so the test tells them apart.
+VALID_SOURCE = {"url": "https://files.example/a.pdf"}
+DESTINATIONS: dict[str, dict[str, Any]] = {
+    "inconvo": {"type": "inconvo", "userIdentifier": "user_1"},
+    "mindset": {"type": "mindset", "appUid": "app", "contextUid": "ctx"},
+}
+KNOWN_FIELDS = {
+    *UploadRequest.model_fields,
+    *SourceSpec.model_fields,
+    *InconvoDestination.model_fields,
+    *MindsetDestination.model_fields,
+}
+
+
+def _with_unknown_null(where: str, kind: str, name: str) -> bytes:
+    body: dict[str, Any] = {"source": dict(VALID_SOURCE), "destination": dict(DESTINATIONS[kind])}
+    target = {"top": body, "source": body["source"]}.get(where, body["destination"])
+    target[name] = None
+    return _dumps(body)
+
+
+unknown_null = st.builds(
+    _with_unknown_null,
+    st.sampled_from(["top", "source", "destination"]),
+    st.sampled_from(sorted(DESTINATIONS)),
+    st.text(min_size=1, max_size=12).filter(lambda name: name not in KNOWN_FIELDS),
+)
+
+label = st.sampled_from(["a", "files", "x9", "example", "courier-test"])
+out_of_range_port = st.one_of(st.just(0), st.integers(min_value=65536, max_value=10**9))
+odd_host = st.one_of(
+    st.sampled_from(["xn--", "xn--zz", "xn--zz.example", "[::1", "[zz]", "-", ".", "..", ".a"]),
+    st.builds(  # two labels joined by something no host name holds
+        lambda a, sep, b: a + sep + b,
+        label,
+        st.sampled_from(["..", " ", "\u200b", "%", "<", ">", "^", "|", "\u3002\u3002"]),
+        label,
+    ),
+)
+bad_url = st.builds(
+    "{}://{}/a.pdf".format,
+    st.sampled_from(["http", "https"]),
+    st.one_of(
+        st.builds(
+            "{}:{}".format,
+            st.sampled_from(["127.0.0.1", "files.example", "[::1]", "localhost"]),
+            out_of_range_port,
+        ),
+        odd_host,
+    ),
+)
+
+
+def _with_url(where: str, url: str) -> bytes:
+    kind = "inconvo" if where == "inconvo source" else "mindset"
+    body: dict[str, Any] = {"source": dict(VALID_SOURCE), "destination": dict(DESTINATIONS[kind])}
+    if where.endswith("source"):
+        body["source"]["url"] = url
+    else:
+        body["destination"][where] = url
+    return _dumps(body)
+
+
+unusable_url = st.builds(
+    _with_url,
+    st.sampled_from(["inconvo source", "mindset source", "thumbnailUrl", "externalUrl"]),
+    bad_url,
+)
+
+
 hostile = st.one_of(
+    unknown_null,
+    unusable_url,
     st.binary(max_size=200),  # arbitrary bytes, mostly invalid UTF-8 / not JSON
     st.text(max_size=200).map(str.encode),
     json_value.map(_dumps),  # valid JSON of the wrong shape
@@ -164,6 +239,10 @@ hostile = st.one_of(
 )
 @given(body=hostile)
 @example(body=b'{"id": "its-own-id", "source": {"url": 7}}')
+@example(body=_with_url("inconvo source", "http://127.0.0.1:99999/x.csv"))
+@example(body=_with_url("inconvo source", "http://xn--/x.csv"))
+@example(body=_with_unknown_null("top", "inconvo", "typo"))
+@example(body=_with_unknown_null("destination", "mindset", "nmae"))
 def test_hostile_body_gets_one_invalid_request_event(rig: Rig, body: bytes) -> None:
     """Each hostile body ends in exactly one invalid_request event, and the service stays ready."""
     mid = f"fuzz-{next(rig.ids)}"

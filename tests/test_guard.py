@@ -7,14 +7,19 @@ import socket
 from typing import Any
 
 import pytest
+from yarl import URL
 
+from service.errors import CourierError, ErrorCode
 from service.sources.guard import (
     AddressPolicy,
     BlockedAddressError,
     GuardedResolver,
+    Resolve,
+    check_relayed_url,
     classify,
     numeric_host,
     parse_allowed_hosts,
+    relay_refusal,
 )
 
 DENY, ALLOW = False, True
@@ -213,3 +218,90 @@ async def test_resolver_refuses_when_any_address_is_private() -> None:
         await guarded.resolve("rebind.example", 80)
     public = GuardedResolver(AddressPolicy(), _CannedResolver(["93.184.216.34"]))  # type: ignore[arg-type]
     assert [r["host"] for r in await public.resolve("ok.example", 80)] == ["93.184.216.34"]
+
+
+def _resolver(*addresses: str) -> tuple[list[str], Resolve]:
+    """A stub resolver answering ``addresses`` for any name; records the names it was asked."""
+    asked: list[str] = []
+
+    async def resolve(host: str, port: int) -> list[str]:
+        asked.append(host)
+        return list(addresses)
+
+    return asked, resolve
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1./a.pdf",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://[::1]:8080/a.pdf",
+        "http://2130706433/a.pdf",
+        "http://0x7f.1./a.pdf",
+    ],
+)
+async def test_relayed_literal_addresses_are_refused_without_lookup(url: str) -> None:
+    """A URL another service will fetch on Courier's word is refused for a literal private address."""
+    asked, resolve = _resolver("93.184.216.34")
+    reason = await relay_refusal(URL(url), AddressPolicy(), resolve)
+    assert reason is not None
+    assert asked == []
+
+
+async def test_relayed_localhost_is_refused() -> None:
+    """localhost resolves (from /etc/hosts, no DNS) to loopback: refused."""
+    reason = await relay_refusal(URL("http://localhost/a.pdf"), AddressPolicy())
+    assert reason is not None and "loopback" in reason
+
+
+@pytest.mark.parametrize(
+    ("addresses", "allowed"),
+    [
+        (("10.0.0.5",), False),
+        (("93.184.216.34", "10.0.0.5"), False),
+        (("fd00::1",), False),
+        (("93.184.216.34",), True),
+    ],
+)
+async def test_relayed_name_is_checked_by_every_address(
+    addresses: tuple[str, ...], allowed: bool
+) -> None:
+    """A name is resolved (never connected to): any private address among its answers refuses it."""
+    asked, resolve = _resolver(*addresses)
+    reason = await relay_refusal(URL("https://intranet.example/a.pdf"), AddressPolicy(), resolve)
+    assert (reason is None) is allowed, reason
+    assert asked == ["intranet.example"]
+
+
+async def test_relayed_url_follows_the_configured_policy() -> None:
+    """allow_private and the allowlist open relayed URLs exactly as they open source fetches."""
+    asked, resolve = _resolver("10.0.0.5")
+    open_policy = AddressPolicy(allow_private=True)
+    assert await relay_refusal(URL("http://intranet.example/a"), open_policy, resolve) is None
+    listed = AddressPolicy(allowed_hosts=parse_allowed_hosts(["intranet.example"]))
+    assert await relay_refusal(URL("http://intranet.example/a"), listed, resolve) is None
+    assert await relay_refusal(URL("http://other.example/a"), listed, resolve) is not None
+    assert asked == []
+
+
+async def test_check_relayed_url_codes() -> None:
+    """Refused is source_blocked; a name that does not resolve is source_unavailable (retried)."""
+    _, private = _resolver("10.0.0.5")
+    with pytest.raises(CourierError) as info:
+        await check_relayed_url("http://intranet.example/a", AddressPolicy(), private)
+    assert info.value.code is ErrorCode.SOURCE_BLOCKED
+
+    async def unknown(host: str, port: int) -> list[str]:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    with pytest.raises(CourierError) as info:
+        await check_relayed_url("http://nowhere.example/a", AddressPolicy(), unknown)
+    assert info.value.code is ErrorCode.SOURCE_UNAVAILABLE
+    assert info.value.retryable
+
+
+def test_numeric_spelling_with_a_trailing_dot_is_an_address() -> None:
+    """`127.0.0.1.` is the loopback address, refused before any lookup, for sources too."""
+    assert str(numeric_host("127.0.0.1.")) == "127.0.0.1"
+    assert AddressPolicy().check_host("127.0.0.1.", 80) is not None

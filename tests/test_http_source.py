@@ -11,15 +11,17 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aio_pika.abc import AbstractRobustConnection
 
 from service.config import Settings
 from service.contracts import SourceSpec, UploadRequest
 from service.errors import CourierError, ErrorCode
-from service.runtime import pipeline_for
+from service.runtime import Service, pipeline_for
 from service.sources.base import SizeLimit, spool
 from service.sources.guard import AddressPolicy, guarded_connector, parse_allowed_hosts
 from service.sources.http import HttpSource
-from tests.support import FileServer, inconvo_request
+from testbed.fakes import FakeInconvo
+from testbed.support import EventCollector, FileServer, Names, inconvo_request, publish
 
 LIMIT = SizeLimit(2 * 1024 * 1024, "test")
 
@@ -44,7 +46,7 @@ pytestmark = pytest.mark.usefixtures("fast_retries")
 
 async def _fail(source: HttpSource, spec: SourceSpec, limit: SizeLimit = LIMIT) -> CourierError:
     with pytest.raises(CourierError) as info:
-        async with source.open(spec, limit):
+        async with await source.fetch(spec, limit):
             pass
     return info.value
 
@@ -56,7 +58,7 @@ async def test_fetch_spools_with_size_and_sha256(
     """The file arrives whole with its size, hash, name and type; big ones in a temp file, gone after."""
     body = b"a,b\n" * rows
     url = files.add("/reports/sales%20q4.csv", body, content_type="text/csv; charset=utf-8")
-    async with source.open(SourceSpec(url=url), LIMIT) as fetched:
+    async with await source.fetch(SourceSpec(url=url), LIMIT) as fetched:
         assert await fetched.read() == body
         assert fetched.size == len(body)
         assert fetched.sha256 == hashlib.sha256(body).hexdigest()
@@ -97,11 +99,11 @@ async def test_name_and_type_precedence(source: HttpSource, files: FileServer) -
         content_type="application/octet-stream",
         headers={"Content-Disposition": 'attachment; filename="../../evil/data.json"'},
     )
-    async with source.open(SourceSpec(url=url), LIMIT) as fetched:
+    async with await source.fetch(SourceSpec(url=url), LIMIT) as fetched:
         assert fetched.file_name == "data.json"
         assert fetched.content_type == "application/json"
     spec = SourceSpec(url=url, fileName="mine.csv", contentType="text/csv")
-    async with source.open(spec, LIMIT) as fetched:
+    async with await source.fetch(spec, LIMIT) as fetched:
         assert (fetched.file_name, fetched.content_type) == ("mine.csv", "text/csv")
 
 
@@ -131,7 +133,7 @@ async def test_gzip_counts_decoded_bytes(source: HttpSource, files: FileServer) 
     bomb = files.add("/bomb.csv", b"0" * 3_000_000, gzip=True)
     assert (await _fail(source, SourceSpec(url=bomb))).code is ErrorCode.TOO_LARGE
     ok = files.add("/ok.csv", b"1,2\n" * 100, gzip=True)
-    async with source.open(SourceSpec(url=ok), LIMIT) as fetched:
+    async with await source.fetch(SourceSpec(url=ok), LIMIT) as fetched:
         assert await fetched.read() == b"1,2\n" * 100
 
 
@@ -157,6 +159,58 @@ async def test_status_codes_map_to_contract_codes(
     assert error.retryable is (code is ErrorCode.SOURCE_UNAVAILABLE)
 
 
+@pytest.mark.parametrize(
+    ("status", "body", "code"),
+    [
+        (204, b"", ErrorCode.SOURCE_NOT_FOUND),
+        (205, b"", ErrorCode.SOURCE_NOT_FOUND),
+        (206, b"a,b", ErrorCode.SOURCE_NOT_FOUND),
+        (201, b"created", ErrorCode.SOURCE_NOT_FOUND),
+        (202, b"still preparing", ErrorCode.SOURCE_UNAVAILABLE),
+        (300, b"choose", ErrorCode.SOURCE_NOT_FOUND),
+        (302, b"", ErrorCode.SOURCE_NOT_FOUND),
+        (304, b"", ErrorCode.SOURCE_NOT_FOUND),
+    ],
+)
+async def test_only_a_200_answer_is_taken_as_the_file(
+    source: HttpSource, files: FileServer, status: int, body: bytes, code: ErrorCode
+) -> None:
+    """A 2xx other than 200/203, or a redirect without Location, is no file: it is never uploaded."""
+    url = files.add("/odd.csv", body, status=status)
+    error = await _fail(source, SourceSpec(url=url))
+    assert (error.code, error.http_status) == (code, status)
+    assert error.retryable is (code is ErrorCode.SOURCE_UNAVAILABLE)
+
+
+async def test_203_answer_is_the_file(source: HttpSource, files: FileServer) -> None:
+    """203 (a transforming proxy's 200) carries the file."""
+    url = files.add("/proxied.csv", b"1,2\n", status=203)
+    async with await source.fetch(SourceSpec(url=url), LIMIT) as fetched:
+        assert await fetched.read() == b"1,2\n"
+
+
+@pytest.mark.parametrize(
+    ("location", "code"),
+    [
+        ("http://127.0.0.1:99999/x.csv", ErrorCode.SOURCE_NOT_FOUND),
+        ("http://[::1/x.csv", ErrorCode.SOURCE_NOT_FOUND),
+        ("http://xn--/x.csv", ErrorCode.SOURCE_NOT_FOUND),
+        ("http://exa mple.com/x.csv", ErrorCode.SOURCE_NOT_FOUND),
+        ("", ErrorCode.SOURCE_NOT_FOUND),
+        ("ftp://files.example/x.csv", ErrorCode.UNSUPPORTED_SOURCE),
+    ],
+)
+async def test_redirect_to_an_unusable_url(
+    source: HttpSource, files: FileServer, location: str, code: ErrorCode
+) -> None:
+    """A Location no fetch could follow is a permanent source error, never internal_error."""
+    url = files.add("/moved.csv", status=302, headers={"Location": location})
+    error = await _fail(source, SourceSpec(url=url))
+    assert error.code is code
+    assert not error.retryable
+    assert files.hits == ["/moved.csv"]
+
+
 async def test_transient_errors_are_retried_in_process(
     source: HttpSource, files: FileServer
 ) -> None:
@@ -170,7 +224,7 @@ async def test_redirects_followed_and_capped(source: HttpSource, files: FileServ
     """Redirects are followed (each re-checked); more than five is source_not_found."""
     files.add("/final.csv", b"1\n")
     url = files.add("/r1", redirect=files.url("/final.csv"))
-    async with source.open(SourceSpec(url=url), LIMIT) as fetched:
+    async with await source.fetch(SourceSpec(url=url), LIMIT) as fetched:
         assert await fetched.read() == b"1\n"
         assert fetched.file_name == "r1"  # the name comes from the URL as given
     for i in range(7):
@@ -197,7 +251,7 @@ async def test_temp_file_removed_on_cancellation(
     started = asyncio.Event()
 
     async def fetch() -> None:
-        async with source.open(SourceSpec(url=url), SizeLimit(100 * 1024 * 1024, "t")):
+        async with await source.fetch(SourceSpec(url=url), SizeLimit(100 * 1024 * 1024, "t")):
             pass
 
     task = asyncio.create_task(fetch())
@@ -229,3 +283,24 @@ async def test_source_cookies_are_not_kept(
     assert first.error is None and second.error is None
     assert len(files.hit_headers) == 2
     assert "Cookie" not in files.hit_headers[1]
+
+
+async def test_request_with_a_broken_traceparent_still_succeeds(
+    service: Service,
+    amqp: AbstractRobustConnection,
+    names: Names,
+    files: FileServer,
+    inconvo: FakeInconvo,
+    collector: EventCollector,
+) -> None:
+    """A traceparent with a trailing newline is dropped: the upload succeeds, nothing carries it on."""
+    url = files.add("/traced.csv", b"a\n1\n")
+    broken = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\n"
+    await publish(
+        amqp, names.queue, inconvo_request(url, "traced"), headers={"traceparent": broken}
+    )
+    [event] = await collector.wait_for(1)
+    assert event["data"]["status"] == "succeeded", event["data"]
+    assert "traceparent" not in (collector.messages[0].headers or {})
+    assert "traceparent" not in files.hit_headers[0]
+    assert len(inconvo.uploads) == 1

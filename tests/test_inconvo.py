@@ -16,9 +16,9 @@ from service.errors import CourierError, ErrorCode
 from service.messages import parse_request
 from service.sources.guard import AddressPolicy, guarded_connector, parse_allowed_hosts
 from service.sources.http import HttpSource
+from testbed.fakes import FakeInconvo
+from testbed.support import FileServer
 from tests.conftest import INCONVO_KEY
-from tests.fakes import FakeInconvo
-from tests.support import FileServer
 
 pytestmark = pytest.mark.usefixtures("fast_retries")
 

@@ -19,9 +19,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from service.config import Settings
 from service.logs import log_context, setup_logging
 from service.tracing import otel_enabled, setup_otel, shutdown_otel, use_tracer_provider
+from testbed.fakes import FakeInconvo
+from testbed.support import EventCollector, FileServer, Names, inconvo_request, publish
 from tests.conftest import INCONVO_KEY, MINDSET_KEY, running
-from tests.fakes import FakeInconvo
-from tests.support import EventCollector, FileServer, Names, inconvo_request, publish
 
 pytestmark = pytest.mark.usefixtures("fast_retries")
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
@@ -53,7 +53,8 @@ async def test_metrics_scrape_matches_what_happened(
 ) -> None:
     """After a mixed run, /metrics passes `promtool check metrics` and its counters match the events."""
     good = files.add("/a.csv", b"1,2\n3,4\n")
-    async with running(make_settings(max_attempts=2)) as service:
+    # Six 503s in a row would open the breaker (its metrics: tests/test_flow_control.py).
+    async with running(make_settings(max_attempts=2, breaker_threshold=100)) as service:
         for i in range(3):
             await publish(
                 amqp,

@@ -3,32 +3,42 @@
 from __future__ import annotations
 
 import base64
+import contextlib
+import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, quote, urlsplit
 
 import aiohttp
 import pytest
 from aio_pika.abc import AbstractRobustConnection
 from aiobotocore.config import AioConfig
+from aiobotocore.credentials import AioRefreshableCredentials
 from aiobotocore.session import get_session
 from aiohttp import web
+from botocore.exceptions import ParamValidationError
 
 from service.config import Settings
 from service.contracts import SourceSpec
 from service.destinations.mindset import api_length, infer_mime_type
 from service.errors import CourierError, ErrorCode, RetryableError
 from service.sources.base import SizeLimit
-from service.sources.s3 import S3Location, S3Source, env_proxy
+from service.sources.s3 import S3Source, env_proxy
+from service.sources.s3_errors import S3Location, map_error
+from testbed.fakes import FakeInconvo, FakeMindset
+from testbed.loopback import serve
+from testbed.support import EventCollector, FileServer, Names, drain, publish
 from tests.conftest import AWS_SECRET, running
-from tests.fakes import FakeInconvo, FakeMindset
-from tests.support import EventCollector, FileServer, Names, drain, publish
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
 
 SIGV4 = AioConfig(signature_version="s3v4")  # as the service's client
+# botocore's own retries off: the tests count Courier's tries, without botocore's backoff.
+ONE_TRY = AioConfig(signature_version="s3v4", retries={"max_attempts": 1})
+LIMIT = SizeLimit(1 << 20, "test")
 PDF = b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF\n"
 
 
@@ -114,7 +124,7 @@ async def test_bucket_outside_allowlist_makes_no_s3_call(
         assert sent == []
         allowed = S3Source(client, http, allowed_buckets=(bucket,))
         allowed.check(spec)
-        async with allowed.open(spec, SizeLimit(1024, "t")) as fetched:
+        async with await allowed.fetch(spec, SizeLimit(1024, "t")) as fetched:
             assert await fetched.read() == b"1\n"
         assert len(sent) == 1  # the positive control: a real call is seen
 
@@ -127,14 +137,16 @@ async def test_s3_error_mapping(s3_endpoint: str, s3: S3Client, bucket: str) -> 
     ):
         source = S3Source(client, http)
         with pytest.raises(CourierError) as info:
-            async with source.open(
+            async with await source.fetch(
                 SourceSpec(url=f"s3://{bucket}-missing/a.csv"), SizeLimit(10, "t")
             ):
                 pass
         assert info.value.code is ErrorCode.SOURCE_NOT_FOUND
         await s3.put_object(Bucket=bucket, Key="big.csv", Body=b"x" * 100)
         with pytest.raises(CourierError) as info:
-            async with source.open(SourceSpec(url=f"s3://{bucket}/big.csv"), SizeLimit(10, "t")):
+            async with await source.fetch(
+                SourceSpec(url=f"s3://{bucket}/big.csv"), SizeLimit(10, "t")
+            ):
                 pass
         assert info.value.code is ErrorCode.TOO_LARGE
     assert S3Location.parse(f"s3://{bucket}/a%2Fb%20c.csv?versionId=x").key == "a/b c.csv"
@@ -187,47 +199,238 @@ async def test_describe_heads_a_presigned_url(s3: S3Client, bucket: str) -> None
         assert info.value.http_status == 404
 
 
+@contextlib.asynccontextmanager
+async def fake_s3(
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> AsyncIterator[S3Source]:
+    """An S3Source whose S3 endpoint is ``handler`` on loopback."""
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    server = await serve(app)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", server.url)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test-key-id")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", AWS_SECRET)
+    try:
+        async with (
+            get_session().create_client("s3", region_name="us-east-1", config=ONE_TRY) as client,
+            aiohttp.ClientSession() as http,
+        ):
+            yield S3Source(client, http)
+    finally:
+        await server.close()
+
+
+def s3_error(status: int, code: str, **headers: str) -> web.Response:
+    """An S3 error answer as S3 writes it."""
+    body = f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code><Message>m</Message></Error>"
+    return web.Response(
+        status=status, body=body.encode(), content_type="application/xml", headers=headers
+    )
+
+
 @pytest.mark.parametrize(
     ("status", "code", "retryable"),
     [
         (403, ErrorCode.SOURCE_FORBIDDEN, False),
         (503, ErrorCode.SOURCE_UNAVAILABLE, True),
-        (301, ErrorCode.SOURCE_UNAVAILABLE, True),
+        (307, ErrorCode.SOURCE_UNAVAILABLE, True),
+        (301, ErrorCode.SOURCE_NOT_FOUND, False),
+        (400, ErrorCode.SOURCE_NOT_FOUND, False),
     ],
 )
 async def test_describe_maps_head_answers(
     status: int, code: ErrorCode, retryable: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A HEAD answered 403 is source_forbidden; 503 (retried first) and redirects, source_unavailable."""
+    """A HEAD answered 403 is source_forbidden; 503 and 307 (retried first) source_unavailable;
+    301 (another region, none named) and 400 (a bad versionId) fail at once, never retried."""
     seen: list[str] = []
 
     async def answer(request: web.Request) -> web.Response:
         seen.append(request.method)
         return web.Response(status=status, headers={"Retry-After": "0"})
 
-    app = web.Application()
-    app.router.add_route("HEAD", "/{tail:.*}", answer)
-    runner = web.AppRunner(app, access_log=None)  # its log would show the signature
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{port}")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test-key-id")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", AWS_SECRET)
-    try:
-        async with (
-            get_session().create_client("s3", region_name="us-east-1", config=SIGV4) as client,
-            aiohttp.ClientSession() as http,
-        ):
-            with pytest.raises(CourierError) as info:
-                await S3Source(client, http).describe(SourceSpec(url="s3://media/a.mp4"))
-    finally:
-        await runner.cleanup()
+    async with fake_s3(answer, monkeypatch) as source:
+        with pytest.raises(CourierError) as info:
+            await source.describe(SourceSpec(url="s3://media/a.mp4?versionId=v1"))
     assert info.value.code is code
     assert info.value.http_status == status
     assert isinstance(info.value, RetryableError) is retryable
     assert seen == ["HEAD"] * (3 if retryable else 1)
+
+
+async def test_describe_presigns_for_the_bucket_region(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A HEAD answered 301 with x-amz-bucket-region is signed again for that region, and so is the GET URL."""
+    credentials: list[str] = []
+
+    async def answer(request: web.Request) -> web.Response:
+        credentials.append(request.query["X-Amz-Credential"].split("/")[2])
+        if request.query["X-Amz-Credential"].split("/")[2] != "eu-west-1":
+            return web.Response(status=301, headers={"x-amz-bucket-region": "eu-west-1"})
+        return web.Response(body=b"0123456789", content_type="video/mp4")
+
+    async with fake_s3(answer, monkeypatch) as source:
+        facts = await source.describe(SourceSpec(url="s3://far-away/talk.mp4"))
+        again = await source.describe(SourceSpec(url="s3://far-away/other.mp4"))
+    assert credentials == ["us-east-1", "eu-west-1", "eu-west-1"]  # the region is remembered
+    for found in (facts, again):
+        assert "/eu-west-1/" in parse_qs(urlsplit(found.fetch_url).query)["X-Amz-Credential"][0]
+    assert (facts.size, facts.content_type) == (10, "video/mp4")
+
+
+@pytest.mark.parametrize(
+    ("status", "s3_code", "code"),
+    [
+        (400, "InvalidArgument", ErrorCode.SOURCE_NOT_FOUND),  # a malformed versionId
+        (301, "PermanentRedirect", ErrorCode.SOURCE_NOT_FOUND),  # another region, none named
+        (405, "MethodNotAllowed", ErrorCode.SOURCE_NOT_FOUND),  # the version is a delete marker
+        (400, "RequestTimeout", ErrorCode.SOURCE_UNAVAILABLE),
+    ],
+)
+async def test_get_object_answers_that_cannot_change_are_not_retried(
+    status: int, s3_code: str, code: ErrorCode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """S3 errors other than 404/403 are retried only when a retry can help."""
+    seen: list[str] = []
+
+    async def answer(request: web.Request) -> web.Response:
+        seen.append(request.method)
+        # As S3 does; here a region botocore's redirect cannot help with (one endpoint).
+        return s3_error(status, s3_code, **{"x-amz-bucket-region": "eu-west-1"})
+
+    async with fake_s3(answer, monkeypatch) as source:
+        with pytest.raises(CourierError) as info:
+            async with await source.fetch(SourceSpec(url="s3://media/a.csv?versionId=x"), LIMIT):
+                pass
+    assert info.value.code is code
+    assert info.value.retryable is (code is ErrorCode.SOURCE_UNAVAILABLE)
+    if info.value.retryable:
+        assert len(seen) >= 3  # Courier's three tries (botocore may add its own)
+    else:
+        assert len(seen) <= 2  # botocore may follow a redirect once; Courier adds nothing
+    if s3_code == "PermanentRedirect":
+        assert "eu-west-1" in info.value.message and "AWS_REGION" in info.value.message
+
+
+def test_parameters_botocore_refuses_are_invalid_request() -> None:
+    """A parameter botocore refuses before any call cannot succeed later: invalid_request."""
+    where = S3Location("bad:bucket", "k", None)
+    error = map_error(ParamValidationError(report="Invalid bucket name"), where)
+    assert error.code is ErrorCode.INVALID_REQUEST
+    assert not error.retryable
+
+
+async def test_connection_lost_mid_body_is_retryable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An S3 body cut short (aiohttp's ClientPayloadError) is source_unavailable, retried."""
+    sent: list[int] = []
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Length": "100000"})
+        await response.prepare(request)
+        await response.write(b"a," * 500)
+        sent.append(1)
+        assert request.transport is not None
+        request.transport.close()  # the connection drops mid-body
+        return response
+
+    async with fake_s3(answer, monkeypatch) as source:
+        with pytest.raises(CourierError) as info:
+            async with await source.fetch(SourceSpec(url="s3://media/a.csv"), LIMIT):
+                pass
+    assert info.value.code is ErrorCode.SOURCE_UNAVAILABLE
+    assert info.value.retryable
+    assert len(sent) == 3
+
+
+class _TemporaryCredentials:
+    """A credential provider handing out refreshable credentials that expire, as IRSA's do."""
+
+    METHOD = "test-temporary"
+
+    def __init__(self, lifetime: float, token: str) -> None:
+        self.metadata = {
+            "access_key": "ASIATESTCOURIER0002",
+            "secret_key": AWS_SECRET,
+            "token": token,
+            "expiry_time": (datetime.now(UTC) + timedelta(seconds=lifetime)).isoformat(),
+        }
+
+    async def load(self) -> AioRefreshableCredentials:
+        async def refresh() -> dict[str, str]:
+            return self.metadata
+
+        return AioRefreshableCredentials.create_from_metadata(
+            metadata=self.metadata, refresh_using=refresh, method=self.METHOD
+        )
+
+
+@contextlib.asynccontextmanager
+async def temporary_credentials_source(
+    lifetime: float, token: str = "IQoJb3JpZ2luX2VjE" + "x" * 300, ttl: int = 12 * 3600
+) -> AsyncIterator[S3Source]:
+    """An S3Source (on moto) whose client signs with temporary credentials."""
+    session = get_session()
+    session.get_component("credential_provider").insert_before(
+        "env", _TemporaryCredentials(lifetime, token)
+    )
+    async with (
+        session.create_client("s3", region_name="us-east-1", config=SIGV4) as client,
+        aiohttp.ClientSession() as http,
+    ):
+        yield S3Source(client, http, presign_ttl=ttl)
+
+
+async def test_presigned_url_lives_no_longer_than_its_credentials(
+    s3: S3Client, bucket: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With credentials expiring in an hour, a 12 h COURIER_PRESIGN_TTL is capped to the hour, said once."""
+    await s3.put_object(Bucket=bucket, Key="talk.mp4", Body=b"0" * 10)
+    caplog.set_level(logging.INFO, logger="service.sources.s3")
+    async with temporary_credentials_source(3600) as source:
+        first = await source.describe(SourceSpec(url=f"s3://{bucket}/talk.mp4"))
+        second = await source.describe(SourceSpec(url=f"s3://{bucket}/talk.mp4"))
+    for facts in (first, second):
+        query = parse_qs(urlsplit(facts.fetch_url).query)
+        assert 3500 <= int(query["X-Amz-Expires"][0]) <= 3600
+        assert "X-Amz-Security-Token" in query
+    warnings = [r for r in caplog.records if "COURIER_PRESIGN_TTL" in r.getMessage()]
+    assert len(warnings) == 1
+    assert warnings[0].levelno == logging.WARNING
+
+
+async def test_presign_report(s3_endpoint: str) -> None:
+    """The start-up check names COURIER_PRESIGN_TTL when credentials expire first, and a session
+    token that leaves presigned URLs little room under Mindset's 2048 characters."""
+    async with temporary_credentials_source(3600, ttl=600) as fine:
+        assert await fine.presign_report() is None
+    async with temporary_credentials_source(3600) as short:
+        report = await short.presign_report()
+        assert report is not None and "COURIER_PRESIGN_TTL" in report and "12h" in report
+    async with temporary_credentials_source(7200, token="T" * 1900, ttl=3600) as long:
+        report = await long.presign_report()
+        assert report is not None and "2048" in report and "session token" in report
+    assert AWS_SECRET not in report
+
+
+async def test_presigned_url_over_mindset_limit(
+    s3: S3Client,
+    bucket: str,
+    make_settings: Callable[..., Settings],
+    amqp: AbstractRobustConnection,
+    names: Names,
+    mindset: FakeMindset,
+    collector: EventCollector,
+) -> None:
+    """A presigned URL over Mindset's 2048 characters is a permanent destination_rejected, not invalid_request."""
+    key = "\u00e9" * 500 + ".mp4"  # 1004 bytes, three characters each when percent-encoded
+    await s3.put_object(Bucket=bucket, Key=key, Body=b"0" * 10)
+    async with running(make_settings()):
+        await publish(amqp, names.queue, mindset_request(f"s3://{bucket}/{quote(key)}", "long"))
+        [event] = await collector.wait_for(1)
+    error = event["data"]["error"]
+    assert (error["code"], error["retryable"]) == ("destination_rejected", False)
+    assert "2048" in error["message"]
+    assert mindset.requests == []
 
 
 def test_env_proxy_follows_https_proxy_and_no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -419,3 +622,50 @@ def test_mime_inference(content_type: str | None, name: str, expected: str | Non
 def test_api_length_counts_utf16_units() -> None:
     """Characters outside the BMP count twice, as the API (JavaScript) counts them."""
     assert api_length("a🚀") == 3
+
+
+async def test_default_name_is_cut_as_the_api_counts(
+    make_settings: Callable[..., Settings],
+    amqp: AbstractRobustConnection,
+    names: Names,
+    files: FileServer,
+    mindset: FakeMindset,
+    collector: EventCollector,
+) -> None:
+    """A file name over 100 UTF-16 code units becomes a name of at most 100, never half a character."""
+    name = "🚀" * 60 + ".pdf"  # 64 code points, 124 code units
+    url = files.add("/" + quote(name), PDF, content_type="application/pdf")
+    async with running(make_settings()):
+        await publish(amqp, names.queue, mindset_request(url, "rockets"))
+        [event] = await collector.wait_for(1)
+    assert event["data"]["status"] == "succeeded", event["data"]
+    [ingest] = mindset.ingests
+    assert ingest.body["name"] == "🚀" * 50
+    assert api_length(ingest.body["name"]) == 100
+
+
+@pytest.mark.parametrize(
+    ("url", "bucket", "key", "version"),
+    [
+        ("s3://b-1/reports/q4%23final.csv", "b-1", "reports/q4#final.csv", None),
+        ("s3://b-1//leading.csv", "b-1", "/leading.csv", None),
+        ("s3://b-1/a.csv?versionId=3%2Fx", "b-1", "a.csv", "3/x"),
+    ],
+)
+def test_s3_location_key_is_everything_after_the_bucket(
+    url: str, bucket: str, key: str, version: str | None
+) -> None:
+    """No part of the key is cut: a leading '/' stays, an encoded '#' is part of it."""
+    location = S3Location.parse(url)
+    assert (location.bucket, location.key, location.version_id) == (bucket, key, version)
+
+
+@pytest.mark.parametrize(
+    "url", ["s3://b-1/reports/q4#final.csv", "s3://b-1/a.csv?x=1", "s3://user:pw@b-1/a.csv"]
+)
+def test_s3_location_refuses_what_would_name_another_object(url: str) -> None:
+    """A raw '#', a foreign query or user-info is invalid_request, never a different object."""
+    with pytest.raises(CourierError) as info:
+        S3Location.parse(url)
+    assert info.value.code is ErrorCode.INVALID_REQUEST
+    assert "pw" not in info.value.message

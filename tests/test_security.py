@@ -15,18 +15,19 @@ from aio_pika.abc import AbstractRobustConnection
 from service.config import Settings
 from service.logs import setup_logging
 from service.redact import mask_text, redact_url
-from tests.conftest import AWS_SECRET, INCONVO_KEY, MINDSET_KEY, running
-from tests.fakes import FakeInconvo, FakeMindset
-from tests.support import (
+from testbed.fakes import FakeInconvo, FakeMindset
+from testbed.support import (
     CourierProcess,
     EventCollector,
     FileServer,
     Names,
     courier_env,
+    drain,
     free_port,
     inconvo_request,
     publish,
 )
+from tests.conftest import AWS_SECRET, INCONVO_KEY, MINDSET_KEY, running
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
@@ -113,6 +114,41 @@ async def test_default_policy_blocks_every_loopback_spelling(
     assert AddressPolicy().check_host("169.254.169.254", 80) is not None
 
 
+async def test_urls_handed_to_mindset_obey_the_address_policy(
+    s3: S3Client,
+    make_settings: Callable[..., Settings],
+    amqp: AbstractRobustConnection,
+    names: Names,
+    other: FileServer,
+    mindset: FakeMindset,
+    collector: EventCollector,
+) -> None:
+    """sourceUrl (http), thumbnailUrl and externalUrl at loopback forms are source_blocked: Mindset is never sent there."""
+    await s3.create_bucket(Bucket="relay")
+    await s3.put_object(Bucket="relay", Key="talk.mp4", Body=b"\x00" * 64)
+    talk = "s3://relay/talk.mp4"
+    requests = {
+        "source-localhost": (f"http://localhost:{other.port}/a.pdf", {}),
+        "source-dot": (f"http://127.0.0.1.:{other.port}/a.pdf", {}),
+        "thumbnail": (talk, {"thumbnailUrl": f"http://localhost:{other.port}/t.png"}),
+        "thumbnail-dot": (talk, {"thumbnailUrl": "http://127.0.0.1./t.png"}),
+        "external": (talk, {"externalUrl": "http://169.254.169.254/latest/meta-data/"}),
+    }
+    async with running(make_settings(source_allowed_hosts=())):
+        for rid, (url, extra) in requests.items():
+            body = {
+                "id": rid,
+                "source": {"url": url},
+                "destination": {"type": "mindset", "appUid": "a", "contextUid": "c", **extra},
+            }
+            await publish(amqp, names.queue, body)
+        events = await collector.wait_for(len(requests))
+    codes = {e["data"]["requestId"]: e["data"]["error"]["code"] for e in events}
+    assert codes == dict.fromkeys(requests, "source_blocked")
+    assert mindset.requests == []
+    assert other.hits == []
+
+
 async def test_gzip_bomb_and_endless_chunked_body_are_too_large(
     make_settings: Callable[..., Settings],
     amqp: AbstractRobustConnection,
@@ -187,10 +223,45 @@ async def test_no_secret_reaches_logs_or_events(
     assert {e["data"]["requestId"] for e in events} == {"echo", "s3", "presign", "userinfo"}
 
 
+async def test_user_info_is_never_echoed(
+    make_settings: Callable[..., Settings],
+    amqp: AbstractRobustConnection,
+    names: Names,
+    collector: EventCollector,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """User-info in an S3 URL (bucket allowlist set) or cut short by a '#' reaches no event, header or log."""
+    caplog.set_level(logging.DEBUG)
+    secret = "s3cr3t-pw"
+    urls = {
+        "s3": f"s3://user:{secret}@refused-bucket/k.csv",
+        "s3-allowed": f"s3://user:{secret}@allowed-bucket/k.csv",
+        "cut": f"http://user:{secret}#x@127.0.0.1/k.csv",
+    }
+    async with running(make_settings(s3_allowed_buckets=("allowed-bucket",))):
+        for rid, url in urls.items():
+            await publish(amqp, names.queue, inconvo_request(url, rid))
+        events = await collector.wait_for(len(urls))
+        dead = [m async for m in drain(amqp, names.dead_queue)]
+    assert {e["data"]["error"]["code"] for e in events} == {"invalid_request"}
+    assert len(dead) == len(urls)
+    published = [m.body.decode() + repr(m.headers) for m in collector.messages]
+    headers = [repr(m.headers) for m in dead]
+    # Courier's own records; aiormq's DEBUG frame dumps show the producer's body as sent.
+    logs = [r.getMessage() for r in caplog.records if r.name.startswith("service")]
+    assert logs
+    for text in (*published, *headers, *logs):
+        assert secret not in text
+
+
 @pytest.mark.parametrize(
     ("url", "shown"),
     [
         ("https://user:pw@files.example/a.csv?sig=1#x", "https://files.example/a.csv"),
+        ("s3://user:pw@b/k.csv", "s3://b/k.csv"),
+        ("http://user:p#w@host/x.csv", "<unparseable URL>"),
+        ("http://user:pa/ss@host/x.csv", "<unparseable URL>"),
+        ("http://user:pa?ss@host/x.csv", "<unparseable URL>"),
         ("s3://b/k.csv?versionId=v1&X-Amz-Signature=s", "s3://b/k.csv?versionId=v1"),
         (
             "https://b.s3.amazonaws.com/k?X-Amz-Credential=AKIA&X-Amz-Signature=ff",
@@ -201,6 +272,23 @@ async def test_no_secret_reaches_logs_or_events(
 def test_redact_url(url: str, shown: str) -> None:
     """Event URLs lose user-info and query (an s3 URL keeps versionId)."""
     assert redact_url(url) == shown
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "bucket 'user:pw-9@refused' is not in the allowed buckets",
+        "cannot fetch s3://user:pw-9@bucket/k.csv",
+        "cannot fetch http://user:pw-9/x@host/k.csv",
+        "cannot fetch http://user:pw-9?x@host/k.csv",
+        "see user:pw-9@host for details",
+    ],
+)
+def test_mask_text_masks_user_info_in_any_form(text: str) -> None:
+    """User-info is masked with or without a scheme, and when the password holds '/' or '?'."""
+    masked = mask_text(text)
+    assert "pw-9" not in masked
+    assert "***@" in masked
 
 
 def test_mask_text() -> None:

@@ -12,7 +12,6 @@ from pydantic import SecretStr
 from service.contracts import (
     INCONVO_EXTENSIONS,
     InconvoDestination,
-    SourceInfo,
     UploadRequest,
     check_upload_file_name,
 )
@@ -105,19 +104,10 @@ class Inconvo:
         destination = request.destination
         assert isinstance(destination, InconvoDestination)  # noqa: S101
         url = self._base_url + dataset_path(destination, self._agent_id)
-        async with source.open(request.source, LIMIT) as fetched:
+        async with await source.fetch(request.source, LIMIT) as fetched:
             name = upload_name(destination.fileName or fetched.file_name)
             result = await retried(lambda: self._upload(url, fetched, name, destination.notes))
-        return Delivered(
-            result=result,
-            delivery="multipart",
-            source=SourceInfo(
-                url=fetched.url,
-                bytes=fetched.size,
-                contentType=fetched.content_type,
-                sha256=fetched.sha256,
-            ),
-        )
+        return Delivered(result=result, delivery="multipart", source=fetched.info())
 
     async def _upload(self, url: str, fetched: FetchedFile, name: str, notes: str | None) -> Any:
         assert self._api_key is not None  # noqa: S101 - the pipeline checks configured()

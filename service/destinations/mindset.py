@@ -10,10 +10,14 @@ import aiohttp
 from pydantic import SecretStr
 
 from service.contracts import (
+    MINDSET_MAX_NAME,
+    MINDSET_MAX_URL,
     MINDSET_MIME_TYPES,
     MindsetDestination,
     SourceInfo,
     UploadRequest,
+    api_cut,
+    api_length,
     check_mindset_delivery,
 )
 from service.destinations.base import (
@@ -33,10 +37,11 @@ from service.sources.base import (
     name_from_url,
     pick_name,
 )
+from service.sources.guard import AddressPolicy, Resolve, check_relayed_url, system_resolve
 
 MAX_CONTENT = 65536  # characters, as the API counts them (UTF-16 code units)
-MAX_SOURCE_URL = 2048
-MAX_NAME = 100
+MAX_SOURCE_URL = MINDSET_MAX_URL
+MAX_NAME = MINDSET_MAX_NAME
 _TEXT = frozenset({"text/plain", "text/html"})
 # What a UTF-8 text of MAX_CONTENT characters can take at most, and the bytes whose
 # base64 fits in MAX_CONTENT characters: larger files are refused while streaming.
@@ -86,11 +91,6 @@ def infer_mime_type(content_type: str | None, file_name: str) -> str | None:
     return _EXTENSIONS.get(file_name[dot:].lower()) if dot >= 0 else None
 
 
-def api_length(text: str) -> int:
-    """The length the API counts: UTF-16 code units, as JavaScript does."""
-    return len(text.encode("utf-16-le")) // 2
-
-
 def _unsupported(name: str, content_type: str | None) -> PermanentError:
     hint = f" ({content_type})" if content_type else ""
     return PermanentError(
@@ -111,11 +111,18 @@ class Mindset:
         base_url: str,
         api_key: SecretStr | None,
         timeout: float = 60.0,
+        policy: AddressPolicy | None = None,
+        resolve: Resolve = system_resolve,
     ) -> None:
+        """``policy`` is the source address policy, applied to the URLs Mindset
+        fetches on Courier's word (``thumbnailUrl``, ``externalUrl``); without one,
+        the default policy (public addresses only) applies."""
         self._session = session
         self._base_url = base_url.rstrip("/")
         self._api_key = api_key
         self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._policy = policy or AddressPolicy()
+        self._resolve = resolve
 
     def configured(self) -> bool:
         """Whether an API key is set."""
@@ -144,6 +151,9 @@ class Mindset:
     async def deliver(self, request: UploadRequest, source: Source) -> Delivered:
         """Pick the delivery mode, build the body and ingest it."""
         destination = self._destination(request)
+        for url in (destination.thumbnailUrl, destination.externalUrl):
+            if url is not None:
+                await check_relayed_url(url, self._policy, self._resolve)
         mime: str | None = destination.mimeType
         delivery = destination.delivery
         if delivery == "auto" and mime is None:
@@ -165,10 +175,20 @@ class Mindset:
         self, request: UploadRequest, destination: MindsetDestination, mime: str, facts: SourceFacts
     ) -> Delivered:
         _check_delivery(mime, "sourceUrl")
-        if len(facts.fetch_url) > MAX_SOURCE_URL:
+        length = api_length(facts.fetch_url)
+        if length > MAX_SOURCE_URL:
+            # Not invalid_request: the request keeps the contract; Mindset would refuse
+            # the URL Courier made of it, and asking again makes the same URL.
+            presigned = facts.url.lower().startswith("s3:")
+            why = (
+                " (a presigned S3 URL: the key, and the session token of temporary AWS"
+                " credentials, make it long)"
+                if presigned
+                else ""
+            )
             raise PermanentError(
-                ErrorCode.INVALID_REQUEST,
-                f"the source URL is longer than Mindset's {MAX_SOURCE_URL} characters",
+                ErrorCode.DESTINATION_REJECTED,
+                f"the sourceUrl would be {length} characters, over Mindset's {MAX_SOURCE_URL}{why}",
             )
         body = self._body(destination, facts.file_name, mime, sourceUrl=facts.fetch_url)
         result, deduplicated = await self._ingest(destination, body)
@@ -183,7 +203,7 @@ class Mindset:
         mime: str | None,
     ) -> Delivered:
         limit = PDF_LIMIT if mime == "application/pdf" else TEXT_LIMIT
-        async with source.open(request.source, limit) as fetched:
+        async with await source.fetch(request.source, limit) as fetched:
             mime = mime or infer_mime_type(fetched.content_type, fetched.file_name)
             if mime is None:
                 raise _unsupported(fetched.file_name, fetched.content_type)
@@ -191,19 +211,13 @@ class Mindset:
             content = _document_content(fetched.file_name, await fetched.read(), mime)
         body = self._body(destination, fetched.file_name, mime, documentContent=content)
         result, deduplicated = await self._ingest(destination, body)
-        info = SourceInfo(
-            url=fetched.url,
-            bytes=fetched.size,
-            contentType=fetched.content_type,
-            sha256=fetched.sha256,
-        )
-        return Delivered(result, "documentContent", info, deduplicated)
+        return Delivered(result, "documentContent", fetched.info(), deduplicated)
 
     def _body(
         self, destination: MindsetDestination, file_name: str, mime: str, **content: str
     ) -> dict[str, Any]:
         body: dict[str, Any] = {
-            "name": destination.name or file_name[:MAX_NAME] or "file",
+            "name": destination.name or api_cut(file_name, MAX_NAME) or "file",
             "mimeType": mime,
             **content,
         }

@@ -13,20 +13,23 @@ import mimetypes
 import os
 import posixpath
 import tempfile
-from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import aiofiles.os
 
-from service.contracts import SourceSpec
-from service.errors import ErrorCode, PermanentError
+from service.contracts import SourceInfo, SourceSpec
+from service.errors import ErrorCode, PermanentError, RetryableError
 from service.redact import redact_url
 
 CHUNK_SIZE = 256 * 1024
+SPOOL_PREFIX = "courier-spool-"
+T = TypeVar("T")
 # Files up to this size never touch the disk: at most COURIER_CONCURRENCY x this in memory.
 MEMORY_SPOOL = 256 * 1024
 # Larger files are written in batches of this size: fewer thread hops per file.
@@ -59,7 +62,11 @@ class SizeLimit:
 
 @dataclass(frozen=True, slots=True)
 class FetchedFile:
-    """A fetched source file: small ones held in memory, larger ones in a temporary file."""
+    """A fetched source file: small ones held in memory, larger ones in a temporary file.
+
+    The caller owns it: ``async with await source.fetch(...) as fetched`` removes
+    the temporary file on the way out, whatever happens.
+    """
 
     path: Path | None
     data: bytes | None
@@ -68,6 +75,23 @@ class FetchedFile:
     content_type: str | None
     file_name: str
     url: str  # redacted, fit for events and logs
+
+    async def __aenter__(self) -> FetchedFile:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.discard()
+
+    async def discard(self) -> None:
+        """Remove the temporary file, if there is one."""
+        if self.path is not None:
+            await remove_quietly(self.path)
+
+    def info(self) -> SourceInfo:
+        """What the event says about this file (built unvalidated: Courier's own values)."""
+        return SourceInfo.model_construct(
+            url=self.url, bytes=self.size, contentType=self.content_type, sha256=self.sha256
+        )
 
     async def read(self) -> bytes:
         """The whole content (only for files already known to be small)."""
@@ -107,8 +131,8 @@ class Source(Protocol):
     def check(self, spec: SourceSpec) -> None:
         """Cheap pre-flight checks that need no I/O (allowlists); raise ``source_blocked``."""
 
-    def open(self, spec: SourceSpec, limit: SizeLimit) -> AbstractAsyncContextManager[FetchedFile]:
-        """Fetch the file into a temporary file that is removed on exit."""
+    async def fetch(self, spec: SourceSpec, limit: SizeLimit) -> FetchedFile:
+        """Fetch the file (into memory or a temporary file); the caller discards it."""
 
     async def describe(self, spec: SourceSpec) -> SourceFacts:
         """Facts and a URL the destination can fetch by itself."""
@@ -152,6 +176,44 @@ def pick_type(spec: SourceSpec, header: str | None, file_name: str) -> str | Non
     return media_type(spec.contentType) or media_type(header) or guess_type(file_name)
 
 
+class DeadlineSource:
+    """A source whose every fetch must end within ``seconds`` (``COURIER_SOURCE_TIMEOUT``).
+
+    The read timeout of a socket does not end a fetch that trickles a byte now
+    and then; this total deadline does, with a retryable ``source_unavailable``.
+    """
+
+    def __init__(self, inner: Source, seconds: float) -> None:
+        self._inner = inner
+        self._seconds = seconds
+
+    def check(self, spec: SourceSpec) -> None:
+        """Delegate the pre-flight checks."""
+        self._inner.check(spec)
+
+    async def describe(self, spec: SourceSpec) -> SourceFacts:
+        """Delegate, within the deadline."""
+        try:
+            async with asyncio.timeout(self._seconds):
+                return await self._inner.describe(spec)
+        except TimeoutError:
+            raise self._expired() from None
+
+    async def fetch(self, spec: SourceSpec, limit: SizeLimit) -> FetchedFile:
+        """Fetch within the deadline; the file is then the caller's for as long as it likes."""
+        try:
+            async with asyncio.timeout(self._seconds):
+                return await self._inner.fetch(spec, limit)
+        except TimeoutError:
+            raise self._expired() from None
+
+    def _expired(self) -> RetryableError:
+        return RetryableError(
+            ErrorCode.SOURCE_UNAVAILABLE,
+            f"fetching the source took longer than {self._seconds:g}s (COURIER_SOURCE_TIMEOUT)",
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class Spooled:
     """The result of :func:`spool`."""
@@ -179,7 +241,9 @@ async def spool(chunks: AsyncIterator[bytes], limit: SizeLimit, tmp_dir: Path | 
 
     Up to MEMORY_SPOOL bytes stay in memory; past that everything goes to a new
     temporary file, written (and hashed) in batches of WRITE_BATCH bytes, one
-    thread hop each. The file is removed again on any failure.
+    thread hop each. The file is removed again on any failure, cancellation
+    included: a thread already working is waited for first, so its descriptor is
+    closed exactly once and never written to after it was closed.
     """
     digest = hashlib.sha256()
     size = 0
@@ -197,19 +261,19 @@ async def spool(chunks: AsyncIterator[bytes], limit: SizeLimit, tmp_dir: Path | 
             if fd is None:
                 if size <= MEMORY_SPOOL:
                     continue
-                new_fd, name = await asyncio.to_thread(_new_temp_file, tmp_dir)
+                new_fd, name = await in_thread(_new_temp_file, tmp_dir, abandon=_discard_temp_file)
                 fd, path = new_fd, Path(name)
             if pending_size >= WRITE_BATCH:
-                await asyncio.to_thread(_write_hashed, fd, pending, digest)
+                await in_thread(_write_hashed, fd, pending, digest)
                 pending, pending_size = [], 0
         if fd is None:
             data = b"".join(pending)
             digest.update(data)
             return Spooled(None, data, size, digest.hexdigest())
         if pending:
-            await asyncio.to_thread(_write_hashed, fd, pending, digest)
-        await asyncio.to_thread(os.close, fd)
-        fd = None
+            await in_thread(_write_hashed, fd, pending, digest)
+        closing, fd = fd, None
+        await in_thread(_close_file, closing)
     except BaseException:
         if fd is not None:
             os.close(fd)
@@ -219,8 +283,64 @@ async def spool(chunks: AsyncIterator[bytes], limit: SizeLimit, tmp_dir: Path | 
     return Spooled(path, None, size, digest.hexdigest())
 
 
+async def in_thread(
+    func: Callable[..., T], *args: Any, abandon: Callable[[T], None] | None = None
+) -> T:
+    """``func(*args)`` in a worker thread; a cancelled caller still waits for the thread.
+
+    Cancelling ``asyncio.to_thread`` does not stop the thread: without this the
+    caller's cleanup could close a descriptor the thread is still writing to.
+    ``abandon`` disposes of a result that arrives after the cancellation.
+    """
+    future = asyncio.ensure_future(asyncio.to_thread(func, *args))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        while not future.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait({future})
+        if abandon is not None and not future.cancelled() and future.exception() is None:
+            abandon(future.result())
+        raise
+
+
 def _new_temp_file(tmp_dir: Path | None) -> tuple[int, str]:
-    return tempfile.mkstemp(prefix="courier-", dir=tmp_dir)
+    return tempfile.mkstemp(prefix=SPOOL_PREFIX, dir=tmp_dir)
+
+
+def _close_file(fd: int) -> None:
+    os.close(fd)
+
+
+def _discard_temp_file(made: tuple[int, str]) -> None:
+    fd, name = made
+    os.close(fd)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(name)
+
+
+def remove_stale_spool_files(tmp_dir: Path | None, older_than: float) -> int:
+    """Remove this service's spool files older than ``older_than`` seconds; returns how many.
+
+    A crashed container leaves its spool behind, and an ``emptyDir`` survives
+    container restarts. Files younger than the longest attempt may belong to a
+    running process sharing the directory, so they stay.
+    """
+    directory = tmp_dir or Path(tempfile.gettempdir())
+    cutoff = time.time() - older_than
+    removed = 0
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return 0
+    for entry in entries:
+        if not entry.name.startswith(SPOOL_PREFIX):
+            continue
+        with contextlib.suppress(OSError):
+            if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < cutoff:
+                os.unlink(entry.path)
+                removed += 1
+    return removed
 
 
 def _write_hashed(fd: int, chunks: list[bytes], digest: Any) -> None:
@@ -235,16 +355,6 @@ def _write_hashed(fd: int, chunks: list[bytes], digest: Any) -> None:
             views.pop(0)
         if written:
             views[0] = views[0][written:]
-
-
-@asynccontextmanager
-async def removing(fetched: FetchedFile) -> AsyncIterator[FetchedFile]:
-    """Yield ``fetched`` and remove its temporary file (if any) on exit, whatever happens."""
-    try:
-        yield fetched
-    finally:
-        if fetched.path is not None:
-            await remove_quietly(fetched.path)
 
 
 async def remove_quietly(path: Path) -> None:

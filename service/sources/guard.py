@@ -7,16 +7,20 @@ in the same place.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import ipaddress
 import socket
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
+from yarl import URL
+
+from service.errors import ErrorCode, PermanentError, RetryableError
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -95,6 +99,8 @@ def numeric_host(host: str) -> IPAddress | None:
     Uses the C library's ``inet_aton`` rules, as the system resolver does; None for names.
     """
     host = host.strip("[]")
+    if host.endswith(".") and not host.endswith(".."):
+        host = host[:-1]  # "127.0.0.1." is the address too, as browsers read it
     try:
         return ipaddress.ip_address(host)
     except ValueError:
@@ -256,3 +262,53 @@ class GuardedConnector(aiohttp.TCPConnector):
 def guarded_connector(policy: AddressPolicy, **kwargs: Any) -> aiohttp.TCPConnector:
     """A connector for source fetches that enforces ``policy`` at connect time."""
     return GuardedConnector(policy, **kwargs)
+
+
+Resolve = Callable[[str, int], Awaitable[Sequence[str]]]
+
+
+async def system_resolve(host: str, port: int) -> list[str]:
+    """The addresses the system resolver gives for ``host``; nothing is connected to."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [str(info[4][0]) for info in infos]
+
+
+async def relay_refusal(
+    url: URL, policy: AddressPolicy, resolve: Resolve = system_resolve
+) -> str | None:
+    """Why ``policy`` refuses a URL that another service fetches on Courier's word, or None.
+
+    The decision a source fetch takes at connect time, taken ahead of time for
+    URLs Courier hands to Mindset (``sourceUrl`` of an http source,
+    ``thumbnailUrl``, ``externalUrl``): the allowlist, numeric spellings, then
+    every address the name resolves to. OSError when the name does not resolve.
+    """
+    host, port = url.host or "", url.port or 0
+    reason = policy.check_host(host, port)
+    if reason is not None or policy.host_listed(host, port) or numeric_host(host) is not None:
+        return reason
+    if policy.allow_private and not policy.allowed_hosts:
+        return None  # every address is allowed: no need to ask the resolver
+    for address in await resolve(url.raw_host or host, port):
+        reason = policy.check_address(host, port, address)
+        if reason is not None:
+            return reason
+    return None
+
+
+async def check_relayed_url(
+    url: str, policy: AddressPolicy, resolve: Resolve = system_resolve
+) -> None:
+    """Raise ``source_blocked`` when ``policy`` refuses ``url`` (see :func:`relay_refusal`).
+
+    A name that does not resolve is ``source_unavailable``, as it is for a fetch.
+    """
+    parsed = URL(url)
+    try:
+        reason = await relay_refusal(parsed, policy, resolve)
+    except OSError:
+        raise RetryableError(
+            ErrorCode.SOURCE_UNAVAILABLE, f"cannot resolve the host {parsed.host!r}"
+        ) from None
+    if reason is not None:
+        raise PermanentError(ErrorCode.SOURCE_BLOCKED, reason)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import aiohttp
@@ -20,13 +19,21 @@ from service.sources.base import (
     name_from_url,
     pick_name,
     pick_type,
-    removing,
     spool,
 )
-from service.sources.guard import AddressPolicy, BlockedAddressError
+from service.sources.guard import (
+    AddressPolicy,
+    BlockedAddressError,
+    Resolve,
+    check_relayed_url,
+    system_resolve,
+)
+from service.urls import check_http_url
 
 MAX_REDIRECTS = 5
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
+# The statuses whose body is the file; 203 is a 200 passed on by a transforming proxy.
+_FILE_STATUSES = frozenset({200, 203})
 
 
 def _blocked_cause(exc: BaseException) -> BlockedAddressError | None:
@@ -44,27 +51,59 @@ def _blocked_cause(exc: BaseException) -> BlockedAddressError | None:
 
 
 def status_error(status: int, retry_after: float | None, what: str) -> CourierError:
-    """Map a source's HTTP error status to the contract's code."""
+    """Map a source's status that carries no file to the contract's code.
+
+    An error status, but also a 2xx other than 200/203 (204 has no body, 206
+    only part of one) and a redirect without a usable Location: none of them
+    is the file. 202 (the server is still preparing it) may succeed later.
+    """
     if status in (401, 403, 407):
         code = ErrorCode.SOURCE_FORBIDDEN
-    elif status in (408, 425, 429) or status >= 500:
+    elif status in (202, 408, 425, 429) or status >= 500:
         code = ErrorCode.SOURCE_UNAVAILABLE
     else:
         code = ErrorCode.SOURCE_NOT_FOUND
+    detail = "" if status >= 400 else ", which is not a file"
     return error_for(
-        code, f"{what} answered HTTP {status}", http_status=status, retry_after=retry_after
+        code,
+        f"{what} answered HTTP {status}{detail}",
+        http_status=status,
+        retry_after=retry_after,
     )
+
+
+def _redirect_target(current: URL, location: str) -> URL:
+    """Where a redirect leads; a target no fetch could use is ``source_not_found``.
+
+    Not ``internal_error``: the source's own answer is what is broken, and
+    asking again gives the same answer. A non-HTTP scheme is left to the hop's
+    check, which calls it ``unsupported_source``.
+    """
+    try:
+        target = current.join(URL(location))
+        if target.scheme in ("http", "https"):
+            check_http_url(str(target))
+    except ValueError:
+        raise PermanentError(
+            ErrorCode.SOURCE_NOT_FOUND, "the source redirected to an unusable URL"
+        ) from None
+    return target
 
 
 class HttpSource:
     """Fetches ``http``/``https`` URLs with a guarded session owned by the service."""
 
     def __init__(
-        self, session: aiohttp.ClientSession, policy: AddressPolicy, tmp_dir: Path | None = None
+        self,
+        session: aiohttp.ClientSession,
+        policy: AddressPolicy,
+        tmp_dir: Path | None = None,
+        resolve: Resolve = system_resolve,
     ) -> None:
         self._session = session
         self._policy = policy
         self._tmp_dir = tmp_dir
+        self._resolve = resolve
 
     def _check_url(self, url: URL) -> None:
         if url.scheme not in ("http", "https") or not url.host:
@@ -78,7 +117,12 @@ class HttpSource:
         self._check_url(URL(spec.url))
 
     async def describe(self, spec: SourceSpec) -> SourceFacts:
-        """The URL as given: the destination fetches it by itself."""
+        """The URL as given: the destination fetches it by itself.
+
+        Courier does not connect, but the address policy still applies: the
+        name is resolved and every address checked, as a fetch would.
+        """
+        await check_relayed_url(spec.url, self._policy, self._resolve)
         name = pick_name(spec, None, name_from_url(spec.url))
         return SourceFacts(
             fetch_url=spec.url,
@@ -88,12 +132,9 @@ class HttpSource:
             url=redact_url(spec.url),
         )
 
-    @asynccontextmanager
-    async def open(self, spec: SourceSpec, limit: SizeLimit) -> AsyncIterator[FetchedFile]:
-        """Download the URL (following at most 5 re-checked redirects) into a temp file."""
-        fetched = await retried(lambda: self._download(spec, limit))
-        async with removing(fetched):
-            yield fetched
+    async def fetch(self, spec: SourceSpec, limit: SizeLimit) -> FetchedFile:
+        """Download the URL (following at most 5 re-checked redirects)."""
+        return await retried(lambda: self._download(spec, limit))
 
     async def _download(self, spec: SourceSpec, limit: SizeLimit) -> FetchedFile:
         response = await self._get(URL(spec.url))
@@ -127,16 +168,15 @@ class HttpSource:
                 raise RetryableError(
                     ErrorCode.SOURCE_UNAVAILABLE, "the source did not answer in time"
                 ) from None
-            if response.status in _REDIRECTS and "Location" in response.headers:
-                response.release()
-                url = url.join(URL(response.headers["Location"]))
+            status = response.status
+            if status in _FILE_STATUSES:
+                return response
+            response.release()
+            location = response.headers.get("Location")
+            if status in _REDIRECTS and location:
+                url = _redirect_target(url, location)
                 continue
-            if response.status >= 400:
-                response.release()
-                raise status_error(
-                    response.status, parse_retry_after(response.headers), "the source"
-                )
-            return response
+            raise status_error(status, parse_retry_after(response.headers), "the source")
         raise PermanentError(ErrorCode.SOURCE_NOT_FOUND, f"more than {MAX_REDIRECTS} redirects")
 
     async def _chunks(self, response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
