@@ -7,11 +7,12 @@ client itself can do on this machine. Runs until SIGTERM.
 from __future__ import annotations
 
 import asyncio
-import signal
 import sys
 
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
+
+from bench.loops import consume_until_sigterm
 
 
 async def main(url: str, queue_name: str, exchange_name: str) -> None:
@@ -25,7 +26,6 @@ async def main(url: str, queue_name: str, exchange_name: str) -> None:
     )
     out = await publish_conn.channel(publisher_confirms=True)
     exchange = await out.declare_exchange(exchange_name, aio_pika.ExchangeType.TOPIC, durable=True)
-    tasks: set[asyncio.Task[None]] = set()
 
     async def handle(message: AbstractIncomingMessage) -> None:
         await exchange.publish(
@@ -35,16 +35,7 @@ async def main(url: str, queue_name: str, exchange_name: str) -> None:
         )
         await message.ack()
 
-    async def on_message(message: AbstractIncomingMessage) -> None:
-        task = asyncio.create_task(handle(message))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-
-    await queue.consume(on_message)
-    stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    print("ready", flush=True)
-    await stop.wait()
+    await consume_until_sigterm(queue, handle)
     await consume_conn.close()
     await publish_conn.close()
 

@@ -2,7 +2,7 @@
 
 Three `courier run` processes consume one queue through a TCP proxy to the
 local RabbitMQ while requests arrive at a steady rate. On a fixed timeline the
-run injects: destination 500s, a SIGKILL and restart of one replica, a 5 s cut
+run injects: destination 500s for 3 s, a SIGKILL and restart of one replica, a 5 s cut
 of every broker connection, a real broker restart (`rabbitmqctl stop_app` /
 `start_app`), a SIGTERM and restart of another replica, and a slow destination.
 Then it waits for every request to end and prints sent / succeeded / failed /
@@ -31,9 +31,12 @@ import aio_pika
 import aiohttp
 import orjson
 
-from tests.fakes import FakeInconvo
-from tests.proxy import TcpProxy
-from tests.support import (
+from testbed.fakes import FakeInconvo
+from testbed.node_loss import node_loss_run
+from testbed.producer import publish_requests
+from testbed.proxy import TcpProxy
+from testbed.rabbit import rabbit_cluster
+from testbed.support import (
     AMQP_URL,
     CourierProcess,
     EventCollector,
@@ -122,6 +125,11 @@ class Run:
         self.say(f"{fault}: ready after {recovery.ready_s}s, events after {recovery.events_s}s")
 
 
+def _index(rid: str) -> int:
+    """``chaos-123`` -> 123 (published at 123 / rate seconds)."""
+    return int(rid.rsplit("-", 1)[1])
+
+
 def request(url: str, rid: str) -> bytes:
     """One small Inconvo upload request."""
     return orjson.dumps(
@@ -134,39 +142,12 @@ def request(url: str, rid: str) -> bytes:
 
 
 async def publish_steadily(run: Run, url: str, total: int, rate: float) -> set[str]:
-    """Publish ``total`` requests at ``rate`` per second, straight to the broker.
-
-    A publish that fails (the broker is restarting) is retried until confirmed, so
-    a request may reach the queue twice: that shows up as a duplicate, never a loss.
-    """
-    ids = {f"chaos-{i}" for i in range(total)}
-    connection = await aio_pika.connect_robust(AMQP_URL)
-    channel = await connection.channel(publisher_confirms=True)
-
-    async def one(rid: str) -> None:
-        while True:
-            try:
-                await channel.default_exchange.publish(
-                    aio_pika.Message(
-                        body=request(url, rid), delivery_mode=aio_pika.DeliveryMode.PERSISTENT
-                    ),
-                    routing_key=run.names.queue,
-                    timeout=5,
-                )
-                return
-            except (aio_pika.exceptions.AMQPError, ConnectionError, TimeoutError, RuntimeError):
-                await asyncio.sleep(0.5)
-
-    began = time.monotonic()
-    pending: set[asyncio.Task[None]] = set()
-    for i in range(total):
-        await asyncio.sleep(max(0.0, began + i / rate - time.monotonic()))
-        task = asyncio.create_task(one(f"chaos-{i}"))
-        pending.add(task)
-        task.add_done_callback(pending.discard)
-    await asyncio.gather(*pending)
-    await connection.close()
-    return ids
+    """Publish ``total`` requests at ``rate`` per second; a publish the broker's restart
+    interrupts is retried until confirmed (a duplicate at worst, never a loss)."""
+    ids = [f"chaos-{i}" for i in range(total)]
+    bodies = [request(url, rid) for rid in ids]
+    await publish_requests(AMQP_URL, run.names.queue, bodies, rate=rate, retry=True)
+    return set(ids)
 
 
 async def at(run: Run, second: float, what: Callable[[], Awaitable[None]]) -> None:
@@ -184,8 +165,9 @@ def faults(run: Run) -> list[tuple[float, Callable[[], Awaitable[None]]]]:
     """The fault timeline, in seconds from the start of publishing."""
 
     async def destination_500s() -> None:
-        run.inconvo.fail_next(500, count=150, method="POST")
-        run.say("destination: next 150 uploads answer 500")
+        # For a while, not for a number of calls: an open breaker makes few calls.
+        run.inconvo.outage(500, seconds=3)
+        run.say("destination: every upload answers 500 for 3 s")
 
     async def kill_replica() -> None:
         await run.replicas[0].signal(signal.SIGKILL)
@@ -294,6 +276,8 @@ async def chaos(total: int, rate: float, deadline: float) -> dict[str, Any]:
         "failed": sum(failed.values()),
         "failed_by_code": dict(failed),
         "lost": len(ids - set(per_request)),
+        "lost_ids": sorted(ids - set(per_request), key=_index)[:20],
+        "duplicated_ids": sorted((r for r, n in per_request.items() if n > 1), key=_index)[:30],
         "duplicated": sum(n - 1 for n in per_request.values()),
         "worst_recovery_s": worst,
         "recoveries": [r.__dict__ for r in run.recoveries],
@@ -301,10 +285,44 @@ async def chaos(total: int, rate: float, deadline: float) -> dict[str, Any]:
     }
 
 
+async def cluster_chaos(total: int) -> list[str]:
+    """Node loss in a three-node cluster of the installed RabbitMQ (testbed/node_loss.py)."""
+    names = Names.fresh()
+    files = await FileServer().start()
+    inconvo = FakeInconvo(api_key=INCONVO_KEY, keep_content=False)
+    await inconvo.start()
+    inconvo.delay = 0.25
+    try:
+        env = courier_env(
+            COURIER_QUEUE=names.queue,
+            COURIER_EVENTS_EXCHANGE=names.events_exchange,
+            COURIER_HTTP_PORT=str(free_port()),
+            COURIER_CONCURRENCY="16",
+            COURIER_INCONVO_API_KEY=INCONVO_KEY,
+            COURIER_INCONVO_BASE_URL=inconvo.base_url,
+            COURIER_SOURCE_ALLOWED_HOSTS=f"127.0.0.1:{files.port}",
+            COURIER_LOG_LEVEL="ERROR",
+        )
+        url = files.add("/chaos.csv", b"id,value\n1,2\n")
+        async with rabbit_cluster(3) as cluster:
+            result = await node_loss_run(
+                cluster, env, names.queue, names.events_exchange, url, n=total
+            )
+    finally:
+        await files.close()
+        await inconvo.close()
+    rows = result.rows()
+    if result.ended != result.sent:
+        rows.append("LOST REQUESTS")
+    return rows
+
+
 def main() -> int:
-    """Run the scenario, print the figures; exit 1 if anything was lost."""
+    """Run the scenarios, print the figures; exit 1 if anything was lost."""
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--scenario", choices=("mixed", "cluster", "both"), default="both")
     parser.add_argument("--requests", type=int, default=7500)
+    parser.add_argument("--cluster-requests", type=int, default=1000)
     parser.add_argument("--rate", type=float, default=150.0, help="requests published per second")
     parser.add_argument("--deadline", type=float, default=240.0, help="seconds to wait at the end")
     args = parser.parse_args()
@@ -312,6 +330,14 @@ def main() -> int:
     # The harness's own broker client reconnects through the broker restart on
     # purpose: its tracebacks about that are noise, not findings.
     logging.basicConfig(level=logging.CRITICAL)
+    lost = False
+    if args.scenario in ("cluster", "both"):
+        print("node loss in a three-node cluster:")
+        rows = asyncio.run(cluster_chaos(args.cluster_requests))
+        print("\n".join(rows) + "\n")
+        lost = "LOST REQUESTS" in rows
+    if args.scenario == "cluster":
+        return 1 if lost else 0
     report = asyncio.run(chaos(args.requests, args.rate, args.deadline))
     print()
     print("| sent | succeeded | failed | lost | duplicated | worst recovery |")
@@ -327,7 +353,7 @@ def main() -> int:
         print(f"| {r['fault']} | {r['ready_s']} s | {r['events_s']} s |")
     print()
     print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
-    return 1 if report["lost"] else 0
+    return 1 if report["lost"] or lost else 0
 
 
 if __name__ == "__main__":

@@ -1,34 +1,44 @@
-"""`make bench`: Courier's throughput and memory, measured against a bare aio-pika loop.
+"""`make bench`: Courier's throughput and memory, measured against the floor of its stack.
 
 Starts the project's fakes and file server in a separate process, runs
 `courier run` as a subprocess exactly as a user would, publishes N requests,
 waits for N terminal events, and prints a table and JSON. The same run
-measures the bare loop before and after every scenario (each ratio uses the
-faster of its two neighbours) and, before and after `big`, a plain aiohttp
-copy (the faster counts) as baselines.
+measures baselines beside each scenario, each before and after it (the faster
+of the two counts, as the machine's speed drifts): the bare aio-pika loop for
+every scenario; for `small`, the floor (bench/floor.py: the same consume, GET,
+multipart POST, confirmed publish and ack with no checks at all); for `big`, a
+plain aiohttp copy. The `flow` scenario makes Inconvo sick mid-run (an outage,
+then a rate limit) and counts the calls made and the requests kept, with
+Courier's flow control and without its breaker.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import gc
 import os
 import platform
 import pstats
 import signal
+import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from statistics import fmean
 from typing import Any
 
 import aio_pika
 import aiohttp
 import orjson
+from yarl import URL
 
-from tests.support import AMQP_URL, EventCollector, Names, delete_topology, free_port
+from testbed.producer import publish_requests
+from testbed.support import AMQP_URL, EventCollector, Names, delete_topology, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 MIB = 1024 * 1024
@@ -83,12 +93,24 @@ def _caps(info: dict[str, Any], i: int) -> dict[str, Any]:
 
 
 SCENARIOS = {
-    "small": Scenario("small", 5000, 32, _inconvo("/small.csv")),
+    # 10,000: this VM's speed swings by a third within seconds; longer runs average it.
+    "small": Scenario("small", 10_000, 32, _inconvo("/small.csv")),
+    "flow": Scenario("flow", 600, 32, _inconvo("/small.csv"), expect="any"),
     "big": Scenario("big", 200, 32, _inconvo("/big.csv")),
     "presign": Scenario("presign", 5000, 32, _presign),
     "inline": Scenario("inline", 5000, 32, _inline),
     "caps": Scenario("caps", 64, 32, _caps, expect="too_large"),
 }
+
+
+# The flow scenario: short tiers and few attempts, so burning them shows within a run.
+FLOW_ENV = {
+    "COURIER_RETRY_DELAYS": "1s,2s",
+    "COURIER_MAX_ATTEMPTS": "3",
+    "COURIER_BREAKER_COOLDOWN": "2s",
+}
+# The same without the breaker: every request tries (and retries) through the outage.
+NO_BREAKER_ENV = {**FLOW_ENV, "COURIER_BREAKER_THRESHOLD": "1000"}
 
 
 @dataclass
@@ -108,6 +130,43 @@ class Result:
     outcomes: dict[str, int] = field(default_factory=dict)
     ratio_to_bare: float | None = None
     ratio_to_copy: float | None = None
+    ratio_to_floor: float | None = None
+    cpu_ratio_to_floor: float | None = None
+    ab: float | None = None  # req/s as a ratio to the --ab checkout's
+    pairs: list[float] | None = None  # each alternating run's ratio to the floor
+    floor_aa: list[float] | None = None  # each inner floor run's ratio to its neighbours
+    flow: dict[str, Any] | None = None
+
+
+def flow_faults(
+    control: str, n: int, outage_s: float, rate_s: float
+) -> Callable[[EventCollector], Any]:
+    """Once a fifth of the events are in: Inconvo down for ``outage_s``, then limited to
+    20 requests/s for ``rate_s``; returns the calls Inconvo saw meanwhile."""
+
+    async def during(collector: EventCollector) -> dict[str, Any]:
+        async with aiohttp.ClientSession() as http:
+
+            async def stats() -> dict[str, int]:
+                async with http.get(f"{control}/stats") as answer:
+                    return dict(await answer.json())
+
+            await collector.wait_for(n // 5, timeout=600)
+            before = await stats()
+            await http.post(f"{control}/outage", params={"seconds": str(outage_s)})
+            await asyncio.sleep(outage_s)
+            healed = await stats()
+            await http.post(f"{control}/rate", params={"per_second": "20", "seconds": str(rate_s)})
+            await asyncio.sleep(rate_s)
+            after = await stats()
+        return {
+            "outage_s": outage_s,
+            "calls_during_outage": healed["outage_calls"] - before["outage_calls"],
+            "rate_limit_s": rate_s,
+            "answered_429": after["throttled"] - healed["throttled"],
+        }
+
+    return during
 
 
 def cpu_seconds(pid: int) -> float:
@@ -122,23 +181,6 @@ def proc_status(pid: int, key: str) -> float:
         if line.startswith(key + ":"):
             return int(line.split()[1]) / 1024
     raise KeyError(key)
-
-
-async def publish_all(url: str, queue: str, bodies: list[bytes]) -> None:
-    """Publish every body (confirmed), a few hundred in flight at a time."""
-    async with await aio_pika.connect(url) as connection:
-        channel = await connection.channel(publisher_confirms=True)
-        for start in range(0, len(bodies), 500):
-            await asyncio.gather(
-                *(
-                    channel.default_exchange.publish(
-                        aio_pika.Message(body=body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
-                        routing_key=queue,
-                        timeout=60,
-                    )
-                    for body in bodies[start : start + 500]
-                )
-            )
 
 
 async def wait_ready(check: Callable[[], Any], timeout: float = 60) -> None:
@@ -158,6 +200,7 @@ async def measure(
     expect: str,
     url: str,
     others: dict[str, int],
+    during: Callable[[EventCollector], Any] | None = None,
 ) -> Result:
     """Start a consumer process, publish ``bodies``, wait for every event; measure."""
     async with await aio_pika.connect_robust(url) as connection:
@@ -171,9 +214,19 @@ async def measure(
             idle = proc_status(proc.pid, "VmRSS")
             cpu_before = cpu_seconds(proc.pid)
             others_before = {key: cpu_seconds(pid) for key, pid in others.items()}
-            began = time.monotonic()
-            await publish_all(url, names.queue, bodies)
-            await collector.wait_for(n, timeout=1800)
+            # The harness holds every body and event: its collections of them (up to
+            # 70 ms each, 2.4 s over a run) took CPU from the measured process. No
+            # collection while measuring, as timeit does.
+            gc.collect()
+            gc.disable()
+            try:
+                began = time.monotonic()
+                side = asyncio.create_task(during(collector)) if during is not None else None
+                await publish_requests(url, names.queue, bodies)
+                await collector.wait_for(n, timeout=1800)
+                flow = await side if side is not None else None
+            finally:
+                gc.enable()
             elapsed = collector.arrivals[n - 1] - began
             peak = proc_status(proc.pid, "VmHWM")
             cpu = cpu_seconds(proc.pid) - cpu_before
@@ -207,21 +260,15 @@ async def measure(
         round(cpu / n * 1000, 3),
         {key: round(value / n * 1000, 3) for key, value in others_cpu.items()},
         outcomes,
+        flow=flow,
     )
 
 
-async def run_courier(
-    scenario: Scenario,
-    n: int,
-    info: dict[str, Any],
-    url: str,
-    others: dict[str, int],
-    profile: Path | None = None,
-) -> Result:
-    """One Courier scenario; with ``profile``, the service runs under cProfile, saved there."""
-    names = Names.fresh()
-    port = free_port()
-    env = {
+def scenario_env(
+    scenario: Scenario, info: dict[str, Any], url: str, names: Names, port: int
+) -> dict[str, str]:
+    """The environment `courier run` (or the floor) gets for ``scenario``."""
+    return {
         **os.environ,
         **info["aws"],
         "AWS_ENDPOINT_URL_S3": info["s3_endpoint"],
@@ -238,6 +285,28 @@ async def run_courier(
         "COURIER_SOURCE_ALLOWED_HOSTS": f"127.0.0.1:{info['files_port']}",
         "COURIER_LOG_LEVEL": "ERROR",
     }
+
+
+async def run_courier(
+    scenario: Scenario,
+    n: int,
+    info: dict[str, Any],
+    url: str,
+    others: dict[str, int],
+    profile: Path | None = None,
+    extra: dict[str, str] | None = None,
+    during: Callable[[EventCollector], Any] | None = None,
+    checkout: Path = ROOT,
+) -> Result:
+    """One Courier scenario; with ``profile``, the service runs under cProfile, saved there.
+
+    ``extra``: more environment; ``during``: a coroutine function run beside the
+    measurement with the event collector (the flow scenario's faults);
+    ``checkout``: the source tree whose `courier run` is measured (for an A/B).
+    """
+    names = Names.fresh()
+    port = free_port()
+    env = {**scenario_env(scenario, info, url, names, port), **(extra or {})}
     bodies = [orjson.dumps(scenario.request(info, i)) for i in range(n)]
     http = aiohttp.ClientSession()
 
@@ -258,16 +327,44 @@ async def run_courier(
             "service",
             "run",
             env=env,
-            cwd=ROOT,
+            cwd=checkout,
             stdout=subprocess.DEVNULL,
         )
 
     try:
         return await measure(
-            scenario.name, n, bodies, names, start, ready, scenario.expect, url, others
+            scenario.name, n, bodies, names, start, ready, scenario.expect, url, others, during
         )
     finally:
         await http.close()
+        await delete_topology(names, (1, 2, 10, 60, 300, 1800), url)
+
+
+async def run_floor(
+    scenario: Scenario, n: int, info: dict[str, Any], url: str, others: dict[str, int]
+) -> Result:
+    """The floor (bench/floor.py) on ``scenario``'s requests, measured like Courier."""
+    names = Names.fresh()
+    env = scenario_env(scenario, info, url, names, free_port())
+    bodies = [orjson.dumps(scenario.request(info, i)) for i in range(n)]
+    ready_line: dict[int, bool] = {}
+
+    async def start() -> asyncio.subprocess.Process:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bench.floor", env=env, cwd=ROOT, stdout=asyncio.subprocess.PIPE
+        )
+        assert proc.stdout is not None
+        ready_line[proc.pid] = (await proc.stdout.readline()).strip() == b"ready"
+        return proc
+
+    async def ready(proc: asyncio.subprocess.Process) -> bool:
+        return ready_line.get(proc.pid, False)
+
+    try:
+        return await measure(
+            f"floor-{scenario.name}", n, bodies, names, start, ready, "succeeded", url, others
+        )
+    finally:
         await delete_topology(names, (10, 60, 300, 1800), url)
 
 
@@ -370,14 +467,25 @@ def profile_summary(path: Path, top: int = 15) -> str:
     return "\n".join(lines)
 
 
-def broker_pid() -> dict[str, int]:
-    """The local RabbitMQ's process (Erlang's beam), when it runs on this machine."""
-    for stat in Path("/proc").glob("[0-9]*/comm"):
-        try:
-            if stat.read_text().startswith("beam"):
-                return {"broker": int(stat.parent.name)}
-        except OSError:
-            continue
+def broker_pid(url: str) -> dict[str, int]:
+    """The process listening on the broker's port (RabbitMQ's beam), when it runs here.
+
+    Not just any beam: the test suite starts RabbitMQ nodes of its own beside a
+    benchmark, and one of them may be gone before the run ends.
+    """
+    port = URL(url).port or 5672
+    sockets = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                # local address, state (0A: listening), inode
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    sockets.add(f"socket:[{fields[9]}]")
+    for fds in Path("/proc").glob("[0-9]*/fd"):
+        with contextlib.suppress(OSError):
+            if any(os.readlink(fd) in sockets for fd in fds.iterdir()):
+                return {"broker": int(fds.parent.name)}
     return {}
 
 
@@ -406,15 +514,19 @@ def proc_status_total() -> float:
 def table(results: list[Result]) -> str:
     """The results as a Markdown table."""
     head = (
-        "| scenario | N | req/s | MB/s | vs bare loop | vs copy | peak RSS MiB | idle RSS MiB "
-        "| ready s | CPU ms/req | others' CPU ms/req |"
+        "| scenario | N | req/s | MB/s | vs floor | CPU vs floor | vs bare loop | vs copy "
+        "| peak RSS MiB | idle RSS MiB | ready s | CPU ms/req | others' CPU ms/req |"
     )
-    rows = [head, "|" + "---|" * 11]
+    rows = [head, "|" + "---|" * 13]
+
+    def times(value: float | None) -> str:
+        return f"{value:.2f}x" if value is not None else "-"
+
     for r in results:
-        ratio = f"{r.ratio_to_bare:.2f}x" if r.ratio_to_bare is not None else "-"
-        copy = f"{r.ratio_to_copy:.2f}x" if r.ratio_to_copy is not None else "-"
         rows.append(
-            f"| {r.scenario} | {r.n} | {r.requests_per_s} | {r.mb_per_s} | {ratio} | {copy} | "
+            f"| {r.scenario} | {r.n} | {r.requests_per_s} | {r.mb_per_s} | "
+            f"{times(r.ratio_to_floor)} | {times(r.cpu_ratio_to_floor)} | "
+            f"{times(r.ratio_to_bare)} | {times(r.ratio_to_copy)} | "
             f"{r.peak_rss_mib} | {r.idle_rss_mib} | {r.ready_s} | {r.cpu_ms_per_request} | "
             + ", ".join(f"{k} {v}" for k, v in r.others_cpu_ms_per_request.items())
             + " |"
@@ -422,10 +534,34 @@ def table(results: list[Result]) -> str:
     return "\n".join(rows)
 
 
+def flow_table(results: list[Result]) -> str:
+    """The flow scenario's runs: calls made and requests kept, with and without the breaker."""
+    rows = [
+        "| run | N | succeeded | failed | calls during the outage | 429s during the limit "
+        "| seconds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        if r.flow is None:
+            continue
+        failed = r.n - r.outcomes.get("succeeded", 0)
+        rows.append(
+            f"| {r.scenario} | {r.n} | {r.outcomes.get('succeeded', 0)} | {failed} | "
+            f"{r.flow['calls_during_outage']} ({r.flow['outage_s']:g} s) | "
+            f"{r.flow['answered_429']} ({r.flow['rate_limit_s']:g} s at 20/s) | {r.seconds} |"
+        )
+    return "\n".join(rows)
+
+
 async def main() -> int:
     """Run the chosen scenarios and print what they measured."""
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--scenarios", default="small,big,presign,inline,caps")
+    parser.add_argument("--scenarios", default="small,big,presign,inline,caps,flow")
+    parser.add_argument("--flow-outage", type=float, default=10.0, help="seconds (flow)")
+    parser.add_argument(
+        "--pairs", type=int, default=7, help="alternating Courier/floor runs for small"
+    )
+    parser.add_argument("--flow-rate-limit", type=float, default=10.0, help="seconds (flow)")
     parser.add_argument("--n", type=int, help="override N for every scenario")
     parser.add_argument("--bare-n", type=int, default=5000)
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results.json")
@@ -435,6 +571,17 @@ async def main() -> int:
         metavar="DIR",
         help="run the service under cProfile, save <scenario>.prof in DIR and print where "
         "its time went (the figures of such a run are not comparable)",
+    )
+    parser.add_argument(
+        "--scenarios-ab", default="small", help="the scenarios --ab compares (default small)"
+    )
+    parser.add_argument(
+        "--ab",
+        type=Path,
+        metavar="CHECKOUT",
+        help="also run each scenario with the `courier run` of another checkout (say, the "
+        "last release: git worktree add /tmp/before <commit>), before and after this one's, "
+        "and report this one's req/s as a ratio to it",
     )
     args = parser.parse_args()
     if args.profile:
@@ -451,7 +598,7 @@ async def main() -> int:
     assert servers.stdout is not None and servers.stdin is not None
     info = orjson.loads(await servers.stdout.readline())
     # Everything else that shares the machine, so each run shows where the CPU went.
-    others = {"peers": servers.pid, "harness": os.getpid(), **broker_pid()}
+    others = {"peers": servers.pid, "harness": os.getpid(), **broker_pid(url)}
     results: list[Result] = []
     copy: dict[str, Any] | None = None
     try:
@@ -469,9 +616,66 @@ async def main() -> int:
                 else []
             )
             profile = args.profile / f"{name}.prof" if args.profile else None
-            result = await run_courier(scenario, n, info, url, others, profile)
+            if name == "flow":
+                faults = flow_faults(info["control"], n, args.flow_outage, args.flow_rate_limit)
+                unguarded = await run_courier(
+                    scenario, n, info, url, others, extra=NO_BREAKER_ENV, during=faults
+                )
+                unguarded.scenario = "flow-no-breaker"
+                results.append(unguarded)
+                extra: dict[str, str] | None = FLOW_ENV
+            else:
+                faults, extra = None, None
+            floors = [await run_floor(scenario, n, info, url, others)] if name == "small" else []
+            result = await run_courier(
+                scenario, n, info, url, others, profile, extra=extra, during=faults
+            )
             if profile is not None:
                 print(f"{name}: {profile_summary(profile)}", file=sys.stderr, flush=True)
+            if args.ab is not None and name in args.scenarios_ab.split(","):
+                others_runs = []
+                for _ in range(2):  # before and after this checkout's run; the faster counts
+                    other = await run_courier(
+                        scenario, n, info, url, others, extra=extra, checkout=args.ab
+                    )
+                    other.scenario = f"{name}@{args.ab.name}"
+                    others_runs.append(other)
+                    if len(others_runs) == 1:
+                        again = await run_courier(
+                            scenario, n, info, url, others, extra=extra, during=faults
+                        )
+                        result.requests_per_s = max(result.requests_per_s, again.requests_per_s)
+                best = max(others_runs, key=lambda r: r.requests_per_s)
+                result.ab = round(result.requests_per_s / best.requests_per_s, 3)
+                results += others_runs
+            if floors:
+                # Floor and Courier alternate (F C F C ... F): each Courier run is held
+                # against the mean of the floors beside it (drift between them cancels;
+                # the faster of the two would score an identical program below 1), and
+                # the median of those pairs is reported. The inner floors, each held
+                # against its own neighbours the same way, show what noise alone does.
+                ours = [result]
+                floors.append(await run_floor(scenario, n, info, url, others))
+                for _ in range(args.pairs - 1):
+                    ours.append(await run_courier(scenario, n, info, url, others))
+                    floors.append(await run_floor(scenario, n, info, url, others))
+                rates = [f.requests_per_s for f in floors]
+                cpus = [f.cpu_ms_per_request for f in floors]
+                speed = [r.requests_per_s / fmean(rates[i : i + 2]) for i, r in enumerate(ours)]
+                cpu = [
+                    r.cpu_ms_per_request / fmean(cpus[i : i + 2])
+                    for i, r in enumerate(ours)
+                    if fmean(cpus[i : i + 2]) > 0
+                ]
+                aa = [rates[i] / fmean((rates[i - 1], rates[i + 1])) for i in range(1, len(ours))]
+                median = ours[sorted(range(len(ours)), key=lambda i: speed[i])[len(ours) // 2]]
+                median.ab, result = result.ab, median  # the A/B belongs to the scenario
+                result.ratio_to_floor = round(statistics.median(speed), 3)
+                result.cpu_ratio_to_floor = round(statistics.median(cpu), 3) if cpu else None
+                result.pairs = [round(x, 3) for x in speed]
+                result.floor_aa = [round(x, 3) for x in aa]
+                interleaved = [x for pair in zip(floors, ours, strict=False) for x in pair]
+                results += interleaved + floors[len(ours) :]
             if copies:
                 # The copy baseline likewise runs before and after; the faster counts.
                 copies.append(await run_copy(info, n, scenario.concurrency, servers.pid))
@@ -480,7 +684,7 @@ async def main() -> int:
             after = await run_bare(args.n or args.bare_n, url, f"bare-loop-after-{name}", others)
             bare_rate = max(before.requests_per_s, after.requests_per_s)
             result.ratio_to_bare = round(result.requests_per_s / bare_rate, 3)
-            results += [result, after]
+            results += [after] if floors else [result, after]
             before = after
             print(
                 f"{name}: {result.requests_per_s} req/s, {result.mb_per_s} MB/s, "
@@ -493,7 +697,15 @@ async def main() -> int:
         await servers.wait()
     report = {"machine": machine(), "results": [asdict(r) for r in results], "copy_baseline": copy}
     print(f"\nMachine: {report['machine']}\n")
-    print(table(results))
+    print(table([r for r in results if r.flow is None]))
+    for r in results:
+        if r.pairs:
+            print(f"\n{r.scenario} vs floor, each alternating run: {r.pairs}")
+            print(f"floor vs its neighbours, the same way (A/A, noise alone): {r.floor_aa}")
+        if r.ab is not None:
+            print(f"\n{r.scenario}: {r.ab:.3f}x the req/s of {args.ab} (the faster of each)")
+    if any(r.flow is not None for r in results):
+        print("\n" + flow_table(results))
     if copy:
         print(
             f"\ncopy baseline (plain aiohttp stream, big): {copy['mb_per_s']:.1f} MB/s, "

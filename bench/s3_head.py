@@ -24,7 +24,8 @@ from aiobotocore.session import get_session
 from aiohttp import web
 
 from bench.servers import AWS
-from tests.support import free_port
+from testbed.loopback import serve
+from testbed.support import free_port
 
 N = 1000
 CONCURRENCY = 32
@@ -103,9 +104,7 @@ async def serve_heads(port: int) -> None:
 
     app = web.Application()
     app.router.add_route("HEAD", "/{tail:.*}", head)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    await serve(app, port)
     await asyncio.Event().wait()
 
 

@@ -13,10 +13,12 @@ import uuid
 
 import orjson
 from aiobotocore.session import get_session
+from aiohttp import web
 from moto.server import ThreadedMotoServer
 
-from tests.fakes import FakeInconvo, FakeMindset
-from tests.support import FileServer
+from testbed.fakes import FakeInconvo, FakeMindset
+from testbed.loopback import serve
+from testbed.support import FileServer
 
 MIB = 1024 * 1024
 INCONVO_KEY = "bench-inconvo-key"
@@ -34,6 +36,39 @@ def csv_bytes(size: int) -> bytes:
     row = b"2026-11-24,eu-west,widget,12,34.50\n"
     body = b"date,region,item,qty,price\n" + row * (size // len(row) + 1)
     return body[:size]
+
+
+def control_app(inconvo: FakeInconvo) -> web.Application:
+    """Lets the benchmark make the fake Inconvo sick and read what it saw (the flow scenario).
+
+    POST /outage?seconds=S: 503 for S seconds. POST /rate?per_second=N&seconds=S: at most
+    N requests a second (429 + Retry-After beyond) for S seconds. GET /stats: the counts.
+    """
+    loop = asyncio.get_running_loop()
+
+    async def outage(request: web.Request) -> web.Response:
+        inconvo.outage(503, seconds=float(request.query["seconds"]))
+        return web.json_response({"ok": True})
+
+    async def rate(request: web.Request) -> web.Response:
+        inconvo.rate_limit(int(request.query["per_second"]))
+        loop.call_later(float(request.query["seconds"]), inconvo.rate_limit, None)
+        return web.json_response({"ok": True})
+
+    async def stats(_: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "requests": len(inconvo.requests),
+                "outage_calls": inconvo.outage_calls,
+                "throttled": inconvo.throttled,
+            }
+        )
+
+    app = web.Application()
+    app.router.add_post("/outage", outage)
+    app.router.add_post("/rate", rate)
+    app.router.add_get("/stats", stats)
+    return app
 
 
 async def main() -> None:
@@ -65,6 +100,7 @@ async def main() -> None:
     mindset = FakeMindset(api_key=MINDSET_KEY)
     await inconvo.start()
     await mindset.start()
+    control = await serve(control_app(inconvo))
     info = {
         "files": files.url("").rstrip("/"),
         "files_port": files.port,
@@ -76,11 +112,13 @@ async def main() -> None:
         "aws": AWS,
         "inconvo_key": INCONVO_KEY,
         "mindset_key": MINDSET_KEY,
+        "control": control.url,
     }
     sys.stdout.write(orjson.dumps(info).decode() + "\n")
     sys.stdout.flush()
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, sys.stdin.read)  # until the harness closes our stdin
+    await control.close()
     await files.close()
     await inconvo.close()
     await mindset.close()

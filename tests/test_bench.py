@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from pathlib import Path
 
 import orjson
+import pytest
 
-from tests.support import ROOT
+from bench.run import broker_pid
+from testbed.support import ROOT
 
-SCENARIOS = ("small", "big", "presign", "inline", "caps")
+SCENARIOS = ("small", "big", "presign", "inline", "caps", "flow")
 
 
+@pytest.mark.timeout(300)
 async def test_bench_runs_every_scenario(tmp_path: Path) -> None:
     """`python -m bench.run` with a tiny N prints the table, a JSON report and a profile for every scenario."""
     report_path = tmp_path / "results.json"
@@ -26,6 +30,16 @@ async def test_bench_runs_every_scenario(tmp_path: Path) -> None:
         "20",
         "--scenarios",
         ",".join(SCENARIOS),
+        "--pairs",
+        "2",
+        "--scenarios-ab",
+        "small",
+        "--ab",
+        str(ROOT),
+        "--flow-outage",
+        "1",
+        "--flow-rate-limit",
+        "1",
         "--json",
         str(report_path),
         "--profile",
@@ -41,26 +55,62 @@ async def test_bench_runs_every_scenario(tmp_path: Path) -> None:
     assert "Machine: " in text
     report = orjson.loads(report_path.read_bytes())
     order = [r["scenario"] for r in report["results"]]
-    # The bare loop before and after every scenario.
-    assert order == ["bare-loop"] + [
-        row for name in SCENARIOS for row in (name, f"bare-loop-after-{name}")
-    ]
-    rows = {r["scenario"]: r for r in report["results"]}
+    # The bare loop before and after every scenario; around small, the floor alternating
+    # with Courier (F C F C F); before flow, the same run without the breaker.
+    expected = ["bare-loop"]
+    for name in SCENARIOS:
+        if name == "small":
+            expected += [f"small@{ROOT.name}"] * 2
+            expected += ["floor-small", "small", "floor-small", "small", "floor-small"]
+        elif name == "flow":
+            expected += ["flow-no-breaker", "flow"]
+        else:
+            expected.append(name)
+        expected.append(f"bare-loop-after-{name}")
+    assert order == expected
+    rows = {r["scenario"]: r for r in report["results"] if r["scenario"] != "small" or r["pairs"]}
     for name in SCENARIOS:
         row = rows[name]
-        neighbours = order[order.index(name) - 1], order[order.index(name) + 1]
-        best_bare = max(rows[other]["requests_per_s"] for other in neighbours)
+        after = order.index(f"bare-loop-after-{name}")
+        before = (
+            after
+            - 1
+            - order[after - 1 :: -1].index(
+                next(o for o in order[after - 1 :: -1] if o.startswith("bare-loop"))
+            )
+        )
+        best_bare = max(rows[order[i]]["requests_per_s"] for i in (before, after))
         assert row["n"] == 4
         assert row["requests_per_s"] > 0 and row["peak_rss_mib"] >= row["idle_rss_mib"] > 0
         # With N = 4 the CPU time may round to zero clock ticks.
         assert row["cpu_ms_per_request"] >= 0
         assert row["ratio_to_bare"] == round(row["requests_per_s"] / best_bare, 3)
         assert f"| {name} | 4 |" in text
+    small = rows["small"]
+    assert len(small["pairs"]) == 2 and small["ratio_to_floor"] > 0
+    assert len(small["floor_aa"]) == 1 and small["floor_aa"][0] > 0  # the inner floor's A/A
+    assert "(A/A, noise alone)" in text
+    assert "| floor-small | 4 |" in text and "vs floor, each alternating run" in text
+    flow = {r["scenario"]: r for r in report["results"] if r["flow"]}
+    assert set(flow) == {"flow", "flow-no-breaker"}
+    for run in flow.values():
+        assert set(run["flow"]) == {
+            "outage_s",
+            "calls_during_outage",
+            "rate_limit_s",
+            "answered_429",
+        }
+        assert sum(run["outcomes"].values()) == 4
+    assert "| run | N | succeeded | failed | calls during the outage |" in text
+    # --ab: the same checkout as its own baseline, alternating, for `small` only.
+    assert f"small: {small['ab']:.3f}x the req/s of {ROOT}" in text
     assert rows["small"]["outcomes"] == {"succeeded": 4}
     assert rows["caps"]["outcomes"] == {"too_large": 4}
     assert report["copy_baseline"]["files"] == 4
     # --profile: the service ran under cProfile; where its time went is printed per scenario.
     for name in SCENARIOS:
+        if name == "flow":
+            continue  # its faults run beside the measurement; not profiled
         assert (tmp_path / "profiles" / f"{name}.prof").stat().st_size > 0
         assert f"{name}: own time by component" in err.decode()
     assert "courier" in err.decode() and "aiohttp" in err.decode()
@@ -87,3 +137,15 @@ async def test_s3_head_bench_reports_both_checks() -> None:
     for figures in report.values():
         assert set(figures) == {"botocore_head_object_cpu_ms", "presigned_head_cpu_ms"}
         assert all(value > 0 for value in figures.values())
+
+
+async def test_the_broker_measured_is_the_process_on_its_port() -> None:
+    """Not any RabbitMQ: the one listening on the benchmark's port (tests start others)."""
+    server = await asyncio.start_server(lambda _r, _w: None, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        assert broker_pid(f"amqp://guest:guest@127.0.0.1:{port}/") == {"broker": os.getpid()}
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert broker_pid(f"amqp://guest:guest@127.0.0.1:{port}/") == {}
