@@ -22,8 +22,8 @@ import orjson
 from aiobotocore.session import get_session
 from moto.server import ThreadedMotoServer
 
-from tests.fakes import FakeInconvo, FakeMindset
-from tests.support import AMQP_URL, EventCollector, FileServer, Names, delete_topology, publish
+from testbed.fakes import FakeInconvo, FakeMindset
+from testbed.support import AMQP_URL, EventCollector, FileServer, Names, delete_topology, publish
 
 ROOT = Path(__file__).resolve().parent.parent
 PDF = b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF\n"

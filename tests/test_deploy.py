@@ -53,7 +53,13 @@ ALERTS = {
     "CourierNotReady",
     "CourierBacklogGrowing",
     "CourierNoConsumers",
+    "CourierBreakerOpen",
+    "CourierBrokerBlocked",
+    "CourierHeldRequestsGrowing",
 }
+# CONTRACT section 7's metrics, used by the alerts and the dashboard before
+# service/metrics.py exports them: flow control (service/flow) is wired into the
+# metrics separately. Drop this once they are exported.
 PROMTOOL_MISSING = (
     "promtool not found: install prometheus (apt-get install prometheus) / run make test"
 )
@@ -575,6 +581,9 @@ def test_prometheus_rules_pass_promtool(tmp_path: Path) -> None:
     assert 'courier_requests_total{outcome="failed"}' in by_name["CourierFailureRatioHigh"]
     assert 'rabbitmq_queue_messages{queue="courier.uploads"}' in by_name["CourierBacklogGrowing"]
     assert 'rabbitmq_queue_consumers{queue="courier.uploads"}' in by_name["CourierNoConsumers"]
+    assert "max_over_time(courier_breaker_state[2m])) == 2" in by_name["CourierBreakerOpen"]
+    assert "courier_broker_blocked == 1" in by_name["CourierBrokerBlocked"]
+    assert "deriv(courier_held_requests[10m])" in by_name["CourierHeldRequestsGrowing"]
 
 
 def _promtool_case(
@@ -679,6 +688,56 @@ def test_alerts_fire_when_they_should_and_only_then(tmp_path: Path) -> None:
             "10m",
             [],
         ),
+        # Open for good (two pods), and open with a probe (half-open) every 4 minutes.
+        _promtool_case(
+            {
+                f'courier_breaker_state{{{pod},destination="inconvo"}}': "0 0 2x20",
+                'courier_breaker_state{namespace="prod",pod="courier-2",destination="inconvo"}': "0 0 2x20",
+                f'courier_breaker_state{{{pod},destination="mindset"}}': "0x22",
+            },
+            "CourierBreakerOpen",
+            "15m",
+            [{"severity": "warning", "namespace": "prod", "destination": "inconvo"}],
+        ),
+        _promtool_case(
+            {
+                f'courier_breaker_state{{{pod},destination="mindset"}}': "0 2 2 2 1 2 2 2 1 2 2 2 1 2 2 2 1"
+            },
+            "CourierBreakerOpen",
+            "15m",
+            [{"severity": "warning", "namespace": "prod", "destination": "mindset"}],
+        ),
+        # Open for 8 minutes, then closed (a probe succeeded): never 10 minutes.
+        _promtool_case(
+            {f'courier_breaker_state{{{pod},destination="inconvo"}}': "0 2x8 1 0x12"},
+            "CourierBreakerOpen",
+            "20m",
+            [],
+        ),
+        _promtool_case(
+            {f"courier_broker_blocked{{{pod}}}": "0 1 1 1 1"},
+            "CourierBrokerBlocked",
+            "4m",
+            [{"severity": "critical", "namespace": "prod", "pod": "courier-1"}],
+        ),
+        _promtool_case(
+            {f"courier_broker_blocked{{{pod}}}": "0 1 0 1 0 1 0"},
+            "CourierBrokerBlocked",
+            "6m",
+            [],
+        ),
+        _promtool_case(
+            {f'courier_held_requests{{{pod},destination="inconvo"}}': "0+5x30"},
+            "CourierHeldRequestsGrowing",
+            "25m",
+            [{"severity": "warning", "namespace": "prod", "destination": "inconvo"}],
+        ),
+        _promtool_case(
+            {f'courier_held_requests{{{pod},destination="inconvo"}}': "0+5x10 50-5x10 0x10"},
+            "CourierHeldRequestsGrowing",
+            "30m",
+            [],
+        ),
     ]
     tests_file = tmp_path / "tests.yml"
     tests_file.write_text(
@@ -731,6 +790,11 @@ def test_dashboard_shows_the_operating_signals() -> None:
         "courier_source_bytes_total",
         "courier_broker_connected",
         "courier_consumer_active",
+        "courier_breaker_state",
+        "courier_held_requests",
+        "courier_destination_rate_limit",
+        "courier_rate_limited_total",
+        "courier_broker_blocked",
     ):
         assert needle in exprs, f"no panel uses {needle}"
 
