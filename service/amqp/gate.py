@@ -5,6 +5,11 @@ when that consumer was cancelled as a return: it comes back with ``x-delivery-co
 raised although no client ever saw it (measured here: 0 to 8 of a prefetch of 8 per
 cancel). With acks held, the prefetch window fills up (or the queue runs dry), so by
 the time the cancel reaches the broker it has nothing under way to this consumer.
+
+A quiet spell alone does not prove the queue dry: a busy broker (quorum queues write
+each settle to disk before the next delivery goes out) can pause longer than
+:data:`QUIET`. So a quiet spell ends the wait only when the broker reports no ready
+message; while it holds some and the window has room, more deliveries are on their way.
 """
 
 from __future__ import annotations
@@ -16,11 +21,12 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import aiormq
 from aio_pika.abc import AbstractQueue
 
 log = logging.getLogger(__name__)
 
-# With no delivery for this long the queue has run dry: nothing is on its way.
+# With no delivery for this long, ask the broker whether the queue has run dry.
 QUIET = 0.1
 
 
@@ -32,6 +38,7 @@ class AckGate:
         self._open.set()
         self._arrived = asyncio.Event()
         self._cancels: set[asyncio.Future[Any]] = set()
+        self.released_by = ""  # why the last cancel went out: "window full", "queue dry", ...
 
     async def passed(self) -> None:
         """Wait until acks may go out."""
@@ -50,7 +57,7 @@ class AckGate:
         The wait is bounded, the cancel never given up on: aiormq closes a channel whose
         RPC was abandoned, and its deliveries with it.
         """
-        async with self._closed(unacked, window, min(0.5, wait / 2)):
+        async with self._closed(queue, unacked, window, min(0.5, wait / 2)):
             cancel = asyncio.ensure_future(queue.cancel(tag))
             self._cancels.add(cancel)
             cancel.add_done_callback(self._cancelled)
@@ -63,20 +70,42 @@ class AckGate:
 
     @contextlib.asynccontextmanager
     async def _closed(
-        self, unacked: Callable[[], int], window: int, limit: float
+        self, queue: AbstractQueue, unacked: Callable[[], int], window: int, limit: float
     ) -> AsyncIterator[None]:
-        """Hold acks until the window of ``window`` unacked deliveries is full, or none
-        has arrived for :data:`QUIET` seconds, or ``limit`` seconds passed; then run the
-        body (the cancel) with acks still held, and let them go."""
+        """Hold acks until the window of ``window`` unacked deliveries is full, or the
+        queue has run dry, or ``limit`` seconds passed; then run the body (the cancel)
+        with acks still held, and let them go."""
         self._open.clear()
         try:
-            end = time.monotonic() + limit
-            while unacked() < window and (left := end - time.monotonic()) > 0:
-                self._arrived.clear()
-                try:
-                    await asyncio.wait_for(self._arrived.wait(), min(QUIET, left))
-                except TimeoutError:
-                    break
+            self.released_by = await self._hold(queue, unacked, window, limit)
+            log.debug("cancelling the consumer: %s", self.released_by)
             yield
         finally:
             self._open.set()
+
+    async def _hold(
+        self, queue: AbstractQueue, unacked: Callable[[], int], window: int, limit: float
+    ) -> str:
+        end = time.monotonic() + limit
+        while unacked() < window:
+            if (left := end - time.monotonic()) <= 0:
+                return "time limit"
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), min(QUIET, left))
+            except TimeoutError:
+                if not await _holds_ready(queue, end - time.monotonic()):
+                    return "queue dry" if time.monotonic() < end else "time limit"
+        return "window full"
+
+
+async def _holds_ready(queue: AbstractQueue, wait: float) -> bool:
+    """Whether the broker reports ready messages in ``queue`` (a passive declare); a
+    broker that does not answer within ``wait`` seconds counts as "no"."""
+    try:
+        async with asyncio.timeout(wait):
+            channel = await queue.channel.get_underlay_channel()
+            declared = await channel.queue_declare(queue.name, passive=True)
+    except (TimeoutError, aiormq.exceptions.AMQPError, ConnectionError, RuntimeError):
+        return False
+    return bool(declared.message_count)
