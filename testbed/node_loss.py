@@ -35,7 +35,9 @@ class FailoverCollector:
     """Gathers result events from a cluster, reconnecting to another node when one goes.
 
     Its queue is a durable quorum queue, so events published while it reconnects
-    wait for it; an event redelivered after a reconnect is counted once (by id).
+    wait for it; an event redelivered after a reconnect is counted once (by id). It
+    reconnects when its connection or channel closes, and when the broker cancels its
+    consumer (the broker may, as a node goes), so it never sits on a dead consumer.
     """
 
     def __init__(self, urls: list[str], exchange: str) -> None:
@@ -44,6 +46,7 @@ class FailoverCollector:
         self.events: dict[str, dict[str, Any]] = {}  # by event id
         self.arrivals: list[float] = []
         self.url = ""  # the node it consumes from
+        self.reconnects: list[str] = []  # why it left a node, for a stalled run's report
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -64,20 +67,26 @@ class FailoverCollector:
             except (OSError, aio_pika.exceptions.AMQPError, TimeoutError):
                 await asyncio.sleep(0.2)
                 continue
-            closed = asyncio.Event()
-            connection.close_callbacks.add(lambda *_, event=closed: event.set())
+            gone: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+            connection.close_callbacks.add(lambda *_, gone=gone: _settle(gone, "connection closed"))
             try:
-                await self._consume(connection)
+                await self._consume(connection, gone)
             except (aio_pika.exceptions.AMQPError, OSError, RuntimeError):
                 await connection.close()
                 await asyncio.sleep(0.2)
                 continue
             self.url = url
             ready.set()
-            await closed.wait()
+            self.reconnects.append(f"{url}: {await gone}")
+            await connection.close()
 
-    async def _consume(self, connection: AbstractConnection) -> None:
+    async def _consume(self, connection: AbstractConnection, gone: asyncio.Future[str]) -> None:
         channel = await connection.channel()
+        channel.close_callbacks.add(lambda *_: _settle(gone, "channel closed"))
+        underlay = await channel.get_underlay_channel()
+        underlay.on_consumer_cancel_callbacks.add(
+            lambda *_: _settle(gone, "consumer cancelled by the broker")
+        )
         exchange = await channel.declare_exchange(
             self._exchange, aio_pika.ExchangeType.TOPIC, durable=True
         )
@@ -113,6 +122,11 @@ class FailoverCollector:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+
+
+def _settle(future: asyncio.Future[str], reason: str) -> None:
+    if not future.done():
+        future.set_result(reason)
 
 
 @dataclass
@@ -203,7 +217,7 @@ async def node_loss_run(
     if stalled is not None:
         raise AssertionError(
             f"events stopped at {len(collector.events)} after {result.rows()}; the collector "
-            f"was on {collector.url}; Courier's log:\n{courier.stderr.decode()[-8000:]}"
+            f"was on {collector.url} (left nodes: {collector.reconnects}); Courier's log:\n{courier.stderr.decode()[-8000:]}"
         ) from stalled
     assert code == 0, courier.stderr.decode()[-2000:]
     counts = collector.counts()
