@@ -251,7 +251,7 @@ async def test_retryable_failure_goes_through_delay_tiers_then_dead(
 ) -> None:
     """A destination that keeps failing is retried via the tiers, then fails once with attempts = max."""
     inconvo.fail_next(500, count=100)
-    # The breaker would hold the last tries (tests/test_flow_control.py); here, the tiers alone.
+    # The breaker would hold the last tries (tests/flow/test_end_to_end.py); here, the tiers alone.
     async with running(make_settings(max_attempts=2, breaker_threshold=100)):
         await publish(amqp, names.queue, inconvo_request(files.add("/a.csv", b"1\n"), "req-500"))
         [event] = await collector.wait_for(1, timeout=30)

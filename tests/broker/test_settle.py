@@ -343,7 +343,7 @@ def test_nearest_delay(seconds: float, expected: int) -> None:
 
 def test_decide_imports_no_amqp_client() -> None:
     """settle.py decides without aio-pika: nothing in it can ack, nack or publish."""
-    source = Path(__file__).parent.parent / "service" / "settle.py"
+    source = Path(__file__).resolve().parents[2] / "service" / "settle.py"
     tree = ast.parse(source.read_text())
     imported = {
         alias.name

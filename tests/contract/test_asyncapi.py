@@ -17,7 +17,7 @@ from testbed.support import ROOT, courier, courier_env
 from tests.regen_schemas import ASYNCAPI_FILE, SCHEMA_DIR, rendered_asyncapi
 
 # The AsyncAPI 3.0.0 JSON Schema from @asyncapi/specs (tests/data/README.md says which release).
-SPEC_SCHEMA = Path(__file__).parent / "data" / "asyncapi-3.0.0.schema.json"
+SPEC_SCHEMA = Path(__file__).resolve().parents[1] / "data" / "asyncapi-3.0.0.schema.json"
 
 
 @cache

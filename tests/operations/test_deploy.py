@@ -26,7 +26,7 @@ import yaml
 from service.config import Settings, env_names, load_settings
 from service.metrics import Metrics
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BASE = ROOT / "deploy" / "base"
 DOCKERFILE = ROOT / "Dockerfile"
 COMPOSE = ROOT / "docker-compose.yml"

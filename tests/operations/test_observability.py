@@ -53,7 +53,7 @@ async def test_metrics_scrape_matches_what_happened(
 ) -> None:
     """After a mixed run, /metrics passes `promtool check metrics` and its counters match the events."""
     good = files.add("/a.csv", b"1,2\n3,4\n")
-    # Six 503s in a row would open the breaker (its metrics: tests/test_flow_control.py).
+    # Six 503s in a row would open the breaker (its metrics: tests/flow/test_end_to_end.py).
     async with running(make_settings(max_attempts=2, breaker_threshold=100)) as service:
         for i in range(3):
             await publish(

@@ -26,8 +26,8 @@ from testbed.support import (
     publish_many,
     publish_requests,
 )
+from tests.broker.test_gray_faults import counts_of
 from tests.conftest import running
-from tests.test_faults import counts_of
 
 
 async def test_broker_restart_during_a_run(
