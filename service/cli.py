@@ -17,23 +17,22 @@ from aio_pika.abc import AbstractConnection
 
 from service import deadletters
 from service.amqp.declare import declare_queue
-from service.amqp.topology import Topology
-from service.config import ConfigError, Settings, load_settings, unknown_variables
+from service.config import (
+    SECRET_VARIABLES,
+    ConfigError,
+    Settings,
+    load_settings,
+    unknown_variables,
+)
+from service.contracts import DESTINATIONS
 from service.errors import CourierError, ErrorCode
 from service.logs import setup_logging
 from service.messages import Envelope, parse_request, request_id
 from service.redact import SecretFilter, mask_text, redact_url
+from service.topology import Topology
 
 EXIT_CONFIG = 2
 log = logging.getLogger(__name__)
-# Read straight from the environment when the settings themselves cannot be loaded.
-_SECRET_VARIABLES = (
-    "COURIER_INCONVO_API_KEY",
-    "INCONVO_API_KEY",
-    "COURIER_MINDSET_API_KEY",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-)
 
 
 def _positive_int(text: str) -> int:
@@ -73,9 +72,7 @@ def _dead_parser(sub: Any) -> None:
     filters.add_argument(
         "--code", type=_codes, action="extend", default=[], help="error code(s), comma-separated"
     )
-    filters.add_argument(
-        "--destination", choices=("inconvo", "mindset"), action="append", default=[]
-    )
+    filters.add_argument("--destination", choices=DESTINATIONS, action="append", default=[])
     filters.add_argument(
         "--since", type=_since, help="failed at or after: a duration (2h, 30m) or an ISO 8601 time"
     )
@@ -153,9 +150,7 @@ async def _process(settings: Settings, body: bytes) -> int:
     from service.events import build_event
     from service.runtime import pipeline_for
 
-    envelope = Envelope.from_properties(
-        message_id=None, correlation_id=None, reply_to=None, headers=None
-    )
+    envelope = Envelope()
     request = parse_request(body, settings.max_message_bytes)
     async with pipeline_for(settings) as pipeline:
         outcome = await pipeline.process(request)
@@ -173,7 +168,7 @@ async def _process(settings: Settings, body: bytes) -> int:
 
 async def _submit(settings: Settings, body: bytes) -> int:
     request = parse_request(body, settings.max_message_bytes)
-    rid = request.id or request_id(None, Envelope(None, None, None, None, 1, 0))
+    rid = request.id or request_id(None, Envelope())
     connection = await _connect(settings)
     async with connection:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
@@ -241,7 +236,8 @@ async def _dead(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _environment_secrets() -> list[str]:
-    return [value for name in _SECRET_VARIABLES if (value := os.environ.get(name))]
+    # Read straight from the environment when the settings themselves cannot be loaded.
+    return [value for name in SECRET_VARIABLES if (value := os.environ.get(name))]
 
 
 def _doctor(args: argparse.Namespace) -> int:

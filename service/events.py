@@ -6,7 +6,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from service.pipeline import Outcome
+from service.outcome import Outcome
 
 SUCCEEDED: Literal["courier.upload.succeeded"] = "courier.upload.succeeded"
 FAILED: Literal["courier.upload.failed"] = "courier.upload.failed"

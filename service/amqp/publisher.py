@@ -28,8 +28,8 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
 
 from service.amqp.declare import declare_events, declare_own_queues, declare_queue
 from service.amqp.hooks import LinkHooks
-from service.amqp.topology import Topology
 from service.redact import redact_url
+from service.topology import Topology
 
 log = logging.getLogger(__name__)
 
@@ -245,16 +245,34 @@ class Publisher:
         await declare_own_queues(channel, self.topology)
         self._channel = channel
 
+    def start(self, on_blocked: Callable[[bool], None] | None = None) -> None:
+        """Start connecting; ``on_blocked`` hears when the broker blocks or unblocks us."""
+        if on_blocked is not None:
+            self.link.on_blocked.append(on_blocked)
+        self.link.start()
+
+    async def close(self, grace: float) -> None:
+        """Close the publishing connection (at most ``grace`` seconds)."""
+        await self.link.close(grace=grace)
+
     @property
     def ready(self) -> bool:
         """Connected, not blocked, with an open channel."""
         channel = self._channel
-        return (
-            self.link.ready.is_set()
-            and self.link.unblocked.is_set()
-            and channel is not None
-            and not channel.is_closed
-        )
+        return self._up() and channel is not None and not channel.is_closed
+
+    @property
+    def blocked(self) -> bool:
+        """Whether the broker blocks the publishing connection now (a resource alarm)."""
+        return not self.link.unblocked.is_set()
+
+    def live(self, generation: int | None) -> bool:
+        """Whether a publish handed to connection ``generation`` is read by the broker: that
+        connection is still up and unblocked, so it reads what was written before its end."""
+        return generation == self.link.generation and self._up()
+
+    def _up(self) -> bool:
+        return self.link.ready.is_set() and self.link.unblocked.is_set()
 
     async def event(self, key: str, message: aio_pika.Message, work: Tracked | None = None) -> None:
         """Publish a result event and wait for its confirm."""

@@ -22,7 +22,7 @@ from service.contracts import (
 )
 from service.destinations.base import (
     TRANSPORT_ERRORS,
-    Delivered,
+    Uploaded,
     read_json,
     response_error,
     transport_error,
@@ -148,7 +148,7 @@ class Mindset:
         assert isinstance(destination, MindsetDestination)  # noqa: S101 - routed by type
         return destination
 
-    async def deliver(self, request: UploadRequest, source: Source) -> Delivered:
+    async def deliver(self, request: UploadRequest, source: Source) -> Uploaded:
         """Pick the delivery mode, build the body and ingest it."""
         destination = self._destination(request)
         for url in (destination.thumbnailUrl, destination.externalUrl):
@@ -173,7 +173,7 @@ class Mindset:
 
     async def _by_url(
         self, request: UploadRequest, destination: MindsetDestination, mime: str, facts: SourceFacts
-    ) -> Delivered:
+    ) -> Uploaded:
         _check_delivery(mime, "sourceUrl")
         length = api_length(facts.fetch_url)
         if length > MAX_SOURCE_URL:
@@ -193,7 +193,7 @@ class Mindset:
         body = self._body(destination, facts.file_name, mime, sourceUrl=facts.fetch_url)
         result, deduplicated = await self._ingest(destination, body)
         info = SourceInfo(url=facts.url, bytes=facts.size, contentType=facts.content_type)
-        return Delivered(result, "sourceUrl", info, deduplicated)
+        return Uploaded(result, "sourceUrl", info, deduplicated)
 
     async def _inline(
         self,
@@ -201,7 +201,7 @@ class Mindset:
         destination: MindsetDestination,
         source: Source,
         mime: str | None,
-    ) -> Delivered:
+    ) -> Uploaded:
         limit = PDF_LIMIT if mime == "application/pdf" else TEXT_LIMIT
         async with await source.fetch(request.source, limit) as fetched:
             mime = mime or infer_mime_type(fetched.content_type, fetched.file_name)
@@ -211,7 +211,7 @@ class Mindset:
             content = _document_content(fetched.file_name, await fetched.read(), mime)
         body = self._body(destination, fetched.file_name, mime, documentContent=content)
         result, deduplicated = await self._ingest(destination, body)
-        return Delivered(result, "documentContent", fetched.info(), deduplicated)
+        return Uploaded(result, "documentContent", fetched.info(), deduplicated)
 
     def _body(
         self, destination: MindsetDestination, file_name: str, mime: str, **content: str

@@ -1,4 +1,4 @@
-"""S3 sources and the Mindset adapter, end to end through RabbitMQ (issue: S3 + Mindset)."""
+"""S3 sources and the Mindset adapter, end to end through RabbitMQ."""
 
 from __future__ import annotations
 

@@ -57,7 +57,7 @@ ALERTS = {
     "CourierBrokerBlocked",
     "CourierHeldRequestsGrowing",
 }
-# CONTRACT section 7's metrics, used by the alerts and the dashboard before
+# The flow-control metrics, used by the alerts and the dashboard before
 # service/metrics.py exports them: flow control (service/flow) is wired into the
 # metrics separately. Drop this once they are exported.
 PROMTOOL_MISSING = (
