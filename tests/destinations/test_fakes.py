@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
@@ -65,6 +65,13 @@ def raw_form(*parts: tuple[str, bytes, str | None]) -> aiohttp.MultipartWriter:
         params = {"name": name} if filename is None else {"name": name, "filename": filename}
         writer.append(value).set_content_disposition("form-data", quote_fields=False, **params)
     return writer
+
+
+async def eventually(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Return once ``condition()`` holds, polling the fake's state; fail after ``timeout``."""
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.005)
 
 
 async def call(
@@ -373,6 +380,70 @@ async def test_inconvo_fail_next_by_method_and_disconnect(
     assert (await call(session, "POST", url, data=csv_form(), headers=AUTH))[0] == 200
 
 
+async def test_fail_when_fails_one_user_until_cleared(
+    fake_inconvo: FakeInconvo, session: aiohttp.ClientSession
+) -> None:
+    """A fail_when rule answers every upload of one user, forever, while others succeed; counted."""
+    fake_inconvo.error_shape = "object"
+    rule = fake_inconvo.fail_when(lambda r: r.match_info.get("userIdentifier") == "u1", 500)
+    base = fake_inconvo.base_url
+    for route in ("/datasets/user/u1", "/agents/agt_x/datasets/user/u1") * 2:
+        answer = await call(session, "POST", base + route, data=csv_form(), headers=AUTH)
+        assert answer == (
+            500,
+            {
+                "error": {
+                    "message": "Injected failure",
+                    "type": "api_error",
+                    "code": "internal_error",
+                }
+            },
+        )
+    assert (await call(session, "POST", base + "/datasets/user/u2", data=csv_form(), headers=AUTH))[
+        0
+    ] == 200
+    assert rule.calls == 4
+    assert [u.user_identifier for u in fake_inconvo.uploads] == ["u2"]
+    fake_inconvo.clear_rule(rule)
+    fake_inconvo.clear_rule(rule)  # idempotent
+    assert (await call(session, "POST", base + "/datasets/user/u1", data=csv_form(), headers=AUTH))[
+        0
+    ] == 200
+    assert rule.calls == 4
+
+
+async def test_fail_when_precedes_queued_failures(
+    fake_mindset: FakeMindset, session: aiohttp.ClientSession
+) -> None:
+    """A matching rule answers before the fail_next queue, which waits; clear_failures drops both."""
+    url = files_url(fake_mindset)
+    fake_mindset.fail_next(500)
+    reads = fake_mindset.fail_when(
+        lambda r: r.method == "GET", 503, headers={"Retry-After": "2"}, body="down"
+    )
+    cut = fake_mindset.fail_when(lambda r: "/externalId/cut" in r.path, disconnect=True)
+    async with session.get(url + "/externalId/e1", headers=MINDSET_AUTH) as response:
+        assert (response.status, response.headers["Retry-After"], await response.text()) == (
+            503,
+            "2",
+            "down",
+        )
+    assert (await call(session, "POST", url, json=ingest_body(), headers=MINDSET_AUTH))[0] == 500
+    assert (await call(session, "POST", url, json=ingest_body(), headers=MINDSET_AUTH))[0] == 200
+    fake_mindset.clear_rule(reads)
+    with pytest.raises(aiohttp.ClientConnectionError):
+        await call(session, "GET", url + "/externalId/cut", headers=MINDSET_AUTH)
+    # aiohttp retries an idempotent request once when a reused connection drops.
+    cuts = sum(1 for r in fake_mindset.requests if r.path.endswith("/externalId/cut"))
+    assert (reads.calls, cut.calls) == (1, cuts)
+    assert cuts >= 1
+    fake_mindset.fail_next(500)
+    fake_mindset.clear_failures()
+    assert (await call(session, "GET", url + "/externalId/cut", headers=MINDSET_AUTH))[0] == 404
+    assert (await call(session, "POST", url, json=ingest_body(), headers=MINDSET_AUTH))[0] == 200
+    assert cut.calls == cuts
+
+
 async def test_inconvo_delays(fake_inconvo: FakeInconvo, session: aiohttp.ClientSession) -> None:
     """`delay` slows answers (a request whose client left is dropped); `delay_after` lands."""
     url = fake_inconvo.base_url + "/datasets/user/u1"
@@ -662,6 +733,34 @@ async def test_outage_heals_by_itself(
             await asyncio.sleep(0.01)
     assert (await call(session, "POST", url, json=ingest_body(), headers=MINDSET_AUTH))[0] == 200
     assert fake_mindset.outage_calls == 1
+
+
+async def test_outage_heals_after_calls(
+    fake_mindset: FakeMindset, session: aiohttp.ClientSession
+) -> None:
+    """An outage given a number of calls answers exactly that many, then heals: no clock involved."""
+    fake_mindset.outage(503, calls=2, headers={"Retry-After": "1"})
+    url = files_url(fake_mindset)
+    statuses = []
+    for _ in range(3):
+        statuses.append(
+            (await call(session, "POST", url, json=ingest_body(), headers=MINDSET_AUTH))[0]
+        )
+    assert statuses == [503, 503, 200]
+    assert not fake_mindset.down
+    await fake_mindset.wait_healed(timeout=0.1)  # already healed: returns at once
+    assert fake_mindset.outage_calls == 2
+    with pytest.raises(ValueError, match="calls"):
+        fake_mindset.outage(503, calls=0)
+
+
+async def test_wait_healed_times_out_while_down(fake_mindset: FakeMindset) -> None:
+    """wait_healed() raises TimeoutError while an outage without an end goes on."""
+    fake_mindset.outage(503)
+    with pytest.raises(TimeoutError):
+        await fake_mindset.wait_healed(timeout=0.01)
+    fake_mindset.heal()
+    await fake_mindset.wait_healed(timeout=1)
 
 
 async def test_rate_limit_answers_429_with_retry_after(
