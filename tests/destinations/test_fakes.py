@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import math
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -447,20 +448,28 @@ async def test_fail_when_precedes_queued_failures(
 async def test_inconvo_delays(fake_inconvo: FakeInconvo, session: aiohttp.ClientSession) -> None:
     """`delay` slows answers (a request whose client left is dropped); `delay_after` lands."""
     url = fake_inconvo.base_url + "/datasets/user/u1"
-    short = aiohttp.ClientTimeout(total=0.05)
-    fake_inconvo.delay = 0.1
+    fake_inconvo.delay = 0.2
     loop = asyncio.get_running_loop()
     started = loop.time()
     assert (await call(session, "POST", url, data=csv_form(), headers=AUTH))[0] == 200
-    assert loop.time() - started >= 0.1
-    with pytest.raises(TimeoutError):
-        await call(session, "POST", url, data=csv_form("gone.csv"), headers=AUTH, timeout=short)
-    await asyncio.sleep(0.1)
-    fake_inconvo.delay, fake_inconvo.delay_after = 0.0, 0.1
-    with pytest.raises(TimeoutError):
-        await call(session, "POST", url, data=csv_form("late.csv"), headers=AUTH, timeout=short)
+    assert loop.time() - started >= 0.2  # a lower bound: the fake sleeps on this loop
+    # The client leaves while the fake sleeps (1 s, against a 5 ms poll): never handled.
+    fake_inconvo.delay = 1.0
+    gone = asyncio.create_task(call(session, "POST", url, data=csv_form("gone.csv"), headers=AUTH))
+    await eventually(lambda: len(fake_inconvo.requests) == 2)
+    gone.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await gone
+    await eventually(lambda: fake_inconvo.requests[1].done)
+    # The client leaves while the fake waits to answer: the upload has landed anyway.
+    fake_inconvo.delay, fake_inconvo.delay_after = 0.0, 1.0
+    late = asyncio.create_task(call(session, "POST", url, data=csv_form("late.csv"), headers=AUTH))
+    await eventually(lambda: len(fake_inconvo.uploads) == 2)
+    late.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await late
     assert [u.file_name for u in fake_inconvo.uploads] == ["data.csv", "late.csv"]
-    await asyncio.sleep(0.1)
+    await eventually(lambda: fake_inconvo.requests[2].done)
     assert [r.status for r in fake_inconvo.requests] == [200, 0, 200]
 
 
@@ -724,13 +733,13 @@ async def test_outage_answers_everything_until_healed(
 async def test_outage_heals_by_itself(
     fake_mindset: FakeMindset, session: aiohttp.ClientSession
 ) -> None:
-    """An outage given a duration ends on its own."""
-    fake_mindset.outage(502, seconds=0.05)
+    """An outage given a duration ends on its own, and wait_healed() sees it end."""
+    fake_mindset.outage(502, seconds=1.0)  # long against one local request
     url = files_url(fake_mindset)
     assert (await call(session, "POST", url, json=ingest_body(), headers=MINDSET_AUTH))[0] == 502
-    async with asyncio.timeout(5):
-        while fake_mindset.down:
-            await asyncio.sleep(0.01)
+    assert fake_mindset.down
+    await fake_mindset.wait_healed(timeout=30)
+    assert not fake_mindset.down
     assert (await call(session, "POST", url, json=ingest_body(), headers=MINDSET_AUTH))[0] == 200
     assert fake_mindset.outage_calls == 1
 
@@ -767,16 +776,21 @@ async def test_rate_limit_answers_429_with_retry_after(
     fake_inconvo: FakeInconvo, session: aiohttp.ClientSession
 ) -> None:
     """Beyond N requests in the window: 429 with Retry-After and retry-after-ms, counted."""
+    loop = asyncio.get_running_loop()
     fake_inconvo.rate_limit(per_second=3, window=60)
     url = fake_inconvo.base_url + "/datasets/user/u1"
     answers = []
+    started = loop.time()  # the fake runs on this loop: its clock is this one
     for _ in range(5):
         async with session.post(url, data=csv_form(), headers=AUTH) as response:
-            answers.append((response.status, dict(response.headers)))
-    assert [status for status, _ in answers] == [200, 200, 200, 429, 429]
-    for _, headers in answers[3:]:
-        assert 59 <= int(headers["Retry-After"]) <= 60
-        assert 58_000 < int(headers["retry-after-ms"]) <= 60_000
+            answers.append((response.status, dict(response.headers), loop.time()))
+    assert [status for status, _, _ in answers] == [200, 200, 200, 429, 429]
+    for _, headers, answered in answers[3:]:
+        # The window opens 60 s after the first call, which came after `started`.
+        at_least = math.floor((started + 60 - answered) * 1000)
+        millis = int(headers["retry-after-ms"])
+        assert at_least <= millis <= 60_000
+        assert int(headers["Retry-After"]) == -(-millis // 1000)
     assert fake_inconvo.throttled == 2
     assert len(fake_inconvo.uploads) == 3
     fake_inconvo.rate_limit(per_second=1, window=60, millis=False)
