@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from testbed.fakes import FakeInconvo, FakeMindset
+from testbed.fakes import DeletedDataset, FakeInconvo, FakeMindset
 from testbed.fakes._server import SlidingWindow, retry_after_headers
 from testbed.support import FileServer
 
@@ -311,10 +311,39 @@ async def test_inconvo_overwrite_list_delete(
     assert fake_inconvo.files == {"org_test/agt_x/userIdentifier/u1/data.csv": b"new\n"}
     deleted = await call(session, "DELETE", url + "/data.csv", headers=AUTH)
     assert deleted == (200, {"file": "data.csv", "success": True})
-    again = await call(session, "DELETE", url + "/data.csv", headers=AUTH)
-    assert again == (200, {"file": "data.csv", "success": False})
+    assert fake_inconvo.deletes == [
+        DeletedDataset(
+            "userIdentifier/u1", "data.csv", "agt_x", "org_test/agt_x/userIdentifier/u1/data.csv"
+        )
+    ]
     assert await call(session, "GET", url, headers=AUTH) == (200, {"files": []})
     assert (await call(session, "GET", url))[0] == 401
+    assert (await call(session, "DELETE", url + "/data.csv"))[0] == 401
+
+
+@pytest.mark.parametrize(
+    "route",
+    [
+        "/datasets/user/u1",
+        "/datasets/context/orgId/org_1",
+        "/agents/agt_x/datasets/user/u1",
+        "/agents/agt_x/datasets/context/orgId/org_1",
+    ],
+)
+async def test_inconvo_delete_of_missing_file_is_404(
+    fake_inconvo: FakeInconvo, session: aiohttp.ClientSession, route: str
+) -> None:
+    """Deleting a name the scope does not hold (never uploaded, or deleted) is a 404 on every route."""
+    url = fake_inconvo.base_url + route
+    missing = (404, {"file": "data.csv", "success": False, "error": "File not found"})
+    assert await call(session, "DELETE", url + "/data.csv", headers=AUTH) == missing
+    assert (await call(session, "POST", url, data=csv_form(), headers=AUTH))[0] == 200
+    other_scope = fake_inconvo.base_url + "/agents/agt_other/datasets/user/u1/data.csv"
+    assert (await call(session, "DELETE", other_scope, headers=AUTH))[0] == 404
+    assert (await call(session, "DELETE", url + "/data.csv", headers=AUTH))[0] == 200
+    assert await call(session, "DELETE", url + "/data.csv", headers=AUTH) == missing
+    [deleted] = fake_inconvo.deletes
+    assert (deleted.file_name, deleted.path) == ("data.csv", fake_inconvo.uploads[0].path)
 
 
 BAD_TYPE = "Only .csv and .json files are supported"
