@@ -2,14 +2,23 @@
 
 from testbed.fakes._server import FailureRule, FakeServer, RecordedRequest
 from testbed.fakes.inconvo import DeletedDataset, FakeInconvo, ReceivedUpload
-from testbed.fakes.mindset import FakeMindset, ReceivedIngest
+from testbed.fakes.mindset import (
+    DeletedFile,
+    FakeMindset,
+    FileRead,
+    IngestionRule,
+    ReceivedIngest,
+)
 
 __all__ = [
     "DeletedDataset",
+    "DeletedFile",
     "FailureRule",
     "FakeInconvo",
     "FakeMindset",
     "FakeServer",
+    "FileRead",
+    "IngestionRule",
     "ReceivedIngest",
     "ReceivedUpload",
     "RecordedRequest",

@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from testbed.fakes import DeletedDataset, FakeInconvo, FakeMindset
+from testbed.fakes import DeletedDataset, FakeInconvo, FakeMindset, IngestionRule
 from testbed.fakes._server import SlidingWindow, retry_after_headers
 from testbed.support import FileServer
 
@@ -716,6 +716,236 @@ async def test_mindset_fail_next_and_delay(
     assert loop.time() - started >= 0.1
     assert [(r.method, r.status) for r in fake_mindset.requests] == [("POST", 503), ("POST", 200)]
     assert len(fake_mindset.ingests) == 1
+
+
+# -- Mindset: a file's life -----------------------------------------------------------
+
+
+async def ingest(
+    session: aiohttp.ClientSession, fake: FakeMindset, context: str = "ctx1", **fields: Any
+) -> dict[str, Any]:
+    """Ingest a valid mp4 body with ``fields`` into app1/``context``; the file object."""
+    url = files_url(fake, context=context)
+    status, file = await call(
+        session, "POST", url, json=ingest_body(**fields), headers=MINDSET_AUTH
+    )
+    assert status == 200, file
+    assert file["status"] == "accepted"
+    return dict(file)
+
+
+async def read(
+    session: aiohttp.ClientSession, fake: FakeMindset, suffix: str, context: str = "ctx1"
+) -> tuple[int, Any]:
+    """GET ``files_url + suffix`` (``/uid/...``, ``/externalId/...`` or ``?query``)."""
+    return await call(
+        session, "GET", files_url(fake, context=context) + suffix, headers=MINDSET_AUTH
+    )
+
+
+async def test_mindset_default_rule_stays_accepted(
+    fake_mindset: FakeMindset, session: aiohttp.ClientSession
+) -> None:
+    """By default a file stays accepted however often it is read, even with autoPublish."""
+    file = await ingest(session, fake_mindset, externalId="e1", autoPublish=True)
+    for suffix in ("/uid/" + file["uid"], "/externalId/e1") * 3:
+        assert await read(session, fake_mindset, suffix) == (200, file)
+    assert fake_mindset.ingestion == IngestionRule()
+    assert fake_mindset.reads_of(uid=file["uid"]) == 6
+
+
+async def test_mindset_count_based_transition(
+    fake_mindset: FakeMindset, session: aiohttp.ClientSession
+) -> None:
+    """after_reads=2: the first two reads (by uid or externalId) answer accepted, the third the fate."""
+    fake_mindset.ingestion = IngestionRule("published", after_reads=2)
+    file = await ingest(session, fake_mindset, externalId="e1")
+    uid = file["uid"]
+    assert (await read(session, fake_mindset, "/uid/" + uid))[1]["status"] == "accepted"
+    assert (await read(session, fake_mindset, "/externalId/e1"))[1]["status"] == "accepted"
+    assert fake_mindset.file(uid) == {**file, "status": "published"}
+    assert await read(session, fake_mindset, "/uid/" + uid) == (
+        200,
+        {**file, "status": "published"},
+    )
+    assert (await read(session, fake_mindset, "/externalId/e1"))[1]["status"] == "published"
+    assert fake_mindset.reads_of(uid=uid) == 4
+    assert fake_mindset.reads_of(external_id="e1") == 4
+    assert [(r.via, r.status) for r in fake_mindset.reads] == [
+        ("uid", "accepted"),
+        ("externalId", "accepted"),
+        ("uid", "published"),
+        ("externalId", "published"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("fate", "auto_publish", "status"),
+    [
+        ("readyForPublication", None, "readyForPublication"),
+        ("published", False, "published"),
+        ("fail", True, "fail"),
+        ("ingested", True, "published"),
+        ("ingested", False, "readyForPublication"),
+        ("ingested", None, "readyForPublication"),
+    ],
+)
+async def test_mindset_fates_on_first_read(
+    fake_mindset: FakeMindset,
+    session: aiohttp.ClientSession,
+    fate: Any,
+    auto_publish: bool | None,
+    status: str,
+) -> None:
+    """The ingest answers accepted; with after_reads=0 (or no when) the first read sees the fate."""
+    for when in ({"after_reads": 0}, {}):
+        fake_mindset.ingestion = IngestionRule(fate, **when)
+        file = await ingest(session, fake_mindset, autoPublish=auto_publish)
+        assert (await read(session, fake_mindset, "/uid/" + file["uid"]))[1]["status"] == status
+
+
+async def test_mindset_gone_after_reads_frees_external_id(
+    fake_mindset: FakeMindset, session: aiohttp.ClientSession
+) -> None:
+    """A file whose fate is gone vanishes after its reads: 404 by uid and externalId, which is free."""
+    fake_mindset.ingestion = IngestionRule("gone", after_reads=1)
+    file = await ingest(session, fake_mindset, externalId="e1")
+    uid = file["uid"]
+    assert await read(session, fake_mindset, "/externalId/e1") == (200, file)
+    assert (await read(session, fake_mindset, "/uid/" + uid))[0] == 404
+    assert (await read(session, fake_mindset, "/externalId/e1"))[0] == 404
+    assert fake_mindset.file(uid) is None
+    assert fake_mindset.files == []
+    assert fake_mindset.reads_of(uid=uid) == 2  # the hit, and the 404 asked by uid
+    assert fake_mindset.reads_of(external_id="e1") == 2  # the hit, and the 404 asked by externalId
+    fake_mindset.ingestion = IngestionRule()
+    again = await ingest(session, fake_mindset, externalId="e1")
+    assert again["uid"] != uid
+    assert await read(session, fake_mindset, "/externalId/e1") == (200, again)
+
+
+async def test_mindset_time_based_transition(
+    fake_mindset: FakeMindset, session: aiohttp.ClientSession
+) -> None:
+    """after_seconds moves the file on by itself on the loop clock, without any read."""
+    fake_mindset.ingestion = IngestionRule("fail", after_seconds=0.05)
+    file = await ingest(session, fake_mindset, externalId="e1")
+    await eventually(lambda: fake_mindset.files[0]["status"] == "fail")
+    assert fake_mindset.reads == []
+    assert (await read(session, fake_mindset, "/externalId/e1"))[1] == {**file, "status": "fail"}
+
+
+async def test_mindset_time_based_gone(
+    fake_mindset: FakeMindset, session: aiohttp.ClientSession
+) -> None:
+    """A timed gone fate removes the file by itself; its externalId can be ingested again."""
+    fake_mindset.ingestion = IngestionRule("gone", after_seconds=0.05)
+    file = await ingest(session, fake_mindset, externalId="e1")
+    await eventually(lambda: fake_mindset.file(file["uid"]) is None)
+    assert (await read(session, fake_mindset, "/uid/" + file["uid"]))[0] == 404
+    fake_mindset.ingestion = IngestionRule()
+    await ingest(session, fake_mindset, externalId="e1")
+
+
+async def test_mindset_reads_or_seconds_whichever_first(
+    fake_mindset: FakeMindset, session: aiohttp.ClientSession
+) -> None:
+    """With both whens the first to come wins: here the read, long before an hour's timer."""
+    fake_mindset.ingestion = IngestionRule("readyForPublication", after_reads=1, after_seconds=3600)
+    file = await ingest(session, fake_mindset)
+    assert (await read(session, fake_mindset, "/uid/" + file["uid"]))[1]["status"] == "accepted"
+    assert (await read(session, fake_mindset, "/uid/" + file["uid"]))[1]["status"] == (
+        "readyForPublication"
+    )
+    fake_mindset.ingestion = IngestionRule("published", after_reads=1000, after_seconds=0.01)
+    timed = await ingest(session, fake_mindset)
+    await eventually(lambda: fake_mindset.file(timed["uid"]) == {**timed, "status": "published"})
+
+
+async def test_mindset_rule_per_file_from_body(
+    fake_mindset: FakeMindset, session: aiohttp.ClientSession
+) -> None:
+    """A callable rule picks each file's fate from its ingest body."""
+    bodies: list[dict[str, Any]] = []
+
+    def rule(body: dict[str, Any]) -> IngestionRule:
+        bodies.append(body)
+        if body["mimeType"] == MP4:
+            return IngestionRule("fail", after_reads=0)
+        return IngestionRule("ingested", after_reads=0)
+
+    fake_mindset.ingestion = rule
+    video = await ingest(session, fake_mindset, externalId="v")
+    pdf = await ingest(session, fake_mindset, mimeType=PDF, autoPublish=True)
+    assert (await read(session, fake_mindset, "/uid/" + video["uid"]))[1]["status"] == "fail"
+    assert (await read(session, fake_mindset, "/uid/" + pdf["uid"]))[1]["status"] == "published"
+    assert [b["mimeType"] for b in bodies] == [MP4, PDF]
+    assert bodies[0] == ingest_body(externalId="v")
+
+
+async def test_mindset_rule_not_a_rule_is_a_500(
+    fake_mindset: FakeMindset, session: aiohttp.ClientSession
+) -> None:
+    """A callable rule returning something else fails the ingest loudly and stores nothing."""
+    fake_mindset.ingestion = lambda body: "published"  # type: ignore[assignment,return-value]
+    url = files_url(fake_mindset)
+    async with session.post(url, json=ingest_body(), headers=MINDSET_AUTH) as response:
+        assert response.status == 500
+    assert fake_mindset.files == []
+
+
+def test_ingestion_rule_validates() -> None:
+    """An unknown fate or a negative when is refused when the rule is made."""
+    with pytest.raises(ValueError, match="fate"):
+        IngestionRule("done")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="after_reads"):
+        IngestionRule("fail", after_reads=-1)
+    with pytest.raises(ValueError, match="after_seconds"):
+        IngestionRule("fail", after_seconds=-0.1)
+
+
+async def test_mindset_set_status_overrides_the_rule(
+    fake_mindset: FakeMindset, session: aiohttp.ClientSession
+) -> None:
+    """set_status sets the status now and cancels what the rule had pending; unknown uids raise."""
+    fake_mindset.ingestion = IngestionRule("published", after_reads=1)
+    file = await ingest(session, fake_mindset)
+    fake_mindset.set_status(file["uid"], "fail")
+    for _ in range(3):
+        assert (await read(session, fake_mindset, "/uid/" + file["uid"]))[1]["status"] == "fail"
+    with pytest.raises(KeyError):
+        fake_mindset.set_status("nope", "published")
+
+
+async def test_mindset_read_by_uid_is_strict(
+    fake_mindset: FakeMindset, session: aiohttp.ClientSession
+) -> None:
+    """A uid is found only in its own app context; unknown uids are 404; the key is required."""
+    file = await ingest(session, fake_mindset)
+    uid = file["uid"]
+    assert await read(session, fake_mindset, "/uid/" + uid) == (200, file)
+    assert (await read(session, fake_mindset, "/uid/" + uid, context="ctx2"))[0] == 404
+    assert (await read(session, fake_mindset, "/uid/nope"))[0] == 404
+    assert (await call(session, "GET", files_url(fake_mindset) + "/uid/" + uid))[0] == 401
+    assert fake_mindset.reads_of(uid=uid) == 2  # the 401 is no read
+    assert [r.status for r in fake_mindset.reads] == ["accepted", None, None]
+    with pytest.raises(TypeError):
+        fake_mindset.reads_of()
+
+
+async def test_mindset_content_hash_is_kept(
+    fake_mindset: FakeMindset, session: aiohttp.ClientSession
+) -> None:
+    """contentHash given at ingest is in the file object it answers and in every later read."""
+    fake_mindset.ingestion = IngestionRule("published", after_reads=0)
+    file = await ingest(session, fake_mindset, externalId="e1", contentHash="sha256:ab", runId="r1")
+    assert (file["contentHash"], file["runId"]) == ("sha256:ab", "r1")
+    for suffix in ("/uid/" + file["uid"], "/externalId/e1", "?runId=r1"):
+        status, answer = await read(session, fake_mindset, suffix)
+        found = answer[0] if isinstance(answer, list) else answer
+        assert (status, found["contentHash"], found["status"]) == (200, "sha256:ab", "published")
+    plain = await ingest(session, fake_mindset)
+    assert "contentHash" not in plain
 
 
 # -- outages, rate limits, trickling sources -------------------------------------------
