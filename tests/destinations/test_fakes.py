@@ -8,11 +8,12 @@ import io
 import math
 from collections.abc import AsyncIterator, Callable
 from typing import Any
+from urllib.parse import urlencode
 
 import aiohttp
 import pytest
 
-from testbed.fakes import DeletedDataset, FakeInconvo, FakeMindset, IngestionRule
+from testbed.fakes import DeletedDataset, DeletedFile, FakeInconvo, FakeMindset, IngestionRule
 from testbed.fakes._server import SlidingWindow, retry_after_headers
 from testbed.support import FileServer
 
@@ -946,6 +947,179 @@ async def test_mindset_content_hash_is_kept(
         assert (status, found["contentHash"], found["status"]) == (200, "sha256:ab", "published")
     plain = await ingest(session, fake_mindset)
     assert "contentHash" not in plain
+
+
+# -- Mindset: listing and deleting files ----------------------------------------------
+
+
+async def test_mindset_list_pages_by_created_at(
+    fake_mindset: FakeMindset, session: aiohttp.ClientSession
+) -> None:
+    """The list pages oldest first by startAfter=<last createdAt>; past the end: [] with a 404."""
+    made = [await ingest(session, fake_mindset, name=f"f{i}") for i in range(5)]
+    await ingest(session, fake_mindset, context="ctx2")  # another context: never listed
+    pages: list[list[str]] = []
+    suffix = "?limit=2"
+    while True:
+        status, page = await read(session, fake_mindset, suffix)
+        if status == 404:
+            assert page == []
+            break
+        assert status == 200
+        pages.append([file["name"] for file in page])
+        suffix = "?" + urlencode({"limit": 2, "startAfter": page[-1]["createdAt"]})
+    assert pages == [["f0", "f1"], ["f2", "f3"], ["f4"]]
+    assert [f["createdAt"] for f in made] == sorted({f["createdAt"] for f in made})
+    assert (await read(session, fake_mindset, ""))[1] == made  # default page size: 20
+    assert fake_mindset.reads_of(uid=made[0]["uid"]) == 2
+    assert {r.via for r in fake_mindset.reads} == {"list"}
+
+
+async def test_mindset_list_page_size_default(
+    fake_mindset: FakeMindset, session: aiohttp.ClientSession
+) -> None:
+    """Without limit a page holds page_size files; limit=100 is the largest page."""
+    fake_mindset.page_size = 3
+    for _ in range(4):
+        await ingest(session, fake_mindset)
+    assert len((await read(session, fake_mindset, ""))[1]) == 3
+    assert len((await read(session, fake_mindset, "?limit=100"))[1]) == 4
+
+
+async def test_mindset_list_filters(
+    fake_mindset: FakeMindset, session: aiohttp.ClientSession
+) -> None:
+    """runId and status (fail, readyForPublication, published) filter; nothing matching is a 404."""
+
+    def rule(body: dict[str, Any]) -> IngestionRule:
+        return IngestionRule(body["name"], after_reads=0)
+
+    fake_mindset.ingestion = rule
+    for status, run in [("fail", "r1"), ("published", "r1"), ("readyForPublication", "r2")]:
+        await ingest(session, fake_mindset, name=status, runId=run)
+    await ingest(session, fake_mindset, name="accepted", runId="r1")
+
+    async def names(query: dict[str, str]) -> tuple[int, list[str]]:
+        status, page = await read(session, fake_mindset, "?" + urlencode(query))
+        return status, [file["name"] for file in page]
+
+    assert await names({"runId": "r1"}) == (200, ["fail", "published", "accepted"])
+    assert await names({"status": "fail"}) == (200, ["fail"])
+    assert await names({"status": "published", "runId": "r1"}) == (200, ["published"])
+    assert await names({"status": "readyForPublication", "runId": "r1"}) == (404, [])
+    assert await names({"runId": "r9"}) == (404, [])
+    assert await names({}) == (200, ["fail", "published", "readyForPublication", "accepted"])
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "status=accepted",
+        "status=Published",
+        "status=",
+        "state=fail",
+        "status=fail&status=published",
+        "limit=0",
+        "limit=101",
+        "limit=ten",
+        "limit=-1",
+        "startAfter=yesterday",
+    ],
+)
+async def test_mindset_list_rejects_bad_queries(
+    fake_mindset: FakeMindset, session: aiohttp.ClientSession, query: str
+) -> None:
+    """accepted is no status filter; unknown, repeated or malformed parameters are a 400."""
+    await ingest(session, fake_mindset)
+    status, body = await read(session, fake_mindset, "?" + query)
+    assert status == 400, body
+    assert "error" in body
+    assert fake_mindset.reads == []
+
+
+async def test_mindset_list_needs_the_key_and_counts_reads(
+    fake_mindset: FakeMindset, session: aiohttp.ClientSession
+) -> None:
+    """The list needs the key, and a listed file counts a status read toward its rule."""
+    fake_mindset.ingestion = IngestionRule("published", after_reads=1)
+    file = await ingest(session, fake_mindset, externalId="e1")
+    assert (await call(session, "GET", files_url(fake_mindset)))[0] == 401
+    assert (await read(session, fake_mindset, "?status=published"))[0] == 404
+    assert (await read(session, fake_mindset, ""))[1] == [file]
+    assert (await read(session, fake_mindset, "?status=published"))[1] == [
+        {**file, "status": "published"}
+    ]
+    assert fake_mindset.reads_of(external_id="e1") == 2
+
+
+async def test_mindset_delete_then_reads_and_reingest(
+    fake_mindset: FakeMindset, session: aiohttp.ClientSession
+) -> None:
+    """A delete answers 200 and is recorded; the file is then 404 everywhere and its externalId free."""
+    file = await ingest(session, fake_mindset, externalId="e1", contentHash="h1")
+    uid, url = file["uid"], files_url(fake_mindset)
+    assert await call(session, "DELETE", url + "/uid/" + uid, headers=MINDSET_AUTH) == (
+        200,
+        {"uid": uid, "deleted": True},
+    )
+    assert fake_mindset.deletes == [DeletedFile("app1", "ctx1", uid, "e1", file)]
+    assert (await read(session, fake_mindset, "/uid/" + uid))[0] == 404
+    assert (await read(session, fake_mindset, "/externalId/e1"))[0] == 404
+    assert await read(session, fake_mindset, "") == (404, [])
+    assert fake_mindset.files == []
+    again = await ingest(session, fake_mindset, externalId="e1", contentHash="h2")
+    assert (again["uid"], again["contentHash"]) != (uid, "h1")
+    assert await read(session, fake_mindset, "/externalId/e1") == (200, again)
+    conflict = await call(
+        session, "POST", url, json=ingest_body(externalId="e1"), headers=MINDSET_AUTH
+    )
+    assert conflict[0] == 409  # a live file holds it again
+
+
+async def test_mindset_delete_is_strict(
+    fake_mindset: FakeMindset, session: aiohttp.ClientSession
+) -> None:
+    """Deleting a missing, already deleted or other context's uid is a 404; by externalId is no route."""
+    file = await ingest(session, fake_mindset, externalId="e1")
+    url, uid = files_url(fake_mindset), file["uid"]
+    other = files_url(fake_mindset, context="ctx2")
+    assert (await call(session, "DELETE", other + "/uid/" + uid, headers=MINDSET_AUTH))[0] == 404
+    assert (await call(session, "DELETE", url + "/uid/nope", headers=MINDSET_AUTH))[0] == 404
+    assert (await call(session, "DELETE", url + "/externalId/e1", headers=MINDSET_AUTH))[0] == 405
+    assert (await call(session, "DELETE", url + "/uid/" + uid))[0] == 401
+    assert fake_mindset.deletes == []
+    assert (await call(session, "DELETE", url + "/uid/" + uid, headers=MINDSET_AUTH))[0] == 200
+    again = await call(session, "DELETE", url + "/uid/" + uid, headers=MINDSET_AUTH)
+    assert again == (404, {"error": "File not found"})
+    assert len(fake_mindset.deletes) == 1
+
+
+async def test_mindset_delete_can_answer_204(
+    fake_mindset: FakeMindset, session: aiohttp.ClientSession
+) -> None:
+    """delete_status=204 answers an empty 204, for clients that must take any 2xx."""
+    fake_mindset.delete_status = 204
+    file = await ingest(session, fake_mindset)
+    url = files_url(fake_mindset) + "/uid/" + file["uid"]
+    async with session.delete(url, headers=MINDSET_AUTH) as response:
+        assert (response.status, await response.read()) == (204, b"")
+    assert [d.uid for d in fake_mindset.deletes] == [file["uid"]]
+
+
+async def test_mindset_delete_cancels_a_pending_fate(
+    fake_mindset: FakeMindset, session: aiohttp.ClientSession
+) -> None:
+    """A file deleted before its timed fate stays deleted; a new file with its externalId is untouched."""
+    fake_mindset.ingestion = IngestionRule("fail", after_seconds=0.05)
+    file = await ingest(session, fake_mindset, externalId="e1")
+    url = files_url(fake_mindset) + "/uid/" + file["uid"]
+    assert (await call(session, "DELETE", url, headers=MINDSET_AUTH))[0] == 200
+    fake_mindset.ingestion = IngestionRule("published", after_seconds=0.1)
+    again = await ingest(session, fake_mindset, externalId="e1")
+    await eventually(lambda: fake_mindset.files[0]["status"] == "published")
+    # The deleted file's timer was due first (0.05 s before 0.1 s): it would have fired.
+    assert fake_mindset.files == [{**again, "status": "published"}]
+    assert fake_mindset.deletes[0].file["status"] == "accepted"
 
 
 # -- outages, rate limits, trickling sources -------------------------------------------
