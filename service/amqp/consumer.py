@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from typing import Any
 
 import aio_pika
@@ -21,7 +20,8 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMe
 from service.amqp.declare import declare_queue
 from service.amqp.gate import AckGate
 from service.amqp.hooks import ConsumerHooks, SettlerHooks
-from service.amqp.publisher import CONNECTION_ERRORS, Link, Publisher
+from service.amqp.link import CONNECTION_ERRORS, Link
+from service.amqp.publisher import Publisher
 from service.amqp.settler import Handler, Settler
 from service.config import Settings
 from service.topology import Topology
@@ -87,7 +87,7 @@ class Consumer:
         )
 
     def _pause(self, blocked: bool) -> None:
-        step = self._cancel_consumer(time.monotonic()) if blocked else self._resume()
+        step = self._cancel_consumer(_now()) if blocked else self._resume()
         task = asyncio.create_task(step)
         self._steps.add(task)
         task.add_done_callback(self._steps.discard)
@@ -138,7 +138,7 @@ class Consumer:
         """Stop taking deliveries, finish in-flight work within the shutdown timeout, give
         back what is left, and close both connections: all within the timeout + 5 s."""
         self._stopping = True
-        deadline = time.monotonic() + self.settings.shutdown_timeout
+        deadline = _now() + self.settings.shutdown_timeout
         if self._watcher is not None:
             self._watcher.cancel()
         await self._cancel_consumer(deadline)
@@ -153,7 +153,7 @@ class Consumer:
         self._hooks.consuming(False)
         if queue is None or tag is None or not self.link.ready.is_set():
             return  # no broker to tell: the connection's end cancels the consumer anyway
-        wait = min(2.0, max(0.5, deadline - time.monotonic()))
+        wait = min(2.0, max(0.5, deadline - _now()))
         settler = self.settler
         await self._gate.cancel(queue, tag, settler.unacked, self.settings.concurrency, wait)
 
@@ -166,3 +166,8 @@ class Consumer:
             return  # its channel died already: the broker redelivers it
         self._gate.delivered()
         self.settler.take(message, channel)
+
+
+def _now() -> float:
+    # The loop's clock (monotonic), so tests can run this on virtual time.
+    return asyncio.get_running_loop().time()

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -86,16 +85,16 @@ class AckGate:
     async def _hold(
         self, queue: AbstractQueue, unacked: Callable[[], int], window: int, limit: float
     ) -> str:
-        end = time.monotonic() + limit
+        end = _now() + limit
         while unacked() < window:
-            if (left := end - time.monotonic()) <= 0:
+            if (left := end - _now()) <= 0:
                 return "time limit"
             self._arrived.clear()
             try:
                 await asyncio.wait_for(self._arrived.wait(), min(QUIET, left))
             except TimeoutError:
-                if not await _holds_ready(queue, end - time.monotonic()):
-                    return "queue dry" if time.monotonic() < end else "time limit"
+                if not await _holds_ready(queue, end - _now()):
+                    return "queue dry" if _now() < end else "time limit"
         return "window full"
 
 
@@ -109,3 +108,8 @@ async def _holds_ready(queue: AbstractQueue, wait: float) -> bool:
     except (TimeoutError, aiormq.exceptions.AMQPError, ConnectionError, RuntimeError):
         return False
     return bool(declared.message_count)
+
+
+def _now() -> float:
+    # The loop's clock (monotonic), so tests can run this on virtual time.
+    return asyncio.get_running_loop().time()

@@ -13,7 +13,7 @@ from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
 
-from service.amqp.publisher import Publisher
+from service.amqp.publisher import Outbox
 
 
 class InFlight:
@@ -61,7 +61,7 @@ class InFlight:
         """Whether the delivery is still ours (its channel open)."""
         return not self.channel.is_closed
 
-    def committed(self, publisher: Publisher) -> bool:
+    def committed(self, publisher: Outbox) -> bool:
         """The last publish went out on a connection the broker still reads: acking now
         cannot lose it."""
         return publisher.live(self._sent_on) and self.alive()

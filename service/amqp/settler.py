@@ -25,8 +25,9 @@ from aio_pika.abc import AbstractIncomingMessage
 from service.amqp.gate import AckGate
 from service.amqp.hooks import SettlerHooks
 from service.amqp.inflight import InFlight
+from service.amqp.link import CONNECTION_ERRORS
 from service.amqp.plan import Publish, Wiring, publishes
-from service.amqp.publisher import CONNECTION_ERRORS, DeliveryGone, Publisher
+from service.amqp.publisher import DeliveryGone, Outbox
 from service.amqp.wire import copy_message
 from service.config import Settings
 from service.contracts import UploadRequest
@@ -64,7 +65,7 @@ class Settler:
         settings: Settings,
         topology: Topology,
         handler: Handler,
-        publisher: Publisher,
+        publisher: Outbox,
         hooks: SettlerHooks,
         gate: AckGate,
     ) -> None:
@@ -106,15 +107,13 @@ class Settler:
         return len(lost)
 
     async def drain(self, deadline: float) -> None:
-        """Finish in-flight work by ``deadline`` (monotonic), give back what is left, ack
+        """Finish in-flight work by ``deadline`` (the loop's clock), give back what is left, ack
         settles whose last publish went out; everything within :data:`GIVE_BACK_TIME` more."""
         self._stopping = True
         self._hard_deadline = deadline + GIVE_BACK_TIME
         if self._work:
-            log.info(
-                "waiting up to %.0fs for %d requests", deadline - time.monotonic(), len(self._work)
-            )
-            await asyncio.wait(set(self._work), timeout=max(0.0, deadline - time.monotonic()))
+            log.info("waiting up to %.0fs for %d requests", deadline - _now(), len(self._work))
+            await asyncio.wait(set(self._work), timeout=max(0.0, deadline - _now()))
         unfinished = [t for t, w in self._work.items() if not w.settling]
         if unfinished:
             log.warning("giving back %d unfinished requests", len(unfinished))
@@ -133,7 +132,7 @@ class Settler:
             await asyncio.wait(set(self._work), timeout=UNWIND_TIME)
 
     def _left(self) -> float:
-        return max(0.0, self._hard_deadline - time.monotonic())
+        return max(0.0, self._hard_deadline - _now())
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._work.pop(task, None)
@@ -272,3 +271,8 @@ class Settler:
         except (*CONNECTION_ERRORS, aio_pika.exceptions.MessageProcessError) as exc:  # type: ignore[misc]
             # The channel is gone: the broker redelivers the delivery by itself.
             log.info("could not ack (%s); the broker will redeliver", type(exc).__name__)
+
+
+def _now() -> float:
+    # The loop's clock (monotonic), so tests can run this on virtual time.
+    return asyncio.get_running_loop().time()
