@@ -162,7 +162,7 @@ class MeteredSource:
         self._bytes = metrics.source_bytes.labels(scheme)
 
     def check(self, spec: SourceSpec) -> None:
-        """Delegate the pre-flight checks."""
+        """The inner source's checks; nothing to measure (no I/O)."""
         self._inner.check(spec)
 
     async def describe(self, spec: SourceSpec) -> SourceFacts:

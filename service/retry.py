@@ -77,8 +77,7 @@ async def retried(call: Callable[[], Awaitable[T]]) -> T:
     The first try runs bare; stamina's retry context is entered only once it has
     failed, with that failure re-raised as its first attempt's, so the waits and
     ``Retry-After`` handling are stamina's own. Building the context for every
-    call cost about 8% of the service's CPU on the happy path (cProfile, the
-    `small` benchmark).
+    call was a visible share of the happy path's CPU (``make bench`` with ``--profile``).
     """
     try:
         return await call()

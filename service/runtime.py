@@ -44,9 +44,9 @@ def limit_malloc_arenas(arenas: int = 2) -> bool:
     """Cap glibc's malloc arenas, as ``MALLOC_ARENA_MAX`` does; call before threads start.
 
     Spooling runs in worker threads, and glibc gives each thread an arena of its
-    own whose freed memory is seldom returned: with 32 concurrent 10 MiB files
-    this cap measured about 20 MiB less peak RSS (``make bench``, scenario big).
-    An operator's own ``MALLOC_ARENA_MAX`` wins; elsewhere than glibc, nothing happens.
+    own whose freed memory is seldom returned, so peak RSS under many concurrent
+    large files grows with the threads (``make bench``, scenario big). An operator's
+    own ``MALLOC_ARENA_MAX`` wins; elsewhere than glibc, nothing happens.
     """
     if "MALLOC_ARENA_MAX" in os.environ:
         return False

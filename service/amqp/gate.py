@@ -2,8 +2,8 @@
 
 RabbitMQ 3.10's quorum queues count a delivery that was on its way to a consumer
 when that consumer was cancelled as a return: it comes back with ``x-delivery-count``
-raised although no client ever saw it (measured here: 0 to 8 of a prefetch of 8 per
-cancel). With acks held, the prefetch window fills up (or the queue runs dry), so by
+raised although no client ever saw it (up to the whole prefetch window per cancel).
+With acks held, the prefetch window fills up (or the queue runs dry), so by
 the time the cancel reaches the broker it has nothing under way to this consumer.
 
 A quiet spell alone does not prove the queue dry: a busy broker (quorum queues write

@@ -27,7 +27,7 @@ from service.destinations.base import (
     response_error,
     transport_error,
 )
-from service.errors import CourierError, ErrorCode, PermanentError
+from service.errors import ErrorCode, PermanentError
 from service.retry import retried
 from service.sources.base import (
     SizeLimit,
@@ -40,8 +40,6 @@ from service.sources.base import (
 from service.sources.guard import AddressPolicy, Resolve, check_relayed_url, system_resolve
 
 MAX_CONTENT = 65536  # characters, as the API counts them (UTF-16 code units)
-MAX_SOURCE_URL = MINDSET_MAX_URL
-MAX_NAME = MINDSET_MAX_NAME
 _TEXT = frozenset({"text/plain", "text/html"})
 # What a UTF-8 text of MAX_CONTENT characters can take at most, and the bytes whose
 # base64 fits in MAX_CONTENT characters: larger files are refused while streaming.
@@ -176,7 +174,7 @@ class Mindset:
     ) -> Uploaded:
         _check_delivery(mime, "sourceUrl")
         length = api_length(facts.fetch_url)
-        if length > MAX_SOURCE_URL:
+        if length > MINDSET_MAX_URL:
             # Not invalid_request: the request keeps the contract; Mindset would refuse
             # the URL Courier made of it, and asking again makes the same URL.
             presigned = facts.url.lower().startswith("s3:")
@@ -188,7 +186,8 @@ class Mindset:
             )
             raise PermanentError(
                 ErrorCode.DESTINATION_REJECTED,
-                f"the sourceUrl would be {length} characters, over Mindset's {MAX_SOURCE_URL}{why}",
+                f"the sourceUrl would be {length} characters, "
+                f"over Mindset's {MINDSET_MAX_URL}{why}",
             )
         body = self._body(destination, facts.file_name, mime, sourceUrl=facts.fetch_url)
         result, deduplicated = await self._ingest(destination, body)
@@ -217,7 +216,7 @@ class Mindset:
         self, destination: MindsetDestination, file_name: str, mime: str, **content: str
     ) -> dict[str, Any]:
         body: dict[str, Any] = {
-            "name": destination.name or api_cut(file_name, MAX_NAME) or "file",
+            "name": destination.name or api_cut(file_name, MINDSET_MAX_NAME) or "file",
             "mimeType": mime,
             **content,
         }
@@ -309,6 +308,3 @@ def _document_content(file_name: str, raw: bytes, mime: str) -> str:
     if not text:
         raise PermanentError(ErrorCode.INVALID_REQUEST, "the file is empty")
     return text
-
-
-__all__ = ["CourierError", "Mindset", "api_length", "infer_mime_type"]

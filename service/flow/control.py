@@ -86,16 +86,16 @@ class FlowObserver(Protocol):
 
 
 class NullObserver:
-    """Observes nothing."""
+    """Observes nothing: for flows nobody measures (tests, simulations)."""
 
     def breaker_changed(self, destination: str, state: BreakerState) -> None:
-        """Ignored."""
+        pass
 
     def rate_changed(self, destination: str, rate: float | None) -> None:
-        """Ignored."""
+        pass
 
     def rate_limited(self, destination: str) -> None:
-        """Ignored."""
+        pass
 
 
 class Clock(Protocol):
