@@ -153,7 +153,7 @@ async def _process(settings: Settings, body: bytes) -> int:
     envelope = Envelope()
     request = parse_request(body, settings.max_message_bytes)
     async with pipeline_for(settings) as pipeline:
-        outcome = await pipeline.process(request)
+        outcome = await pipeline.process(request, request_id(request.id, envelope))
     event = build_event(
         event_source=settings.event_source,
         request_id=request_id(request.id, envelope),

@@ -122,6 +122,7 @@ class Settings(BaseSettings):
     tmp_dir: Path | None = None
     # Flow control.
     breaker_threshold: int = Field(default=5, ge=1, le=1000)
+    breaker_min_requests: int = Field(default=3, ge=1, le=1000)
     breaker_cooldown: float = Field(default=10.0, gt=0, le=300)
     hold_max: float = Field(default=3600.0, gt=0)
     inconvo_rate_limit: float | None = Field(default=None, gt=0, allow_inf_nan=False)

@@ -10,7 +10,7 @@ from typing import Any
 from service.contracts import SourceInfo, UploadRequest
 from service.destinations.base import Destination
 from service.errors import CourierError, ErrorCode, PermanentError
-from service.flow import DeferReason, Deferred, FlowControl, calls_made
+from service.flow import DeferReason, Deferred, FlowControl, calls_made, current_request
 from service.outcome import Held, Outcome
 from service.redact import redact_url
 from service.sources.base import Source
@@ -32,11 +32,12 @@ class Pipeline:
         self._destinations = dict(destinations)
         self._flows = flows
 
-    async def process(self, request: UploadRequest) -> Outcome:
+    async def process(self, request: UploadRequest, request_id: str) -> Outcome:
         """Run one attempt; never raises for a failed request, only reports it."""
         started = time.perf_counter()
         kind = request.destination.type
         calls_made.set(0)
+        current_request.set(request_id)
         try:
             delivered = await self._run(request)
         except Deferred as hold:

@@ -47,7 +47,7 @@ from service.topology import Topology
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[UploadRequest], Awaitable[Outcome]]
+Handler = Callable[[UploadRequest, str], Awaitable[Outcome]]
 # Copies this replica has settled, remembered to drop a second copy of one (see README).
 SETTLED_COPIES = 10_000
 ACK_TIMEOUT = 5.0
@@ -186,7 +186,7 @@ class Settler:
             else decode(body, envelope, max_bytes)
         )
         if decoded.request is not None:
-            return decoded, await self._handler(decoded.request)
+            return decoded, await self._handler(decoded.request, decoded.request_id)
         assert decoded.error is not None  # noqa: S101 - a refused body always says why
         outcome = Outcome.refused(
             decoded.error, destination=decoded.destination, source_url=decoded.source_url

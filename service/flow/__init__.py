@@ -18,7 +18,7 @@ from service.flow.control import (
     Ticket,
     is_transient,
 )
-from service.flow.middleware import calls_made, flow_middleware
+from service.flow.middleware import calls_made, current_request, flow_middleware
 from service.flow.rate import RateControl
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "RateControl",
     "Ticket",
     "calls_made",
+    "current_request",
     "flow_middleware",
     "is_transient",
 ]

@@ -6,6 +6,7 @@ without sleeping. :class:`~service.flow.control.DestinationFlow` drives it.
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from enum import IntEnum
 
 MAX_COOLDOWN = 300.0
@@ -27,12 +28,19 @@ class BreakerState(IntEnum):
 class Breaker:
     """Closed, open or half-open; counts consecutive transient failures.
 
-    ``threshold`` consecutive failures open it for ``cooldown`` seconds; then one
-    probe may go (half-open). The probe's success closes it and resets the
-    cooldown; its failure re-opens it with the cooldown doubled, up to
-    ``max_cooldown``. Each call carries the ``generation`` it was admitted in:
-    outcomes of calls admitted before the last state change are ignored, so a
-    straggler from before an outage cannot close or re-open the breaker.
+    ``threshold`` consecutive failures open it for ``cooldown`` seconds, if they came
+    from at least ``min_requests`` different requests: one request's own retries
+    (a file that trips a server bug) never open it, an outage does. Then one probe
+    may go (half-open). The probe's success closes it and resets the cooldown; its
+    failure re-opens it with the cooldown doubled, up to ``max_cooldown``. A probe
+    is free for the request that carries it, unless that request's own probe was
+    the last to fail (:meth:`charges`): a bad request cannot probe for ever. Each
+    call carries the ``generation`` it was admitted in: outcomes of calls admitted
+    before the last state change are ignored, so a straggler from before an outage
+    cannot close or re-open the breaker.
+
+    Requests are any hashable key (the request id); a call without one counts as a
+    request of its own.
     """
 
     def __init__(
@@ -40,14 +48,18 @@ class Breaker:
         threshold: int,
         cooldown: float,
         *,
+        min_requests: int = 1,
         max_cooldown: float = MAX_COOLDOWN,
         probe_timeout: float = PROBE_TIMEOUT,
     ) -> None:
         if threshold < 1:
             raise ValueError("threshold must be at least 1")
+        if min_requests < 1:
+            raise ValueError("min_requests must be at least 1")
         if cooldown <= 0:
             raise ValueError("cooldown must be positive")
         self.threshold = threshold
+        self.min_requests = min_requests
         self.base_cooldown = cooldown
         self.max_cooldown = max(max_cooldown, cooldown)
         self.probe_timeout = probe_timeout
@@ -57,6 +69,8 @@ class Breaker:
         self.open_until = 0.0
         self.generation = 0
         self._probe_since: float | None = None
+        self._failing: set[Hashable] = set()  # requests among the consecutive failures
+        self._failed_probe: Hashable | None = None  # the request whose probe failed last
 
     def blocked_for(self, now: float) -> tuple[float, bool] | None:
         """``(seconds, probe_out)`` a call must wait, or None when one may go now.
@@ -82,32 +96,41 @@ class Breaker:
         self._probe_since = now
         return self.generation, True
 
+    def charges(self, request: Hashable | None) -> bool:
+        """Whether a probe by ``request`` costs it an attempt: its probe failed last."""
+        return request is not None and request == self._failed_probe
+
     def succeeded(self, generation: int) -> bool:
         """The API answered (not transiently); True when that changed the state."""
         if generation != self.generation:
             return False
         self.failures = 0
+        self._failing.clear()
         if self.state is not BreakerState.HALF_OPEN:
             return False
         self.state = BreakerState.CLOSED
         self.cooldown = self.base_cooldown
         self.generation += 1
         self._probe_since = None
+        self._failed_probe = None
         return True
 
-    def failed(self, now: float, generation: int) -> bool:
-        """A transient failure; True when that changed the state (it opened)."""
+    def failed(self, now: float, generation: int, request: Hashable | None = None) -> bool:
+        """A transient failure of a call for ``request``; True when that opened the breaker."""
         if generation != self.generation:
             return False
         if self.state is BreakerState.HALF_OPEN:
             self.cooldown = min(self.cooldown * 2, self.max_cooldown)
+            self._failed_probe = request
         else:
             self.failures += 1
-            if self.failures < self.threshold:
+            self._failing.add(object() if request is None else request)
+            if self.failures < self.threshold or len(self._failing) < self.min_requests:
                 return False
         self.state = BreakerState.OPEN
         self.open_until = now + self.cooldown
         self.failures = 0
+        self._failing.clear()
         self.generation += 1
         self._probe_since = None
         return True

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from enum import StrEnum
 from typing import TYPE_CHECKING, Protocol
 
@@ -128,13 +128,24 @@ class Ticket:
     ticket.release()`` after a :meth:`record` is safe.
     """
 
-    __slots__ = ("_done", "_flow", "generation", "probe", "sent_at")
+    __slots__ = ("_done", "_flow", "charged", "generation", "probe", "request", "sent_at")
 
-    def __init__(self, flow: DestinationFlow, generation: int, probe: bool, sent_at: float) -> None:
+    def __init__(
+        self,
+        flow: DestinationFlow,
+        generation: int,
+        probe: bool,
+        sent_at: float,
+        request: Hashable | None = None,
+        *,
+        charged: bool = False,
+    ) -> None:
         self._flow = flow
         self.generation = generation
-        self.probe = probe
+        self.probe = probe  # a half-open breaker's probe: it tests the destination for all
         self.sent_at = sent_at
+        self.request = request
+        self.charged = charged  # a probe that costs its request an attempt nonetheless
         self._done = False
 
     def record(
@@ -211,8 +222,9 @@ class DestinationFlow:
         if wait > self.max_wait:
             raise Deferred(self.name, wait, DeferReason.RATE_LIMITED)
 
-    async def admit(self) -> Ticket:
-        """Wait until a call may go (at most ``max_wait`` in total) and return its ticket.
+    async def admit(self, request: Hashable | None = None) -> Ticket:
+        """Wait until a call for ``request`` (its id) may go (at most ``max_wait`` in total)
+        and return its ticket.
 
         Call it before every HTTP call, in-process retries included, and report
         the outcome on the ticket. Raises :class:`Deferred` when the breaker is open,
@@ -228,7 +240,7 @@ class DestinationFlow:
             slot = rate.next_slot(now)
             if slot <= now:
                 rate.take(now)
-                return self._issue(now)
+                return self._issue(now, request)
             if not counted:
                 counted = True
                 self._observer.rate_limited(self.name)
@@ -240,7 +252,7 @@ class DestinationFlow:
             if rate.epoch == epoch:
                 now = self._clock.now()
                 self._check_breaker(now)
-                return self._issue(now)
+                return self._issue(now, request)
             # A pause or a lower rate came while waiting: the reservation is void.
 
     def _check_breaker(self, now: float) -> None:
@@ -252,12 +264,13 @@ class DestinationFlow:
             seconds = max(seconds, self.rate_control.pause_until - now)
             raise Deferred(self.name, seconds, reason)
 
-    def _issue(self, now: float) -> Ticket:
+    def _issue(self, now: float, request: Hashable | None) -> Ticket:
         before = self.breaker.state
         generation, probe = self.breaker.enter(now)
         if self.breaker.state is not before:
             self._changed_state()
-        return Ticket(self, generation, probe, now)
+        charged = probe and self.breaker.charges(request)
+        return Ticket(self, generation, probe, now, request, charged=charged)
 
     def _outcome(
         self, ticket: Ticket, status: int | None, transient: bool | None, retry_after: float | None
@@ -274,7 +287,7 @@ class DestinationFlow:
             if transient is None:
                 transient = is_transient(status)
             if transient:
-                changed = self.breaker.failed(now, ticket.generation)
+                changed = self.breaker.failed(now, ticket.generation, ticket.request)
             else:
                 changed = self.breaker.succeeded(ticket.generation)
                 rate.succeeded(ticket.sent_at)
@@ -328,7 +341,11 @@ class FlowControl:
             {
                 name: DestinationFlow(
                     name,
-                    breaker=Breaker(settings.breaker_threshold, settings.breaker_cooldown),
+                    breaker=Breaker(
+                        settings.breaker_threshold,
+                        settings.breaker_cooldown,
+                        min_requests=settings.breaker_min_requests,
+                    ),
                     rate=RateControl(settings.rate_limit(name)),
                     observer=observer,
                     clock=clock,

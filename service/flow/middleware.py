@@ -14,8 +14,12 @@ from service.retry import parse_retry_after
 # Calls admitted in the current task: the pipeline resets it for each attempt, so a
 # held attempt knows whether it had made a real call before (then it counts). A
 # half-open breaker's probe is not counted: it tests the destination for everyone,
-# and its failure must not cost the request that happened to carry it an attempt.
+# and its failure must not cost the request that happened to carry it an attempt;
+# unless that request's own probe failed last (the breaker charges it).
 calls_made: ContextVar[int] = ContextVar("courier_calls_made", default=0)
+# The request the current task's calls are made for (its id): the breaker opens only
+# on failures of several requests. The pipeline sets it for each attempt.
+current_request: ContextVar[str | None] = ContextVar("courier_current_request", default=None)
 
 # No usable answer: the connection failed, the answer broke off or was garbage, or it
 # timed out. (aiohttp raises its argument errors, a bad URL say, before middlewares run.)
@@ -38,8 +42,8 @@ def flow_middleware(flow: DestinationFlow) -> ClientMiddlewareType:
     """
 
     async def middleware(request: ClientRequest, handler: ClientHandlerType) -> ClientResponse:
-        ticket = await flow.admit()
-        if not ticket.probe:
+        ticket = await flow.admit(current_request.get())
+        if not ticket.probe or ticket.charged:
             calls_made.set(calls_made.get() + 1)
         try:
             response = await handler(request)

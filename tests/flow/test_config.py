@@ -11,6 +11,7 @@ from testbed.support import courier, courier_env
 
 FLOW_VARIABLES = (
     "COURIER_BREAKER_THRESHOLD",
+    "COURIER_BREAKER_MIN_REQUESTS",
     "COURIER_BREAKER_COOLDOWN",
     "COURIER_HOLD_MAX",
     "COURIER_INCONVO_RATE_LIMIT",
@@ -28,9 +29,10 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_defaults_are_the_contracts() -> None:
-    """Threshold 5, cooldown 10 s, hold 1 h, no rate limits, source timeout 300 s."""
+    """Threshold 5 from 3 requests, cooldown 10 s, hold 1 h, no rate limits, source timeout 300 s."""
     settings = load_settings()
     assert settings.breaker_threshold == 5
+    assert settings.breaker_min_requests == 3
     assert settings.breaker_cooldown == 10.0
     assert settings.hold_max == 3600.0
     assert settings.inconvo_rate_limit is None
@@ -41,6 +43,7 @@ def test_defaults_are_the_contracts() -> None:
 def test_durations_and_rates_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
     """Durations take seconds or s/m/h; rates are requests/s; an empty rate is no rate."""
     monkeypatch.setenv("COURIER_BREAKER_THRESHOLD", "3")
+    monkeypatch.setenv("COURIER_BREAKER_MIN_REQUESTS", "2")
     monkeypatch.setenv("COURIER_BREAKER_COOLDOWN", "30s")
     monkeypatch.setenv("COURIER_HOLD_MAX", "2h")
     monkeypatch.setenv("COURIER_SOURCE_TIMEOUT", "45")
@@ -48,6 +51,7 @@ def test_durations_and_rates_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("COURIER_MINDSET_RATE_LIMIT", " ")
     settings = load_settings()
     assert settings.breaker_threshold == 3
+    assert settings.breaker_min_requests == 2
     assert settings.breaker_cooldown == 30.0
     assert settings.hold_max == 7200.0
     assert settings.source_timeout == 45.0
@@ -62,6 +66,7 @@ def test_durations_and_rates_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
     [
         ("COURIER_BREAKER_THRESHOLD", "0"),
         ("COURIER_BREAKER_THRESHOLD", "five"),
+        ("COURIER_BREAKER_MIN_REQUESTS", "0"),
         ("COURIER_BREAKER_COOLDOWN", "0"),
         ("COURIER_BREAKER_COOLDOWN", "6m"),  # past the 5 min the cooldown may double to
         ("COURIER_BREAKER_COOLDOWN", "10x"),

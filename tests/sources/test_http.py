@@ -278,8 +278,8 @@ async def test_source_cookies_are_not_kept(
     request = UploadRequest.model_validate(inconvo_request(url))
     settings = make_settings(source_allowed_hosts=(f"localhost:{files.port}",))
     async with pipeline_for(settings) as pipeline:
-        first = await pipeline.process(request)
-        second = await pipeline.process(request)
+        first = await pipeline.process(request, "r-1")
+        second = await pipeline.process(request, "r-2")
     assert first.error is None and second.error is None
     assert len(files.hit_headers) == 2
     assert "Cookie" not in files.hit_headers[1]
