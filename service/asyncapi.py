@@ -22,9 +22,9 @@ from service.topology import (
     ATTEMPTS_HEADER,
     ERROR_CODE_HEADER,
     ERROR_MESSAGE_HEADER,
+    EVENT_KEYS,
+    EVENT_TYPE_PREFIX,
     FAILED_AT_HEADER,
-    FAILED_KEY,
-    SUCCEEDED_KEY,
     TRACEPARENT_HEADER,
     QueueSpec,
     Topology,
@@ -47,8 +47,8 @@ def _payload_schemas() -> dict[str, Any]:
     """The request and event schemas and their definitions, all under one namespace."""
     schemas: dict[str, Any] = {}
     for name, schema in (
-        ("UploadRequest", json_schemas()["request"]),
-        ("ResultEvent", json_schemas()["event"]),
+        ("Request", json_schemas()["request"]),
+        ("Event", json_schemas()["event"]),
     ):
         body = {k: v for k, v in schema.items() if k not in ("$defs", "$id")}
         for def_name, definition in schema.get("$defs", {}).items():
@@ -202,10 +202,8 @@ def document(settings: Settings) -> dict[str, Any]:
     operations["deadLetter"] = _operation(
         "send", "dead", "deadLetter", "Keep a failed request, with why it failed."
     )
-    for key, channel, message, text in (
-        (SUCCEEDED_KEY, "uploadSucceeded", "uploadSucceeded", "An upload succeeded."),
-        (FAILED_KEY, "uploadFailed", "uploadFailed", "An upload failed for good."),
-    ):
+    for key, text in EVENT_KEYS.items():
+        channel = message = _event_name(key)
         channels[channel] = _event_channel(key, exchange, vhost, message)
         operations[f"publish{channel[0].upper()}{channel[1:]}"] = _operation(
             "send", channel, message, text
@@ -237,8 +235,7 @@ def _messages() -> dict[str, Any]:
             "the result event.",
         }
     }
-    request = {"$ref": _SCHEMAS + "UploadRequest"}
-    event = {"$ref": _SCHEMAS + "ResultEvent"}
+    request = {"$ref": _SCHEMAS + "Request"}
     return {
         "uploadRequest": {
             "name": "uploadRequest",
@@ -283,22 +280,25 @@ def _messages() -> dict[str, Any]:
             },
             "payload": request,
         },
-        "uploadSucceeded": {
-            "name": "uploadSucceeded",
-            "title": "courier.upload.succeeded",
-            "contentType": "application/cloudevents+json",
-            "summary": "CloudEvents 1.0, structured mode; message_id is the event id.",
-            "headers": {"type": "object", "properties": trace},
-            "payload": event,
-        },
-        "uploadFailed": {
-            "name": "uploadFailed",
-            "title": "courier.upload.failed",
-            "contentType": "application/cloudevents+json",
-            "summary": "CloudEvents 1.0, structured mode; data.error says why.",
-            "headers": {"type": "object", "properties": trace},
-            "payload": event,
-        },
+        **{_event_name(key): _event_message(key, text, trace) for key, text in EVENT_KEYS.items()},
+    }
+
+
+def _event_name(key: str) -> str:
+    """``upload.succeeded`` -> ``uploadSucceeded``."""
+    first, second = key.split(".")
+    return first + second[0].upper() + second[1:]
+
+
+def _event_message(key: str, text: str, trace: dict[str, Any]) -> dict[str, Any]:
+    payload = "IngestionEvent" if key.startswith("ingestion.") else "ResultEvent"
+    return {
+        "name": _event_name(key),
+        "title": EVENT_TYPE_PREFIX + key,
+        "contentType": "application/cloudevents+json",
+        "summary": f"{text} CloudEvents 1.0, structured mode; message_id is the event id.",
+        "headers": {"type": "object", "properties": trace},
+        "payload": {"$ref": _SCHEMAS + payload},
     }
 
 

@@ -153,10 +153,10 @@ async def _process(settings: Settings, body: bytes) -> int:
     envelope = Envelope()
     request = parse_request(body, settings.max_message_bytes)
     async with pipeline_for(settings) as pipeline:
-        outcome = await pipeline.process(request, request_id(request.id, envelope))
+        outcome = await pipeline.process(request, request_id(request.id, envelope, body))
     event = build_event(
         event_source=settings.event_source,
-        request_id=request_id(request.id, envelope),
+        request_id=request_id(request.id, envelope, body),
         attempts=1,
         metadata=request.metadata,
         outcome=outcome,
@@ -168,7 +168,7 @@ async def _process(settings: Settings, body: bytes) -> int:
 
 async def _submit(settings: Settings, body: bytes) -> int:
     request = parse_request(body, settings.max_message_bytes)
-    rid = request.id or request_id(None, Envelope())
+    rid = request_id(request.id, Envelope(), body)
     connection = await _connect(settings)
     async with connection:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)

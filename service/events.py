@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
 from service.outcome import Outcome
 
-SUCCEEDED: Literal["courier.upload.succeeded"] = "courier.upload.succeeded"
-FAILED: Literal["courier.upload.failed"] = "courier.upload.failed"
 CONTENT_TYPE = "application/cloudevents+json"
 
 
@@ -37,6 +35,7 @@ def build_event(
     data: Event = {
         "requestId": request_id,
         "status": "succeeded" if error is None else "failed",
+        **({"operation": "delete"} if outcome.operation == "delete" else {}),
         "destination": outcome.destination,
         "delivery": outcome.delivery,
         "attempts": attempts,
@@ -55,6 +54,11 @@ def build_event(
             data["result"] = outcome.result
         if outcome.deduplicated:
             data["deduplicated"] = True
+        if outcome.replaced_uid is not None:
+            data["replaced"] = True
+            data["replacedUid"] = outcome.replaced_uid
+        if outcome.existed is not None:
+            data["existed"] = outcome.existed
     else:
         info: Event = {
             "code": error.code.value,
@@ -69,9 +73,14 @@ def build_event(
         "specversion": "1.0",
         "id": str(uuid.uuid4()),
         "source": event_source,
-        "type": SUCCEEDED if error is None else FAILED,
+        "type": event_type(outcome),
         "subject": request_id,
         "time": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
         "datacontenttype": "application/json",
         "data": data,
     }
+
+
+def event_type(outcome: Outcome) -> str:
+    """``courier.upload.succeeded``, ``courier.delete.failed``, ...: the terminal event's type."""
+    return f"courier.{outcome.operation}.{'failed' if outcome.error else 'succeeded'}"

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from service.contracts import SourceSpec
+from service.events import event_type
 from service.flow import BreakerState
 from service.logs import add_log_context, log_context
 from service.messages import Envelope
@@ -98,7 +99,7 @@ class Instruments:
         assert isinstance(decision, Finish)  # noqa: S101
         error = decision.outcome.error
         child(m.requests, destination, "failed" if error else "succeeded").inc()
-        child(m.events, "courier.upload.failed" if error else "courier.upload.succeeded").inc()
+        child(m.events, event_type(decision.outcome)).inc()
         if error is not None:
             child(m.dead_lettered, error.code.value).inc()
         child(m.request_duration, destination).observe(seconds)

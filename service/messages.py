@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import uuid
@@ -13,7 +14,7 @@ from typing import Any, Protocol
 import orjson
 from pydantic import ValidationError
 
-from service.contracts import DESTINATIONS, UploadRequest
+from service.contracts import DESTINATIONS, REQUEST, Request
 from service.errors import CourierError, ErrorCode, PermanentError
 from service.redact import redact_url
 from service.topology import (
@@ -178,13 +179,13 @@ def parse_body(body: bytes, max_bytes: int) -> Any:
     return data
 
 
-def parse_request(body: bytes, max_bytes: int) -> UploadRequest:
+def parse_request(body: bytes, max_bytes: int) -> Request:
     """The validated request, or ``invalid_request`` saying what is wrong."""
     data = parse_body(body, max_bytes)
     if not isinstance(data, dict):
         raise PermanentError(ErrorCode.INVALID_REQUEST, "the body must be a JSON object")
     try:
-        return UploadRequest.model_validate(data)
+        return REQUEST.validate_python(data)
     except ValidationError as exc:
         raise PermanentError(ErrorCode.INVALID_REQUEST, _summarise(exc)) from None
 
@@ -226,20 +227,25 @@ def peek(body: bytes, max_bytes: int) -> Peek:
     )
 
 
-def request_id(body_id: str | None, envelope: Envelope) -> str:
-    """The request id: the body's, else the AMQP ``message_id``, else a new UUID."""
+# The namespace of the ids derived from a body (UUID version 5 over its SHA-256).
+_BODY_IDS = uuid.uuid5(uuid.NAMESPACE_URL, "urn:courier:request")
+
+
+def request_id(body_id: str | None, envelope: Envelope, body: bytes) -> str:
+    """The request id: the body's, else the AMQP ``message_id``, else one derived from the
+    body, so every redelivery and replay of the same message has the same id."""
     if body_id:
         return body_id
     if envelope.message_id and len(envelope.message_id) <= 200:
         return envelope.message_id
-    return str(uuid.uuid4())
+    return str(uuid.uuid5(_BODY_IDS, hashlib.sha256(body).hexdigest()))
 
 
 @dataclass(frozen=True, slots=True)
 class Decoded:
     """A delivery's body as the settle needs it: the request, or why there is none."""
 
-    request: UploadRequest | None
+    request: Request | None
     request_id: str
     metadata: dict[str, str]
     error: CourierError | None = None
@@ -253,7 +259,7 @@ def decode(body: bytes, envelope: Envelope, max_bytes: int) -> Decoded:
         request = parse_request(body, max_bytes)
     except CourierError as invalid:
         return refuse(body, envelope, max_bytes, invalid)
-    return Decoded(request, request_id(request.id, envelope), request.metadata)
+    return Decoded(request, request_id(request.id, envelope, body), request.metadata)
 
 
 def refuse(body: bytes, envelope: Envelope, max_bytes: int, error: CourierError) -> Decoded:
@@ -261,7 +267,7 @@ def refuse(body: bytes, envelope: Envelope, max_bytes: int, error: CourierError)
     info = peek(body, max_bytes)
     return Decoded(
         None,
-        request_id(info.request_id, envelope),
+        request_id(info.request_id, envelope, body),
         info.metadata or {},
         error,
         info.destination,

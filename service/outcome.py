@@ -5,10 +5,30 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from service.contracts import DeliveryMode, SourceInfo
 from service.errors import CourierError
+
+Operation = Literal["upload", "delete"]
+FileState = Literal["pending", "completed", "failed"]
+
+
+@dataclass(frozen=True, slots=True)
+class PlatformFile:
+    """A file at the destination, as its last answer showed it."""
+
+    status: str | None  # the destination's own word ("accepted", "published", ...)
+    state: FileState  # what that means: still ingesting, usable, or not going to be
+    result: Any = None  # the file object as last read
+    uid: str | None = None
+    external_id: str | None = None
+    reason: str | None = None  # for a failed state: why, in words
+
+    @property
+    def final(self) -> bool:
+        """Whether the state will not change any more."""
+        return self.state != "pending"
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +52,10 @@ class Outcome:
     error: CourierError | None = None
     deduplicated: bool = False
     held: Held | None = None
+    operation: Operation = "upload"
+    existed: bool | None = None  # a delete: whether there was a file to delete
+    replaced_uid: str | None = None  # an upload that replaced an older file
+    file: PlatformFile | None = None  # the file an upload made (or found), or a read saw
 
     @property
     def succeeded(self) -> bool:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import replace
 
-from service.contracts import SourceInfo, UploadRequest
+from service.contracts import DeleteRequest, Request, SourceInfo, UploadRequest
 from service.destinations.base import Destination
 from service.errors import CourierError, ErrorCode, PermanentError
 from service.flow import DeferReason, Deferred, FlowControl, calls_made, current_request
@@ -32,48 +32,49 @@ class Pipeline:
         self._destinations = dict(destinations)
         self._flows = flows
 
-    async def process(self, request: UploadRequest, request_id: str) -> Outcome:
+    async def process(self, request: Request, request_id: str) -> Outcome:
         """Run one attempt; never raises for a failed request, only reports it."""
         started = time.perf_counter()
         kind = request.destination.type
         calls_made.set(0)
         current_request.set(request_id)
+        source = (
+            SourceInfo(url=redact_url(request.source.url))
+            if isinstance(request, UploadRequest)
+            else None
+        )
+        base = Outcome(0.0, kind, source=source, operation=request.operation)
         try:
-            delivered = await self._run(request)
+            if isinstance(request, DeleteRequest):
+                outcome = await self._delete(request, base)
+            else:
+                outcome = await self._upload(request, request_id, base)
         except Deferred as hold:
-            return Outcome(
-                duration_ms=_since(started),
-                destination=kind,
-                source=SourceInfo(url=redact_url(request.source.url)),
-                held=Held(
-                    hold.seconds, _HOLD_REASONS[hold.reason].format(kind), calls_made.get() > 0
-                ),
-            )
+            reason = _HOLD_REASONS[hold.reason].format(kind)
+            outcome = replace(base, held=Held(hold.seconds, reason, calls_made.get() > 0))
         except CourierError as exc:
-            return Outcome(
-                duration_ms=_since(started),
-                destination=kind,
-                source=SourceInfo(url=redact_url(request.source.url)),
-                error=exc,
-            )
+            outcome = replace(base, error=exc)
         except Exception:
             log.exception("unexpected error while processing a request")
-            return Outcome(
-                duration_ms=_since(started),
-                destination=kind,
-                source=SourceInfo(url=redact_url(request.source.url)),
-                error=PermanentError(ErrorCode.INTERNAL_ERROR, "unexpected error in Courier"),
-            )
-        return Outcome(
-            duration_ms=_since(started),
-            destination=kind,
-            delivery=delivered.delivery,
-            source=delivered.source,
-            result=delivered.result,
-            deduplicated=delivered.deduplicated,
-        )
+            error = PermanentError(ErrorCode.INTERNAL_ERROR, "unexpected error in Courier")
+            outcome = replace(base, error=error)
+        return replace(outcome, duration_ms=_since(started))
 
-    async def _run(self, request: UploadRequest) -> Any:
+    def _destination(self, name: str) -> Destination:
+        destination = self._destinations[name]
+        if not destination.configured():
+            raise PermanentError(
+                ErrorCode.DESTINATION_NOT_CONFIGURED,
+                f"no API key is configured for {destination.name}",
+            )
+        return destination
+
+    def _admit(self, destination: Destination) -> None:
+        """An open breaker or a long rate-limit wait: hold before fetching anything."""
+        if self._flows is not None:
+            self._flows.for_destination(destination.name).check()
+
+    async def _upload(self, request: UploadRequest, request_id: str, base: Outcome) -> Outcome:
         # Cheapest checks first; the first failure decides the error code.
         scheme = scheme_of(request.source.url)
         source = self._sources.get(scheme)
@@ -82,18 +83,26 @@ class Pipeline:
                 ErrorCode.UNSUPPORTED_SOURCE,
                 f"unsupported source scheme {scheme!r}: use s3, http or https",
             )
-        destination = self._destinations[request.destination.type]
-        if not destination.configured():
-            raise PermanentError(
-                ErrorCode.DESTINATION_NOT_CONFIGURED,
-                f"no API key is configured for {destination.name}",
-            )
+        destination = self._destination(request.destination.type)
         destination.precheck(request)
         source.check(request.source)
-        if self._flows is not None:
-            # An open breaker or a long rate-limit wait: hold before fetching anything.
-            self._flows.for_destination(destination.name).check()
-        return await destination.deliver(request, source)
+        self._admit(destination)
+        uploaded = await destination.deliver(request, source, request_id)
+        return replace(
+            base,
+            delivery=uploaded.delivery,
+            source=uploaded.source,
+            result=uploaded.result,
+            deduplicated=uploaded.deduplicated,
+            replaced_uid=uploaded.replaced_uid,
+            file=uploaded.file,
+        )
+
+    async def _delete(self, request: DeleteRequest, base: Outcome) -> Outcome:
+        destination = self._destination(request.destination.type)
+        self._admit(destination)
+        removed = await destination.delete(request)
+        return replace(base, result=removed.result, existed=removed.existed)
 
 
 _HOLD_REASONS = {

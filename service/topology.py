@@ -27,8 +27,17 @@ BROKER_HEADERS = ("x-death", "x-first-death-", "x-last-death-", DELIVERY_COUNT_H
 TRACEPARENT_HEADER = "traceparent"
 
 # -- the events exchange's routing keys -------------------------------------------------
-SUCCEEDED_KEY = "upload.succeeded"
-FAILED_KEY = "upload.failed"
+# Each with what it says: the terminal events of uploads and deletes, and the file's
+# final state at the destination after a succeeded upload.
+EVENT_KEYS = {
+    "upload.succeeded": "An upload succeeded.",
+    "upload.failed": "An upload failed for good.",
+    "delete.succeeded": "A delete succeeded (data.existed says whether there was a file).",
+    "delete.failed": "A delete failed for good.",
+    "ingestion.completed": "The uploaded file is usable at the destination.",
+    "ingestion.failed": "The destination could not ingest the uploaded file, or no final "
+    "state came within COURIER_INGESTION_TIMEOUT.",
+}
 EVENT_TYPE_PREFIX = "courier."
 
 # RabbitMQ refuses a message TTL above this many milliseconds.

@@ -30,7 +30,7 @@ from service.amqp.plan import Publish, Wiring, publishes
 from service.amqp.publisher import DeliveryGone, Outbox
 from service.amqp.wire import copy_message
 from service.config import Settings
-from service.contracts import UploadRequest
+from service.contracts import Request
 from service.messages import Decoded, Envelope, decode, refuse
 from service.outcome import Outcome
 from service.redact import mask_text
@@ -47,7 +47,7 @@ from service.topology import Topology
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[UploadRequest, str], Awaitable[Outcome]]
+Handler = Callable[[Request, str], Awaitable[Outcome]]
 # Copies this replica has settled, remembered to drop a second copy of one (see README).
 SETTLED_COPIES = 10_000
 ACK_TIMEOUT = 5.0

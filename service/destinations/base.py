@@ -8,8 +8,9 @@ from typing import Any, Protocol
 import aiohttp
 import orjson
 
-from service.contracts import DeliveryMode, SourceInfo, UploadRequest
+from service.contracts import DeleteRequest, DeliveryMode, SourceInfo, UploadRequest
 from service.errors import CourierError, ErrorCode, RetryableError, error_for
+from service.outcome import PlatformFile
 from service.retry import parse_retry_after
 from service.sources.base import Source
 
@@ -19,12 +20,22 @@ _RETRY_STATUSES = frozenset({408, 409, 425, 429})
 
 @dataclass(frozen=True, slots=True)
 class Uploaded:
-    """A successful delivery: the destination's answer and what was sent."""
+    """A successful upload: the destination's answer and what was sent."""
 
     result: Any
     delivery: DeliveryMode
     source: SourceInfo
+    file: PlatformFile
     deduplicated: bool = False
+    replaced_uid: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Removed:
+    """A delete that succeeded: whether there was a file, and the destination's answer."""
+
+    existed: bool
+    result: Any = None
 
 
 class Destination(Protocol):
@@ -38,8 +49,14 @@ class Destination(Protocol):
     def precheck(self, request: UploadRequest) -> None:
         """Checks that need nothing fetched (file name, types); raise a CourierError."""
 
-    async def deliver(self, request: UploadRequest, source: Source) -> Uploaded:
+    async def deliver(self, request: UploadRequest, source: Source, request_id: str) -> Uploaded:
         """Deliver the request's file; raise a CourierError on failure."""
+
+    async def read(self, request: UploadRequest, request_id: str) -> PlatformFile:
+        """The file an earlier upload of the request made, as the destination holds it now."""
+
+    async def delete(self, request: DeleteRequest) -> Removed:
+        """Delete the request's file (idempotently); raise a CourierError on failure."""
 
 
 def error_message(body: bytes) -> str | None:

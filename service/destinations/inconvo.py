@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 from urllib.parse import quote
 
@@ -11,24 +12,29 @@ from pydantic import SecretStr
 
 from service.contracts import (
     INCONVO_EXTENSIONS,
+    DeleteRequest,
+    InconvoDelete,
     InconvoDestination,
     UploadRequest,
     check_upload_file_name,
 )
 from service.destinations.base import (
     TRANSPORT_ERRORS,
+    Removed,
     Uploaded,
     read_json,
     response_error,
     transport_error,
 )
 from service.errors import ErrorCode, PermanentError
+from service.outcome import PlatformFile
 from service.retry import retried
 from service.sources.base import FetchedFile, SizeLimit, Source, name_from_url
 
 MAX_BYTES = 10 * 1024 * 1024
 LIMIT = SizeLimit(MAX_BYTES, "Inconvo")
 _PART_TYPES = {".csv": "text/csv", ".json": "application/json"}
+_SPACES = re.compile(r"\s+")
 
 
 def upload_name(name: str) -> str:
@@ -49,7 +55,12 @@ def upload_name(name: str) -> str:
     return name
 
 
-def dataset_path(destination: InconvoDestination, agent_id: str | None) -> str:
+def stored_name(name: str) -> str:
+    """The name Inconvo stores an upload of ``name`` under: trimmed, inner spaces ``_``."""
+    return _SPACES.sub("_", name.strip())
+
+
+def dataset_path(destination: InconvoDestination | InconvoDelete, agent_id: str | None) -> str:
     """The upload route for the destination's scope, path segments URL-encoded."""
     agent = destination.agentId or agent_id
     prefix = f"/agents/{quote(agent, safe='')}" if agent else ""
@@ -99,7 +110,7 @@ class Inconvo:
         if "." in url_name.strip(".") and not url_name.lower().endswith(INCONVO_EXTENSIONS):
             upload_name(url_name)
 
-    async def deliver(self, request: UploadRequest, source: Source) -> Uploaded:
+    async def deliver(self, request: UploadRequest, source: Source, request_id: str) -> Uploaded:
         """Fetch the source (capped at 10 MiB) and upload it."""
         destination = request.destination
         assert isinstance(destination, InconvoDestination)  # noqa: S101
@@ -107,10 +118,43 @@ class Inconvo:
         async with await source.fetch(request.source, LIMIT) as fetched:
             name = upload_name(destination.fileName or fetched.file_name)
             result = await retried(lambda: self._upload(url, fetched, name, destination.notes))
-        return Uploaded(result=result, delivery="multipart", source=fetched.info())
+        # Inconvo's upload is synchronous: its 2xx is the file, stored and final.
+        file = PlatformFile("stored", "completed", result)
+        return Uploaded(result, "multipart", fetched.info(), file)
+
+    async def read(self, request: UploadRequest, request_id: str) -> PlatformFile:
+        """Never needed: an Inconvo upload is final when it succeeds (no status API)."""
+        raise NotImplementedError("Inconvo has no status to read")
+
+    async def delete(self, request: DeleteRequest) -> Removed:
+        """Delete the scope's file by name; a file that is not there is ``existed: false``."""
+        destination = request.destination
+        assert isinstance(destination, InconvoDelete)  # noqa: S101 - routed by type
+        name = quote(stored_name(destination.fileName), safe="")
+        url = f"{self._base_url}{dataset_path(destination, self._agent_id)}/{name}"
+        return await retried(lambda: self._delete(url))
+
+    async def _delete(self, url: str) -> Removed:
+        try:
+            async with self._session.delete(
+                url, headers=self._headers(), timeout=self._timeout
+            ) as response:
+                if response.status == 404:
+                    await response.read()
+                    return Removed(existed=False)
+                if response.status >= 400:
+                    raise response_error(
+                        "Inconvo", response.status, response.headers, await response.read()
+                    )
+                return Removed(existed=True, result=await read_json("Inconvo", response))
+        except TRANSPORT_ERRORS as exc:
+            raise transport_error("Inconvo", exc) from None
+
+    def _headers(self) -> dict[str, str]:
+        assert self._api_key is not None  # noqa: S101 - the pipeline checks configured()
+        return {"Authorization": f"Bearer {self._api_key.get_secret_value()}"}
 
     async def _upload(self, url: str, fetched: FetchedFile, name: str, notes: str | None) -> Any:
-        assert self._api_key is not None  # noqa: S101 - the pipeline checks configured()
         part_type = _PART_TYPES[name[name.rfind(".") :].lower()]
         # A spooled file is streamed by aiohttp from disk, in its executor.
         async with fetched.body() as body:
@@ -118,7 +162,7 @@ class Inconvo:
             form.add_field("file", body, filename=name, content_type=part_type)
             if notes is not None:
                 form.add_field("notes", notes)
-            headers = {"Authorization": f"Bearer {self._api_key.get_secret_value()}"}
+            headers = self._headers()
             multipart = form()
             data: aiohttp.Payload | bytes = multipart
             if isinstance(body, bytes):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 from typing import Any
-from urllib.parse import quote
 
 import aiohttp
 from pydantic import SecretStr
@@ -13,6 +12,9 @@ from service.contracts import (
     MINDSET_MAX_NAME,
     MINDSET_MAX_URL,
     MINDSET_MIME_TYPES,
+    DeleteRequest,
+    DeliveryMode,
+    MindsetDelete,
     MindsetDestination,
     SourceInfo,
     UploadRequest,
@@ -20,15 +22,10 @@ from service.contracts import (
     api_length,
     check_mindset_delivery,
 )
-from service.destinations.base import (
-    TRANSPORT_ERRORS,
-    Uploaded,
-    read_json,
-    response_error,
-    transport_error,
-)
-from service.errors import ErrorCode, PermanentError
-from service.retry import retried
+from service.destinations.base import Removed, Uploaded
+from service.destinations.mindset_files import GONE, Context, MindsetFiles, platform_file
+from service.errors import ErrorCode, PermanentError, RetryableError
+from service.outcome import PlatformFile
 from service.sources.base import (
     SizeLimit,
     Source,
@@ -37,7 +34,12 @@ from service.sources.base import (
     name_from_url,
     pick_name,
 )
-from service.sources.guard import AddressPolicy, Resolve, check_relayed_url, system_resolve
+from service.sources.guard import (
+    AddressPolicy,
+    Resolve,
+    check_fetched_by_destination,
+    system_resolve,
+)
 
 MAX_CONTENT = 65536  # characters, as the API counts them (UTF-16 code units)
 _TEXT = frozenset({"text/plain", "text/html"})
@@ -64,7 +66,6 @@ _ALIASES = {
     "application/x-pdf": "application/pdf",
 }
 _PASS_THROUGH = (
-    "externalId",
     "zipType",
     "autoPublish",
     "hideContentSegments",
@@ -73,7 +74,6 @@ _PASS_THROUGH = (
     "thumbnailUrl",
     "thumbnail",
     "viewOriginalSource",
-    "contentHash",
     "labels",
     "runId",
 )
@@ -112,13 +112,11 @@ class Mindset:
         policy: AddressPolicy | None = None,
         resolve: Resolve = system_resolve,
     ) -> None:
-        """``policy`` is the source address policy, applied to the URLs Mindset
-        fetches on Courier's word (``thumbnailUrl``, ``externalUrl``); without one,
-        the default policy (public addresses only) applies."""
-        self._session = session
-        self._base_url = base_url.rstrip("/")
+        """``policy`` is the source address policy: the ``sourceUrl`` of an http source
+        keeps it, a ``thumbnailUrl`` only its refusal of non-public addresses; without
+        one, the default policy (public addresses only) applies."""
+        self._files = MindsetFiles(session, base_url, api_key, timeout)
         self._api_key = api_key
-        self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._policy = policy or AddressPolicy()
         self._resolve = resolve
 
@@ -146,12 +144,19 @@ class Mindset:
         assert isinstance(destination, MindsetDestination)  # noqa: S101 - routed by type
         return destination
 
-    async def deliver(self, request: UploadRequest, source: Source) -> Uploaded:
-        """Pick the delivery mode, build the body and ingest it."""
+    async def deliver(self, request: UploadRequest, source: Source, request_id: str) -> Uploaded:
+        """Pick the delivery mode, build the body and ingest it under the request's
+        ``externalId`` (``courier:<request id>`` when it names none)."""
         destination = self._destination(request)
-        for url in (destination.thumbnailUrl, destination.externalUrl):
-            if url is not None:
-                await check_relayed_url(url, self._policy, self._resolve)
+        if destination.thumbnailUrl is not None:
+            await check_fetched_by_destination(
+                destination.thumbnailUrl, self._policy, self._resolve
+            )
+        return await self._upload(request, destination, source, request_id)
+
+    async def _upload(
+        self, request: UploadRequest, destination: MindsetDestination, source: Source, rid: str
+    ) -> Uploaded:
         mime: str | None = destination.mimeType
         delivery = destination.delivery
         if delivery == "auto" and mime is None:
@@ -160,17 +165,17 @@ class Mindset:
             if mime is None:
                 raise _unsupported(facts.file_name, facts.content_type)
             if mime != "text/plain":
-                return await self._by_url(request, destination, mime, facts)
+                return await self._by_url(destination, mime, facts, rid)
         if delivery == "documentContent" or (delivery == "auto" and mime == "text/plain"):
-            return await self._inline(request, destination, source, mime)
+            return await self._inline(request, destination, source, mime, rid)
         facts = await source.describe(request.source)
         mime = mime or infer_mime_type(facts.content_type, facts.file_name)
         if mime is None:
             raise _unsupported(facts.file_name, facts.content_type)
-        return await self._by_url(request, destination, mime, facts)
+        return await self._by_url(destination, mime, facts, rid)
 
     async def _by_url(
-        self, request: UploadRequest, destination: MindsetDestination, mime: str, facts: SourceFacts
+        self, destination: MindsetDestination, mime: str, facts: SourceFacts, rid: str
     ) -> Uploaded:
         _check_delivery(mime, "sourceUrl")
         length = api_length(facts.fetch_url)
@@ -190,9 +195,8 @@ class Mindset:
                 f"over Mindset's {MINDSET_MAX_URL}{why}",
             )
         body = self._body(destination, facts.file_name, mime, sourceUrl=facts.fetch_url)
-        result, deduplicated = await self._ingest(destination, body)
         info = SourceInfo(url=facts.url, bytes=facts.size, contentType=facts.content_type)
-        return Uploaded(result, "sourceUrl", info, deduplicated)
+        return await self._ingest(destination, body, rid, facts.content_tag, "sourceUrl", info)
 
     async def _inline(
         self,
@@ -200,6 +204,7 @@ class Mindset:
         destination: MindsetDestination,
         source: Source,
         mime: str | None,
+        rid: str,
     ) -> Uploaded:
         limit = PDF_LIMIT if mime == "application/pdf" else TEXT_LIMIT
         async with await source.fetch(request.source, limit) as fetched:
@@ -209,8 +214,9 @@ class Mindset:
             _check_delivery(mime, "documentContent")
             content = _document_content(fetched.file_name, await fetched.read(), mime)
         body = self._body(destination, fetched.file_name, mime, documentContent=content)
-        result, deduplicated = await self._ingest(destination, body)
-        return Uploaded(result, "documentContent", fetched.info(), deduplicated)
+        ours = f"sha256:{fetched.sha256}" if fetched.sha256 else None
+        info = fetched.info()
+        return await self._ingest(destination, body, rid, ours, "documentContent", info)
 
     def _body(
         self, destination: MindsetDestination, file_name: str, mime: str, **content: str
@@ -226,59 +232,67 @@ class Mindset:
                 body[field] = value
         return body
 
-    def _files_url(self, destination: MindsetDestination) -> str:
-        app, context = quote(destination.appUid, safe=""), quote(destination.contextUid, safe="")
-        return f"{self._base_url}/api/v1/appuid/{app}/contexts/{context}/files"
-
-    def _headers(self) -> dict[str, str]:
-        assert self._api_key is not None  # noqa: S101 - the pipeline checks configured()
-        return {"x-api-key": self._api_key.get_secret_value()}
-
     async def _ingest(
-        self, destination: MindsetDestination, body: dict[str, Any]
-    ) -> tuple[Any, bool]:
-        return await retried(lambda: self._post(destination, body))
+        self,
+        destination: MindsetDestination,
+        body: dict[str, Any],
+        rid: str,
+        content_hash: str | None,
+        mode: DeliveryMode,
+        info: SourceInfo,
+    ) -> Uploaded:
+        """Ingest under the request's externalId; a file already holding it is kept or
+        replaced as ``onExisting`` says (delete by uid, then ingest again)."""
+        where = Context(destination.appUid, destination.contextUid)
+        external_id = destination.externalId or f"courier:{rid}"
+        body["externalId"] = external_id
+        ours = destination.contentHash or content_hash
+        if ours is not None:
+            body["contentHash"] = ours
+        found, existed = await self._files.ingest(where, body, external_id)
+        if not existed:
+            return Uploaded(found, mode, info, platform_file(found, external_id))
+        theirs = found.get("contentHash") if isinstance(found, dict) else None
+        if destination.onExisting == "keep" or (
+            destination.onExisting == "replaceChanged" and ours == theirs
+        ):
+            file = platform_file(found, external_id)
+            return Uploaded(found, mode, info, file, deduplicated=True)
+        old = platform_file(found, external_id).uid
+        if old is None:
+            raise RetryableError(
+                ErrorCode.DESTINATION_UNAVAILABLE,
+                f"Mindset's file for externalId {external_id!r} came without a uid",
+            )
+        await self._files.delete(where, old)
+        # A failure from here is retried as any other: the next attempt finds no file.
+        new, again = await self._files.ingest(where, body, external_id)
+        if again:
+            raise RetryableError(
+                ErrorCode.DESTINATION_UNAVAILABLE,
+                f"another file took externalId {external_id!r} while Courier replaced it",
+            )
+        return Uploaded(new, mode, info, platform_file(new, external_id), replaced_uid=old)
 
-    async def _post(
-        self, destination: MindsetDestination, body: dict[str, Any]
-    ) -> tuple[Any, bool]:
-        try:
-            async with self._session.post(
-                self._files_url(destination),
-                json=body,
-                headers=self._headers(),
-                timeout=self._timeout,
-            ) as response:
-                if response.status < 400:
-                    return await read_json("Mindset", response), False
-                error = response_error(
-                    "Mindset", response.status, response.headers, await response.read()
-                )
-        except TRANSPORT_ERRORS as exc:
-            raise transport_error("Mindset", exc) from None
-        if destination.externalId and 400 <= response.status < 500:
-            existing = await self._lookup(destination)
-            if existing is not None:
-                return existing, True
-        raise error
+    async def delete(self, request: DeleteRequest) -> Removed:
+        """Look the file up by externalId and delete it by uid; none is ``existed: false``."""
+        destination = request.destination
+        assert isinstance(destination, MindsetDelete)  # noqa: S101 - routed by type
+        where = Context(destination.appUid, destination.contextUid)
+        found = await self._files.by_external_id(where, destination.externalId)
+        uid = platform_file(found, destination.externalId).uid
+        if found is None or uid is None:
+            return Removed(existed=False)
+        answer = await self._files.delete(where, uid)
+        return Removed(existed=answer is not None, result=answer or None)
 
-    async def _lookup(self, destination: MindsetDestination) -> Any:
-        """The file already ingested under the request's externalId, or None."""
-        assert destination.externalId is not None  # noqa: S101
-        url = f"{self._files_url(destination)}/externalId/{quote(destination.externalId, safe='')}"
-        try:
-            async with self._session.get(
-                url, headers=self._headers(), timeout=self._timeout
-            ) as response:
-                if response.status == 404:
-                    return None
-                if response.status >= 400:
-                    raise response_error(
-                        "Mindset", response.status, response.headers, await response.read()
-                    )
-                return await read_json("Mindset", response)
-        except TRANSPORT_ERRORS as exc:
-            raise transport_error("Mindset", exc) from None
+    async def read(self, request: UploadRequest, request_id: str) -> PlatformFile:
+        """The file the request made, as Mindset holds it now (one read by externalId)."""
+        destination = self._destination(request)
+        where = Context(destination.appUid, destination.contextUid)
+        external_id = destination.externalId or f"courier:{request_id}"
+        found = await self._files.by_external_id(where, external_id)
+        return GONE if found is None else platform_file(found, external_id)
 
 
 def _check_delivery(mime: str, delivery: str) -> None:

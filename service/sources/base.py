@@ -123,6 +123,7 @@ class SourceFacts:
     content_type: str | None
     size: int | None
     url: str  # redacted
+    content_tag: str | None = None  # changes with the content: an S3 versionId or ETag
 
 
 class Source(Protocol):

@@ -296,6 +296,42 @@ async def relay_refusal(
     return None
 
 
+async def destination_fetch_refusal(
+    url: URL, policy: AddressPolicy, resolve: Resolve = system_resolve
+) -> str | None:
+    """Why a URL that the destination fetches for itself (a Mindset ``thumbnailUrl``) is
+    refused, or None: only a host that is, or resolves to, a non-public address.
+
+    The allowlist opens such a host but restricts nothing here, and
+    ``COURIER_SOURCE_ALLOW_PRIVATE`` opens every host; a name that does not resolve from
+    here passes (the destination resolves it on its own network).
+    """
+    host, port = url.host or "", url.port or 0
+    if policy.allow_private or policy.host_listed(host, port):
+        return None
+    public_only = AddressPolicy()
+    if numeric_host(host) is not None:
+        return public_only.check_host(host, port)
+    try:
+        addresses = await resolve(url.raw_host or host, port)
+    except OSError:
+        return None
+    for address in addresses:
+        reason = public_only.check_address(host, port, address)
+        if reason is not None:
+            return reason
+    return None
+
+
+async def check_fetched_by_destination(
+    url: str, policy: AddressPolicy, resolve: Resolve = system_resolve
+) -> None:
+    """Raise ``source_blocked`` when :func:`destination_fetch_refusal` refuses ``url``."""
+    reason = await destination_fetch_refusal(URL(url), policy, resolve)
+    if reason is not None:
+        raise PermanentError(ErrorCode.SOURCE_BLOCKED, f"thumbnailUrl: {reason}")
+
+
 async def check_relayed_url(
     url: str, policy: AddressPolicy, resolve: Resolve = system_resolve
 ) -> None:

@@ -18,7 +18,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from service.amqp.gate import AckGate
 from service.amqp.settler import Settler
 from service.config import Settings
-from service.contracts import UploadRequest
+from service.contracts import Request
 from service.errors import ErrorCode, PermanentError, RetryableError
 from service.instrument import Instruments
 from service.metrics import Metrics
@@ -34,7 +34,7 @@ from service.topology import (
 from testbed.stub_broker import StubDelivery, StubOutbox
 from testbed.virtual_time import run_virtual
 
-Handler = Callable[[UploadRequest, str], Awaitable[Outcome]]
+Handler = Callable[[Request, str], Awaitable[Outcome]]
 QUEUE = "t-settler"
 BODY = orjson.dumps(
     {
@@ -60,7 +60,7 @@ def settings(**overrides: Any) -> Settings:
 
 
 def returning(outcome: Outcome) -> Handler:
-    async def handler(request: UploadRequest, request_id: str) -> Outcome:
+    async def handler(request: Request, request_id: str) -> Outcome:
         return outcome
 
     return handler
@@ -196,7 +196,7 @@ async def test_a_channel_lost_while_working_cancels_the_attempt() -> None:
     """Work still running when its channel dies is cancelled before anything is published."""
     started = asyncio.Event()
 
-    async def slow(request: UploadRequest, request_id: str) -> Outcome:
+    async def slow(request: Request, request_id: str) -> Outcome:
         started.set()
         await asyncio.Event().wait()
         raise AssertionError("unreachable")
@@ -213,7 +213,7 @@ async def test_a_channel_lost_while_working_cancels_the_attempt() -> None:
 async def test_an_invalid_body_fails_with_its_event_and_is_dead_lettered() -> None:
     """A body that is not a request never reaches the handler; it ends like any failure."""
 
-    async def never(request: UploadRequest, request_id: str) -> Outcome:
+    async def never(request: Request, request_id: str) -> Outcome:
         raise AssertionError("an invalid request must not run")
 
     rig = Rig(never)
@@ -241,7 +241,7 @@ async def test_a_second_copy_of_a_settled_request_is_dropped() -> None:
     """A copy whose copy id this replica already settled is acked without running again."""
     runs = 0
 
-    async def counting(request: UploadRequest, request_id: str) -> Outcome:
+    async def counting(request: Request, request_id: str) -> Outcome:
         nonlocal runs
         runs += 1
         return SUCCEEDED
@@ -262,7 +262,7 @@ def test_shutdown_gives_back_unfinished_work_as_a_fresh_copy() -> None:
     async def scenario() -> None:
         started = asyncio.Event()
 
-        async def endless(request: UploadRequest, request_id: str) -> Outcome:
+        async def endless(request: Request, request_id: str) -> Outcome:
             started.set()
             await asyncio.Event().wait()
             raise AssertionError("unreachable")

@@ -71,8 +71,10 @@ def test_every_reference_resolves_within_the_document() -> None:
     """Each $ref (channels, messages, payload schemas and their definitions) points at something."""
     document = default_document()
     refs = _refs(document)
-    assert "#/components/schemas/UploadRequest" in refs
-    assert "#/components/schemas/InconvoDestination" in refs
+    for name in ("Request", "UploadRequest", "DeleteRequest", "InconvoDestination"):
+        assert f"#/components/schemas/{name}" in refs
+    for name in ("ResultEvent", "IngestionEvent"):
+        assert f"#/components/schemas/{name}" in refs
     for ref in refs:
         assert _resolve(document, ref) is not None, ref
 
@@ -81,12 +83,15 @@ def test_payloads_are_the_json_schemas() -> None:
     """The request payload accepts the examples and rejects an unknown field, as schemas/request.schema.json does."""
     document = default_document()
     schemas = document["components"]["schemas"]
+    request_defs = json_schemas()["request"]["$defs"]
     assert set(schemas["UploadRequest"]["properties"]) == set(
-        json_schemas()["request"]["properties"]
+        request_defs["UploadRequest"]["properties"]
     )
-    assert set(schemas["ResultEvent"]["properties"]) == set(json_schemas()["event"]["properties"])
+    event_defs = json_schemas()["event"]["$defs"]
+    for name in ("ResultEvent", "IngestionEvent"):
+        assert set(schemas[name]["properties"]) == set(event_defs[name]["properties"])
     request = jsonschema.Draft202012Validator(
-        {"$ref": "#/components/schemas/UploadRequest", "components": document["components"]}
+        {"$ref": "#/components/schemas/Request", "components": document["components"]}
     )
     for example in sorted((ROOT / "examples").glob("*.json")):
         body = orjson.loads(example.read_text().replace("${FILES}", "https://files.example"))
@@ -106,6 +111,10 @@ def test_defaults_are_the_contract_names() -> None:
         "courier.uploads.dead",
         "upload.succeeded",
         "upload.failed",
+        "delete.succeeded",
+        "delete.failed",
+        "ingestion.completed",
+        "ingestion.failed",
     ]
     assert channels["requests"]["x-queue-arguments"]["x-queue-type"] == "quorum"
     assert channels["uploadSucceeded"]["bindings"]["amqp"]["exchange"] == {
@@ -139,8 +148,12 @@ async def test_command_names_the_configured_queues_and_exchange() -> None:
         "dead": "acme.uploads.dead",
         "uploadSucceeded": "upload.succeeded",
         "uploadFailed": "upload.failed",
+        "deleteSucceeded": "delete.succeeded",
+        "deleteFailed": "delete.failed",
+        "ingestionCompleted": "ingestion.completed",
+        "ingestionFailed": "ingestion.failed",
     }
-    for key in ("uploadSucceeded", "uploadFailed"):
+    for key in ("uploadSucceeded", "uploadFailed", "ingestionFailed"):
         assert channels[key]["bindings"]["amqp"]["exchange"]["name"] == "acme.events"
         assert channels[key]["bindings"]["amqp"]["exchange"]["vhost"] == "prod"
     assert channels["retry15s"]["x-queue-arguments"]["x-dead-letter-routing-key"] == "acme.uploads"

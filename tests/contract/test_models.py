@@ -11,7 +11,13 @@ import jsonschema
 import orjson
 import pytest
 
-from service.contracts import ResultEvent, SourceInfo, UploadRequest, json_schemas
+from service.contracts import (
+    MindsetDestination,
+    ResultEvent,
+    SourceInfo,
+    UploadRequest,
+    json_schemas,
+)
 from service.errors import ErrorCode, PermanentError, RetryableError
 from service.events import build_event
 from service.messages import Envelope, parse_request
@@ -60,7 +66,7 @@ def test_valid_requests_parse() -> None:
     assert inconvo.destination.type == "inconvo"
     assert inconvo.metadata == {"tenant": "acme"}
     mindset = parse_request(orjson.dumps(MINDSET), 1 << 20)
-    assert mindset.destination.type == "mindset"
+    assert isinstance(mindset.destination, MindsetDestination)
     assert mindset.destination.delivery == "auto"
     assert mindset.metadata == {}
 

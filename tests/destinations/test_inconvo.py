@@ -52,7 +52,7 @@ async def test_user_scope_upload(
     api, source = parts
     url = files.add("/q4/sales.csv", b"region,total\neu,10\n")
     delivered = await _adapter(api, inconvo).deliver(
-        _request(url, userIdentifier="john.doe@example.com", notes="Q4"), source
+        _request(url, userIdentifier="john.doe@example.com", notes="Q4"), source, "r-1"
     )
     [upload] = inconvo.uploads
     assert upload.user_identifier == "john.doe@example.com"
@@ -75,13 +75,13 @@ async def test_context_scope_and_agent_routes(
     api, source = parts
     url = files.add("/p.json", b"[]", content_type="application/json")
     await _adapter(api, inconvo).deliver(
-        _request(url, contextKey="orgId", contextValue="org_456"), source
+        _request(url, contextKey="orgId", contextValue="org_456"), source, "r-1"
     )
     await _adapter(api, inconvo, agent_id="agt_conf").deliver(
-        _request(url, userIdentifier="u1"), source
+        _request(url, userIdentifier="u1"), source, "r-1"
     )
     await _adapter(api, inconvo, agent_id="agt_conf").deliver(
-        _request(url, userIdentifier="u1", agentId="agt_req"), source
+        _request(url, userIdentifier="u1", agentId="agt_req"), source, "r-1"
     )
     first, second, third = inconvo.uploads
     assert (first.context_key, first.context_value, first.agent_id) == ("orgId", "org_456", None)
@@ -97,7 +97,7 @@ async def test_destination_file_name_override(
     api, source = parts
     url = files.add("/export", b"a\n", content_type="text/plain")
     await _adapter(api, inconvo).deliver(
-        _request(url, userIdentifier="u", fileName="renamed.csv"), source
+        _request(url, userIdentifier="u", fileName="renamed.csv"), source, "r-1"
     )
     assert inconvo.uploads[0].file_name == "renamed.csv"
 
@@ -129,7 +129,7 @@ async def test_error_statuses(
     url = files.add("/a.csv", b"1\n")
     inconvo.fail_next(status, count=3, body={"error": "nope from inconvo"})
     with pytest.raises(CourierError) as info:
-        await _adapter(api, inconvo).deliver(_request(url, userIdentifier="u"), source)
+        await _adapter(api, inconvo).deliver(_request(url, userIdentifier="u"), source, "r-1")
     error = info.value
     assert (error.code, error.http_status, error.retryable) == (code, status, retryable)
     assert "nope from inconvo" in error.message
@@ -143,7 +143,9 @@ async def test_transient_error_then_success(
     api, source = parts
     url = files.add("/a.csv", b"1\n")
     inconvo.fail_next(500, count=2)
-    delivered = await _adapter(api, inconvo).deliver(_request(url, userIdentifier="u"), source)
+    delivered = await _adapter(api, inconvo).deliver(
+        _request(url, userIdentifier="u"), source, "r-1"
+    )
     assert delivered.result["file"]["name"] == "a.csv"
     assert len(inconvo.uploads) == 1
 
@@ -156,7 +158,7 @@ async def test_wrong_key_is_rejected(
     url = files.add("/a.csv", b"1\n")
     adapter = _adapter(api, inconvo, key=SecretStr("wrong-key"))
     with pytest.raises(CourierError) as info:
-        await adapter.deliver(_request(url, userIdentifier="u"), source)
+        await adapter.deliver(_request(url, userIdentifier="u"), source, "r-1")
     assert (info.value.code, info.value.http_status) == (ErrorCode.DESTINATION_REJECTED, 401)
     assert inconvo.uploads == []
 
@@ -206,7 +208,7 @@ async def test_oversized_file_is_too_large_with_nothing_uploaded(
     api, source = parts
     url = files.add("/big.csv", stream_bytes=10 * 1024 * 1024 + 65536)
     with pytest.raises(CourierError) as info:
-        await _adapter(api, inconvo).deliver(_request(url, userIdentifier="u"), source)
+        await _adapter(api, inconvo).deliver(_request(url, userIdentifier="u"), source, "r-1")
     assert info.value.code is ErrorCode.TOO_LARGE
     assert inconvo.requests == []
 
@@ -218,7 +220,7 @@ async def test_path_segments_are_url_encoded(
     api, source = parts
     request = _request(files.add("/a.csv", b"1\n"), userIdentifier="a.b@c-d_e", agentId="ag@1")
     assert dataset_path(request.destination, None) == "/agents/ag%401/datasets/user/a.b%40c-d_e"
-    await _adapter(api, inconvo).deliver(request, source)
+    await _adapter(api, inconvo).deliver(request, source, "r-1")
     assert (inconvo.uploads[0].user_identifier, inconvo.uploads[0].agent_id) == (
         "a.b@c-d_e",
         "ag@1",

@@ -17,6 +17,7 @@ import pytest
 from pydantic import SecretStr
 
 from service.config import load_settings
+from service.contracts import UploadRequest
 from service.destinations.inconvo import Inconvo
 from service.errors import CourierError, ErrorCode
 from service.flow import (
@@ -571,6 +572,7 @@ async def test_the_unchanged_inconvo_adapter_lets_hold_through(
         "destination": {"type": "inconvo", "userIdentifier": "u1"},
     }
     request = parse_request(orjson.dumps(body), 1 << 20)
+    assert isinstance(request, UploadRequest)
     inconvo.outage(503)
     async with (
         aiohttp.ClientSession(connector=guarded_connector(policy)) as source_session,
@@ -579,10 +581,10 @@ async def test_the_unchanged_inconvo_adapter_lets_hold_through(
         adapter = Inconvo(api, base_url=inconvo.base_url, api_key=SecretStr(INCONVO_KEY))
         source = HttpSource(source_session, policy)
         with pytest.raises(CourierError) as failed:
-            await adapter.deliver(request, source)
+            await adapter.deliver(request, source, "r-1")
         assert failed.value.code is ErrorCode.DESTINATION_UNAVAILABLE
         assert state(flow) is BreakerState.OPEN
         with pytest.raises(Deferred) as held:
-            await adapter.deliver(request, source)
+            await adapter.deliver(request, source, "r-1")
     assert held.value.reason is DeferReason.BREAKER_OPEN
     assert inconvo.outage_calls == 3

@@ -89,7 +89,7 @@ async def test_schema_command_prints_both_schemas() -> None:
     assert code == 0
     schemas = orjson.loads(out)
     assert set(schemas) == {"request", "event"}
-    assert "destination" in schemas["request"]["properties"]
+    assert "destination" in schemas["request"]["$defs"]["UploadRequest"]["properties"]
 
 
 async def test_process_runs_one_request_locally(files: FileServer, inconvo: FakeInconvo) -> None:

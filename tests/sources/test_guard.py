@@ -15,8 +15,10 @@ from service.sources.guard import (
     BlockedAddressError,
     GuardedResolver,
     Resolve,
+    check_fetched_by_destination,
     check_relayed_url,
     classify,
+    destination_fetch_refusal,
     numeric_host,
     parse_allowed_hosts,
     relay_refusal,
@@ -299,6 +301,59 @@ async def test_check_relayed_url_codes() -> None:
         await check_relayed_url("http://nowhere.example/a", AddressPolicy(), unknown)
     assert info.value.code is ErrorCode.SOURCE_UNAVAILABLE
     assert info.value.retryable
+
+
+async def _no_such_name(host: str, port: int) -> list[str]:
+    raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+
+@pytest.mark.parametrize(
+    ("url", "addresses", "policy", "refused"),
+    [
+        ("http://localhost/t.png", ("127.0.0.1",), AddressPolicy(), True),
+        ("http://169.254.169.254/t.png", (), AddressPolicy(), True),
+        ("http://127.0.0.1./t.png", (), AddressPolicy(), True),
+        ("http://[::ffff:10.0.0.1]/t.png", (), AddressPolicy(), True),
+        ("https://cdn.example/t.png", ("10.0.0.5",), AddressPolicy(), True),
+        ("https://cdn.example/t.png", ("93.184.216.34",), AddressPolicy(), False),
+        ("https://8.8.8.8/t.png", (), AddressPolicy(), False),
+        # The allowlist restricts what Courier fetches, not what the destination does...
+        (
+            "https://cdn.example/t.png",
+            ("93.184.216.34",),
+            AddressPolicy(allowed_hosts=parse_allowed_hosts(["files.example"])),
+            False,
+        ),
+        # ...but it opens a listed host, as COURIER_SOURCE_ALLOW_PRIVATE opens every host.
+        (
+            "http://intranet.example/t.png",
+            ("10.0.0.5",),
+            AddressPolicy(allowed_hosts=parse_allowed_hosts(["intranet.example"])),
+            False,
+        ),
+        ("http://intranet.example/t.png", ("10.0.0.5",), AddressPolicy(allow_private=True), False),
+    ],
+)
+async def test_a_url_the_destination_fetches_is_refused_only_for_non_public_addresses(
+    url: str, addresses: tuple[str, ...], policy: AddressPolicy, refused: bool
+) -> None:
+    """A thumbnailUrl: refused only when its host is, or resolves to, a non-public address."""
+    _, resolve = _resolver(*addresses)
+    reason = await destination_fetch_refusal(URL(url), policy, resolve)
+    assert (reason is not None) is refused, reason
+
+
+async def test_a_name_the_destination_resolves_itself_passes() -> None:
+    """A thumbnailUrl whose name does not resolve from here passes: Mindset resolves it."""
+    assert (
+        await destination_fetch_refusal(
+            URL("https://cdn.internal/t.png"), AddressPolicy(), _no_such_name
+        )
+        is None
+    )
+    with pytest.raises(CourierError) as info:
+        await check_fetched_by_destination("http://localhost/t.png", AddressPolicy())
+    assert info.value.code is ErrorCode.SOURCE_BLOCKED
 
 
 def test_numeric_spelling_with_a_trailing_dot_is_an_address() -> None:

@@ -123,30 +123,71 @@ async def test_urls_handed_to_mindset_obey_the_address_policy(
     mindset: FakeMindset,
     collector: EventCollector,
 ) -> None:
-    """sourceUrl (http), thumbnailUrl and externalUrl at loopback forms are source_blocked: Mindset is never sent there."""
+    """An http sourceUrl and a thumbnailUrl at loopback, dotted or metadata forms are
+    source_blocked, and Mindset is never sent there; an externalUrl is a link for people,
+    fetched by nobody: any http(s) URL passes."""
     await s3.create_bucket(Bucket="relay")
     await s3.put_object(Bucket="relay", Key="talk.mp4", Body=b"\x00" * 64)
     talk = "s3://relay/talk.mp4"
-    requests = {
+    blocked = {
         "source-localhost": (f"http://localhost:{other.port}/a.pdf", {}),
         "source-dot": (f"http://127.0.0.1.:{other.port}/a.pdf", {}),
         "thumbnail": (talk, {"thumbnailUrl": f"http://localhost:{other.port}/t.png"}),
         "thumbnail-dot": (talk, {"thumbnailUrl": "http://127.0.0.1./t.png"}),
-        "external": (talk, {"externalUrl": "http://169.254.169.254/latest/meta-data/"}),
+        "thumbnail-metadata": (talk, {"thumbnailUrl": "http://169.254.169.254/t.png"}),
+    }
+    passed = {
+        "external-metadata": (talk, {"externalUrl": "http://169.254.169.254/latest/meta-data/"}),
+        "thumbnail-public": (talk, {"thumbnailUrl": "https://8.8.8.8/t.png"}),
     }
     async with running(make_settings(source_allowed_hosts=())):
-        for rid, (url, extra) in requests.items():
+        for rid, (url, extra) in {**blocked, **passed}.items():
             body = {
                 "id": rid,
                 "source": {"url": url},
                 "destination": {"type": "mindset", "appUid": "a", "contextUid": "c", **extra},
             }
             await publish(amqp, names.queue, body)
-        events = await collector.wait_for(len(requests))
-    codes = {e["data"]["requestId"]: e["data"]["error"]["code"] for e in events}
-    assert codes == dict.fromkeys(requests, "source_blocked")
-    assert mindset.requests == []
+        await collector.wait_for_ids({*blocked, *passed})
+    by_id = {e["data"]["requestId"]: e["data"] for e in collector.events}
+    assert {rid: by_id[rid]["error"]["code"] for rid in blocked} == dict.fromkeys(
+        blocked, "source_blocked"
+    )
+    assert {rid: by_id[rid]["status"] for rid in passed} == dict.fromkeys(passed, "succeeded")
+    links = {
+        str(b.get("externalUrl") or b.get("thumbnailUrl"))
+        for b in (i.body for i in mindset.ingests)
+    }
+    assert links == {str(x.get("externalUrl") or x.get("thumbnailUrl")) for _, x in passed.values()}
     assert other.hits == []
+
+
+async def test_an_allowlist_restricts_sources_not_links(
+    s3: S3Client,
+    make_settings: Callable[..., Settings],
+    amqp: AbstractRobustConnection,
+    names: Names,
+    mindset: FakeMindset,
+    collector: EventCollector,
+) -> None:
+    """With COURIER_SOURCE_ALLOWED_HOSTS set, an externalUrl or a public thumbnailUrl on a
+    host outside it still passes: the allowlist says what Courier may fetch."""
+    await s3.create_bucket(Bucket="links")
+    await s3.put_object(Bucket="links", Key="talk.mp4", Body=b"\x00" * 64)
+    destination = {
+        "type": "mindset",
+        "appUid": "a",
+        "contextUid": "c",
+        "externalUrl": "https://example.invalid/doc",
+        "thumbnailUrl": "https://8.8.4.4/t.png",
+    }
+    async with running(make_settings(source_allowed_hosts=("files.example",))):
+        body = {"id": "links", "source": {"url": "s3://links/talk.mp4"}, "destination": destination}
+        await publish(amqp, names.queue, body)
+        [event] = await collector.wait_for(1)
+    assert event["data"]["status"] == "succeeded", event["data"]
+    [ingest] = mindset.ingests
+    assert ingest.body["externalUrl"] == "https://example.invalid/doc"
 
 
 async def test_gzip_bomb_and_endless_chunked_body_are_too_large(

@@ -1,21 +1,20 @@
-"""The request message and the result event, as producers and event consumers see them.
-
-The JSON Schemas printed by ``courier schema`` and checked in under
-``schemas/`` are generated from these models.
-"""
+"""The request message, as producers publish it: the models and every rule they check."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Container
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal, Self, get_args
 
 from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     StringConstraints,
+    Tag,
+    TypeAdapter,
     field_validator,
     model_validator,
 )
@@ -125,19 +124,20 @@ class SourceSpec(_Strict):
         return value
 
 
-class InconvoDestination(_Strict):
-    """Upload to an Inconvo dataset, user- or context-scoped."""
+FileName = Annotated[str, StringConstraints(min_length=1, max_length=255)]
+
+
+class _InconvoScope(_Strict):
+    """An Inconvo dataset scope: a user, or a context key and value (optionally of an agent)."""
 
     type: Literal["inconvo"]
     userIdentifier: Identifier | None = None
     contextKey: Annotated[str, StringConstraints(pattern=_CONTEXT_KEY)] | None = None
     contextValue: Identifier | None = None
     agentId: Annotated[str, StringConstraints(pattern=_IDENT)] | None = None
-    fileName: Annotated[str, StringConstraints(min_length=1, max_length=255)] | None = None
-    notes: Annotated[str, StringConstraints(max_length=10000)] | None = None
 
     @model_validator(mode="after")
-    def _one_scope(self) -> InconvoDestination:
+    def _one_scope(self) -> Self:
         user = self.userIdentifier is not None
         context = self.contextKey is not None or self.contextValue is not None
         if user == context:
@@ -146,10 +146,31 @@ class InconvoDestination(_Strict):
             raise ValueError("a context scope needs both contextKey and contextValue")
         return self
 
+
+class InconvoDestination(_InconvoScope):
+    """Upload to an Inconvo dataset, user- or context-scoped."""
+
+    fileName: FileName | None = None
+    notes: Annotated[str, StringConstraints(max_length=10000)] | None = None
+
     @field_validator("fileName")
     @classmethod
     def _file_name(cls, name: str) -> str:
         check_upload_file_name(name)
+        return name
+
+
+class InconvoDelete(_InconvoScope):
+    """Delete one file of an Inconvo dataset scope, by its name."""
+
+    fileName: FileName
+
+    @field_validator("fileName")
+    @classmethod
+    def _file_name(cls, name: str) -> str:
+        check_upload_file_name(name)
+        if not name.strip().lower().endswith(INCONVO_EXTENSIONS):
+            raise ValueError("Inconvo holds only .csv and .json files")
         return name
 
 
@@ -165,6 +186,7 @@ class MindsetDestination(_Strict):
     ) = None
     mimeType: MindsetMimeType | None = None
     delivery: Literal["auto", "sourceUrl", "documentContent"] = "auto"
+    onExisting: Literal["replaceChanged", "keep", "replace"] = "replaceChanged"
     externalId: Text | None = None
     zipType: Annotated[str, StringConstraints(max_length=20), _api_max(20)] | None = None
     autoPublish: bool | None = None
@@ -192,7 +214,17 @@ class MindsetDestination(_Strict):
         return self
 
 
+class MindsetDelete(_Strict):
+    """Delete the Mindset context file a request made (or any file), by its ``externalId``."""
+
+    type: Literal["mindset"]
+    appUid: Text
+    contextUid: Text
+    externalId: Text
+
+
 Destination = Annotated[InconvoDestination | MindsetDestination, Field(discriminator="type")]
+DeleteDestination = Annotated[InconvoDelete | MindsetDelete, Field(discriminator="type")]
 # The destinations' names, as the requests' ``destination.type`` spells them.
 DESTINATIONS: tuple[str, ...] = tuple(
     get_args(model.model_fields["type"].annotation)[0]
@@ -200,20 +232,13 @@ DESTINATIONS: tuple[str, ...] = tuple(
 )
 
 
-class UploadRequest(_Strict):
-    """One upload request, as a producer publishes it."""
+Tenant = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
+DEFAULT_TENANT = "default"
 
-    model_config = ConfigDict(
-        extra="forbid",
-        strict=True,
-        frozen=True,
-        title="Courier upload request",
-        json_schema_extra={"$id": "urn:courier:schema:request"},
-    )
 
+class _Request(_Strict):
     id: Annotated[str, StringConstraints(min_length=1, max_length=200)] | None = None
-    source: SourceSpec
-    destination: Destination
+    tenant: Tenant = DEFAULT_TENANT
     metadata: Annotated[dict[str, str], Field(max_length=50)] = Field(default_factory=dict)
 
     @field_validator("metadata")
@@ -223,6 +248,37 @@ class UploadRequest(_Strict):
             if not 1 <= len(key) <= 200 or len(value) > 2048:
                 raise ValueError("metadata keys are 1-200 characters and values at most 2048")
         return metadata
+
+
+class UploadRequest(_Request):
+    """Upload one file to a destination."""
+
+    operation: Literal["upload"] = "upload"
+    source: SourceSpec
+    destination: Destination
+
+
+class DeleteRequest(_Request):
+    """Delete one file from a destination; there is no source."""
+
+    operation: Literal["delete"]
+    destination: DeleteDestination
+
+
+def _operation(data: Any) -> str:
+    """The request's ``operation``: ``upload`` when absent or null."""
+    value = data.get("operation") if isinstance(data, dict) else getattr(data, "operation", None)
+    return "upload" if value is None else str(value)
+
+
+Request = UploadRequest | DeleteRequest
+# Validates a request body: ``operation`` picks the model (``upload`` when absent).
+REQUEST: TypeAdapter[Request] = TypeAdapter(
+    Annotated[
+        Annotated[UploadRequest, Tag("upload")] | Annotated[DeleteRequest, Tag("delete")],
+        Discriminator(_operation),
+    ]
+)
 
 
 SOURCE_ONLY_TYPES = frozenset(
@@ -255,88 +311,3 @@ def check_upload_file_name(name: str) -> None:
         raise ValueError("a file name may not contain control characters")
     if not name.strip():
         raise ValueError("a file name may not be blank")
-
-
-# ---------------------------------------------------------------------------
-# The result event
-
-
-class _Out(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class SourceInfo(_Out):
-    """What was learnt about the source; ``url`` is redacted."""
-
-    url: str
-    bytes: int | None = None
-    contentType: str | None = None
-    sha256: str | None = None
-
-
-class ErrorInfo(_Out):
-    """Why a request failed."""
-
-    code: str
-    message: str
-    retryable: bool
-    httpStatus: int | None = None
-
-
-class EventData(_Out):
-    """The ``data`` of a result event."""
-
-    requestId: str
-    status: Literal["succeeded", "failed"]
-    destination: DestinationName | None
-    delivery: DeliveryMode | None
-    attempts: int = Field(
-        ge=0,
-        description="Real tries of the pipeline: 1 for a first-try success, plus one per "
-        "delayed retry; 0 for a request held (destination unavailable) until COURIER_HOLD_MAX.",
-    )
-    durationMs: float = Field(ge=0)
-    source: SourceInfo | None
-    result: Any = None
-    error: ErrorInfo | None = None
-    deduplicated: bool | None = None
-    metadata: dict[str, str]
-
-
-class ResultEvent(_Out):
-    """A CloudEvents 1.0 structured-mode result event."""
-
-    model_config = ConfigDict(
-        extra="forbid",
-        frozen=True,
-        title="Courier result event",
-        json_schema_extra={"$id": "urn:courier:schema:event"},
-    )
-
-    specversion: Literal["1.0"] = "1.0"
-    id: str
-    source: str
-    type: Literal["courier.upload.succeeded", "courier.upload.failed"]
-    subject: str
-    time: str
-    datacontenttype: Literal["application/json"] = "application/json"
-    data: EventData
-
-    def to_json_dict(self) -> dict[str, Any]:
-        """The event as it goes on the wire: optional members left out when unset."""
-        body = self.model_dump(mode="json")
-        data = body["data"]
-        for key in ("result", "error", "deduplicated"):
-            if data.get(key) is None:
-                data.pop(key, None)
-        if "error" in data and data["error"].get("httpStatus") is None:
-            data["error"].pop("httpStatus")
-        return body
-
-
-def json_schemas() -> dict[str, Any]:
-    """The JSON Schemas of the request and the event."""
-    return {
-        "request": UploadRequest.model_json_schema(),
-        "event": ResultEvent.model_json_schema(),
-    }
