@@ -27,7 +27,7 @@ import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
 
 from service.amqp.declare import declare_events, declare_own_queues, declare_queue
-from service.amqp.hooks import LinkHooks
+from service.amqp.hooks import LinkHooks, PublishHooks
 from service.amqp.topology import Topology
 from service.redact import redact_url
 
@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 CONNECT_TIMEOUT = 10.0
 FIRST_BACKOFF = 0.5
 MAX_BACKOFF = 2.0  # a node back from a restart is found within 2 s
+UNROUTABLE_WARNING_PERIOD = 300.0  # at most one warning per routing key in this many seconds
 # What a lost or refused connection raises in aio-pika, aiormq and the socket layer.
 CONNECTION_ERRORS: tuple[type[Exception], ...] = (
     aiormq.exceptions.AMQPError,
@@ -227,11 +228,13 @@ class Publisher:
         self,
         link_urls: Sequence[str],
         topology: Topology,
-        hooks: LinkHooks,
+        hooks: PublishHooks,
         *,
         slow_confirm: float = 10.0,
     ) -> None:
         self.topology = topology
+        self._hooks = hooks
+        self._unroutable: dict[str, tuple[float, int]] = {}  # key: (last warned, since)
         self.link = Link(link_urls, "publish", on_open=self._open, hooks=hooks)
         self._slow_confirm = slow_confirm
         self._channel: AbstractChannel | None = None
@@ -257,8 +260,13 @@ class Publisher:
         )
 
     async def event(self, key: str, message: aio_pika.Message, work: Tracked | None = None) -> None:
-        """Publish a result event and wait for its confirm."""
-        await self._publish(None, key, message, work=work, mandatory=False)
+        """Publish a result event and wait for its confirm.
+
+        Published ``mandatory``: an event that no queue is bound for comes back, and
+        is counted and warned about instead of vanishing unseen. It is not a failure
+        of the request: the event was taken by the broker, only nobody listens yet.
+        """
+        await self._publish(None, key, message, work=work, mandatory=True)
 
     async def to_queue(
         self, queue: str, message: aio_pika.Message, work: Tracked | None = None
@@ -338,6 +346,9 @@ class Publisher:
                 await target.publish(message, routing_key=key, mandatory=mandatory, timeout=None)
                 return
             except aio_pika.exceptions.DeliveryError as exc:
+                if exchange is None and isinstance(exc.frame, aiormq.spec.Basic.Return):
+                    self._event_unroutable(key)
+                    return
                 await self._refused(exc, key)
             except aio_pika.exceptions.ChannelNotFoundEntity:
                 log.warning("publishing to %s found an entity missing; declaring again", key)
@@ -354,6 +365,22 @@ class Publisher:
                     )
             finally:
                 slow.cancel()
+
+    def _event_unroutable(self, key: str) -> None:
+        self._hooks.event_unroutable(key)
+        now = asyncio.get_running_loop().time()
+        warned, since = self._unroutable.get(key, (None, 0))
+        if warned is not None and now - warned < UNROUTABLE_WARNING_PERIOD:
+            self._unroutable[key] = (warned, since + 1)
+            return
+        self._unroutable[key] = (now, 0)
+        log.warning(
+            "no queue is bound to exchange %s for routing key %s: the event was dropped by the "
+            "broker%s (bind a queue, or watch with `courier events`)",
+            self.topology.events_exchange,
+            key,
+            f"; {since} more since the last warning" if since else "",
+        )
 
     async def _refused(self, exc: aio_pika.exceptions.DeliveryError, key: str) -> None:
         frame = exc.frame
