@@ -103,6 +103,15 @@ async def test_events_tails_with_filters(
     assert "tail-other" not in ok_line
 
 
+class _Keep(logging.Handler):
+    def __init__(self, records: list[logging.LogRecord]) -> None:
+        super().__init__(logging.WARNING)
+        self.records = records
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
 @pytest.fixture
 async def no_listener(
     make_settings: object, names: Names
@@ -111,8 +120,7 @@ async def no_listener(
     from tests.conftest import running
 
     records: list[logging.LogRecord] = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = records.append  # type: ignore[method-assign]
+    handler = _Keep(records)
     logger = logging.getLogger("service.amqp.publisher")
     logger.addHandler(handler)
     try:
