@@ -25,12 +25,15 @@ async def _run_with_fakes() -> int:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "service", "run", env={**os.environ, **stack.env}, cwd=ROOT
         )
+
+        def forward(sig: signal.Signals) -> None:
+            if proc.returncode is None:
+                proc.send_signal(sig)
+
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             # Courier stops gracefully on either; the fakes stay up until it has.
-            loop.add_signal_handler(
-                sig, lambda s=sig: proc.returncode is None and proc.send_signal(s)
-            )
+            loop.add_signal_handler(sig, forward, sig)
         return await proc.wait()
 
 
