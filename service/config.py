@@ -1,4 +1,4 @@
-"""Settings: every variable of CONTRACT section 5, read once at start-up.
+"""Settings: every variable of the README's Configuration, read once at start-up.
 
 Each variable may instead be given as ``<NAME>_FILE`` naming a file that holds
 the value (surrounding whitespace trimmed), as Kubernetes secrets are mounted.
@@ -115,7 +115,7 @@ class Settings(BaseSettings):
     destination_timeout: float = Field(default=60.0, gt=0)
     publish_timeout: float = Field(default=10.0, gt=0)
     tmp_dir: Path | None = None
-    # Flow control (CONTRACT section 7).
+    # Flow control (docs/flow-control.md).
     breaker_threshold: int = Field(default=5, ge=1, le=1000)
     breaker_cooldown: float = Field(default=10.0, gt=0, le=300)
     hold_max: float = Field(default=3600.0, gt=0)

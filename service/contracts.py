@@ -1,4 +1,4 @@
-"""The request message and the result event (CONTRACT sections 2 and 3).
+"""The request message and the result event (docs/producing.md, docs/events.md).
 
 The JSON Schemas printed by ``courier schema`` and checked in under
 ``schemas/`` are generated from these models.

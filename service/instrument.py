@@ -1,7 +1,7 @@
 """Metrics, traces and log context as hooks around the work, never inside it.
 
 The consumer, the broker links, the sources and the destination calls each
-report to a hook here; they name no metric themselves (ARCHITECTURE habit 7).
+report to a hook here; they name no metric themselves.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ confirm for as long as the connection lives: a slow confirm (a stalled link, a
 broker blocking publishers) is waited for, never given up on, so a delivery is
 never returned to the broker while the copy it made may be live. Only when the
 connection is lost before the confirm is the outcome unknown; the message is
-then published again on the next connection (README "Reliability" explains why
+then published again on the next connection (docs/reliability.md explains why
 that leaves one live copy).
 """
 
