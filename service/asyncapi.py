@@ -14,7 +14,10 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from service.amqp.topology import (
+from service.config import Settings
+from service.contracts import json_schemas
+from service.errors import ErrorCode
+from service.topology import (
     ATTEMPT_HEADER,
     ATTEMPTS_HEADER,
     ERROR_CODE_HEADER,
@@ -26,9 +29,6 @@ from service.amqp.topology import (
     QueueSpec,
     Topology,
 )
-from service.config import Settings
-from service.contracts import json_schemas
-from service.errors import ErrorCode
 
 ASYNCAPI_VERSION = "3.0.0"
 _AMQP_BINDING = "0.3.0"

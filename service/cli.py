@@ -22,7 +22,6 @@ from aio_pika.abc import AbstractConnection
 
 from service import deadletters
 from service.amqp.publisher import CONNECTION_ERRORS
-from service.amqp.topology import Topology
 from service.cli_args import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -32,25 +31,23 @@ from service.cli_args import (
     EXIT_USAGE,
     parser,
 )
-from service.config import ConfigError, Settings, load_settings, unknown_variables
+from service.config import (
+    SECRET_VARIABLES,
+    ConfigError,
+    Settings,
+    load_settings,
+    unknown_variables,
+)
 from service.errors import CourierError
 from service.logs import setup_logging
-from service.messages import Envelope, parse_request, peek, request_id
+from service.messages import Envelope, decode, parse_request, request_id
 from service.prechecks import offline_checks
 from service.redact import SecretFilter, mask_text, redact_url
+from service.topology import Topology
 from service.watch import FINAL_EVENTS, ExchangeMissing, events, line, request_of, watching
 
 EXIT_CONFIG = EXIT_USAGE  # the name older callers know
 log = logging.getLogger(__name__)
-# Read straight from the environment when the settings themselves cannot be loaded.
-_SECRET_VARIABLES = (
-    "COURIER_INCONVO_API_KEY",
-    "INCONVO_API_KEY",
-    "COURIER_MINDSET_API_KEY",
-    "MINDSET_API_KEY",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-)
 _DESTINATION_KEYS = {
     "inconvo": ("Inconvo", "inconvo_api_key", "COURIER_INCONVO_API_KEY"),
     "mindset": ("Mindset", "mindset_api_key", "COURIER_MINDSET_API_KEY"),
@@ -80,7 +77,8 @@ def _secrets() -> list[str]:
         secrets = load_settings().secret_values()
     except ConfigError:
         secrets = []
-    return secrets + [value for name in _SECRET_VARIABLES if (value := os.environ.get(name))]
+    # Read straight from the environment too: the settings themselves may not load.
+    return secrets + [value for name in SECRET_VARIABLES if (value := os.environ.get(name))]
 
 
 def _print(text: str, secrets: Iterable[str] = ()) -> None:
@@ -119,30 +117,24 @@ async def _connect(settings: Settings) -> AbstractConnection:
 
 async def _process(settings: Settings, body: bytes) -> int:
     from service.events import build_event
-    from service.pipeline import Outcome
+    from service.outcome import Outcome
     from service.runtime import pipeline_for
 
-    envelope = Envelope.from_properties(
-        message_id=None, correlation_id=None, reply_to=None, headers=None
-    )
-    try:
-        request = parse_request(body, settings.max_message_bytes)
-    except CourierError as invalid:  # the same invalid_request event `courier run` publishes
-        info = peek(body, settings.max_message_bytes)
+    decoded = decode(body, Envelope(), settings.max_message_bytes)
+    if decoded.request is None:  # the same invalid_request event `courier run` publishes
+        assert decoded.error is not None  # noqa: S101 - decode says why there is no request
         from service.contracts import SourceInfo
 
-        source = SourceInfo(url=info.source_url) if info.source_url else None
-        outcome = Outcome(0.0, info.destination, source=source, error=invalid)
-        rid, metadata = request_id(info.request_id, envelope), info.metadata or {}
+        source = SourceInfo(url=decoded.source_url) if decoded.source_url else None
+        outcome = Outcome(0.0, decoded.destination, source=source, error=decoded.error)
     else:
         async with pipeline_for(settings) as pipeline:
-            outcome = await pipeline.process(request)
-        rid, metadata = request_id(request.id, envelope), request.metadata
+            outcome = await pipeline.process(decoded.request)
     event = build_event(
         event_source=settings.event_source,
-        request_id=rid,
+        request_id=decoded.request_id,
         attempts=1,
-        metadata=metadata,
+        metadata=decoded.metadata,
         outcome=outcome,
     )
     # The same masking as the logs of `courier run`: an event must not show a secret.
@@ -153,7 +145,7 @@ async def _process(settings: Settings, body: bytes) -> int:
 async def _submit(settings: Settings, body: bytes, wait: bool, patience: float) -> int:
     request = parse_request(body, settings.max_message_bytes)
     offline_checks(request)  # what is certain to fail is never published
-    rid = request.id or request_id(None, Envelope(None, None, None, None, 1, 0))
+    rid = request.id or request_id(None, Envelope())
     connection = await _connect(settings)
     async with connection:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)

@@ -7,6 +7,7 @@ from datetime import datetime
 from typing import Any
 
 from service import __version__, deadletters
+from service.contracts import DESTINATIONS
 from service.errors import ErrorCode
 
 EXIT_OK = 0
@@ -101,9 +102,7 @@ def _dead_parser(sub: Any) -> None:
     filters.add_argument(
         "--code", type=_codes, action="extend", default=[], help="error code(s), comma-separated"
     )
-    filters.add_argument(
-        "--destination", choices=("inconvo", "mindset"), action="append", default=[]
-    )
+    filters.add_argument("--destination", choices=DESTINATIONS, action="append", default=[])
     filters.add_argument(
         "--since", type=_since, help="failed at or after: a duration (2h, 30m) or an ISO 8601 time"
     )

@@ -1,4 +1,4 @@
-"""Settings: every variable of the README's Configuration, read once at start-up.
+"""Settings: every configuration variable (README "Configuration"), read once at start-up.
 
 Each variable may instead be given as ``<NAME>_FILE`` naming a file that holds
 the value (surrounding whitespace trimmed), as Kubernetes secrets are mounted.
@@ -31,9 +31,18 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from service.amqp.topology import MAX_TTL_MS
+from service.topology import MAX_TTL_MS
 
 ENV_PREFIX = "COURIER_"
+# Variables that hold secrets, and only secrets: masked wherever text leaves the process.
+SECRET_VARIABLES = (
+    "COURIER_INCONVO_API_KEY",
+    "INCONVO_API_KEY",
+    "COURIER_MINDSET_API_KEY",
+    "MINDSET_API_KEY",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+)
 MAX_NAME_BYTES = 255  # an AMQP short string: queue and exchange names
 _LONGEST_TIER_SUFFIX = len(f".retry.{MAX_TTL_MS // 1000}s")
 _DURATION = re.compile(r"^\s*(\d+)\s*(ms|s|m|h|d)?\s*$", re.IGNORECASE)
@@ -115,7 +124,7 @@ class Settings(BaseSettings):
     destination_timeout: float = Field(default=60.0, gt=0)
     publish_timeout: float = Field(default=10.0, gt=0)
     tmp_dir: Path | None = None
-    # Flow control (docs/flow-control.md).
+    # Flow control.
     breaker_threshold: int = Field(default=5, ge=1, le=1000)
     breaker_cooldown: float = Field(default=10.0, gt=0, le=300)
     hold_max: float = Field(default=3600.0, gt=0)
@@ -229,6 +238,11 @@ class Settings(BaseSettings):
                 raise ValueError("each URL must start with amqp:// or amqps://")
         return value
 
+    def rate_limit(self, destination: str) -> float | None:
+        """``COURIER_<DESTINATION>_RATE_LIMIT``: requests/s to that destination, or None."""
+        value: float | None = getattr(self, f"{destination}_rate_limit")
+        return value
+
     @property
     def amqp_urls(self) -> tuple[str, ...]:
         """The broker nodes of ``COURIER_AMQP_URL``, in the order they are tried."""
@@ -241,19 +255,11 @@ class Settings(BaseSettings):
             password = urlsplit(url).password
             if password and password != "guest":  # noqa: S105 - the public default is no secret
                 values.append(unquote(password))
-        for name in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
-            if value := os.environ.get(name):
+        # The API keys' variables are read above as settings; AWS's belong to botocore.
+        for name in SECRET_VARIABLES:
+            if name.startswith("AWS_") and (value := os.environ.get(name)):
                 values.append(value)
         return values
-
-    @property
-    def dead_queue(self) -> str:
-        """Name of the dead-letter queue."""
-        return f"{self.queue}.dead"
-
-    def retry_queue(self, delay: int) -> str:
-        """Name of the delay-tier queue for ``delay`` seconds."""
-        return f"{self.queue}.retry.{delay}s"
 
     @classmethod
     def settings_customise_sources(

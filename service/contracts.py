@@ -1,4 +1,4 @@
-"""The request message and the result event (docs/producing.md, docs/events.md).
+"""The request message and the result event, as producers and event consumers see them.
 
 The JSON Schemas printed by ``courier schema`` and checked in under
 ``schemas/`` are generated from these models.
@@ -20,7 +20,7 @@ from pydantic import (
     model_validator,
 )
 
-from service.urls import check_http_url, parse_s3_url
+from service.urls import check_http_url, parse_s3_url, scheme_of
 
 MindsetMimeType = Literal[
     "video/mp4",
@@ -33,7 +33,8 @@ MindsetMimeType = Literal[
     "application/zip",
 ]
 MINDSET_MIME_TYPES: tuple[str, ...] = get_args(MindsetMimeType)
-Delivery = Literal["multipart", "sourceUrl", "documentContent"]
+DeliveryMode = Literal["multipart", "sourceUrl", "documentContent"]
+DestinationName = Literal["inconvo", "mindset"]
 
 _IDENT = r"^[A-Za-z0-9_.@-]{1,256}$"
 _CONTEXT_KEY = r"^[A-Za-z0-9_.-]{1,256}$"
@@ -106,7 +107,7 @@ class SourceSpec(_Strict):
     @field_validator("url")
     @classmethod
     def _check_url(cls, url: str) -> str:
-        scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+        scheme = scheme_of(url)
         if scheme in ("http", "https"):
             if api_length(url) > MAX_HTTP_URL:  # Mindset's sourceUrl limit, counted as it does
                 raise ValueError(f"an http(s) URL may have at most {MAX_HTTP_URL} characters")
@@ -192,6 +193,11 @@ class MindsetDestination(_Strict):
 
 
 Destination = Annotated[InconvoDestination | MindsetDestination, Field(discriminator="type")]
+# The destinations' names, as the requests' ``destination.type`` spells them.
+DESTINATIONS: tuple[str, ...] = tuple(
+    get_args(model.model_fields["type"].annotation)[0]
+    for model in get_args(get_args(Destination)[0])
+)
 
 
 class UploadRequest(_Strict):
@@ -282,8 +288,8 @@ class EventData(_Out):
 
     requestId: str
     status: Literal["succeeded", "failed"]
-    destination: Literal["inconvo", "mindset"] | None
-    delivery: Delivery | None
+    destination: DestinationName | None
+    delivery: DeliveryMode | None
     attempts: int = Field(
         ge=0,
         description="Real tries of the pipeline: 1 for a first-try success, plus one per "

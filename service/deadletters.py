@@ -32,16 +32,16 @@ import orjson
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from service.amqp.declare import declare_queue
-from service.amqp.topology import (
+from service.amqp.wire import copy_message
+from service.config import parse_duration
+from service.settle import carried_headers, replay_headers
+from service.topology import (
     ATTEMPTS_HEADER,
     ERROR_CODE_HEADER,
     ERROR_MESSAGE_HEADER,
     FAILED_AT_HEADER,
     Topology,
-    strip_for_replay,
 )
-from service.amqp.wire import copy_message, copy_with
-from service.config import parse_duration
 
 Action = Literal["list", "replay", "purge"]
 _GET_TIMEOUT = 10.0
@@ -250,7 +250,7 @@ async def sweep(
                 if action == "replay":
                     await pace.wait()
                     await channel.default_exchange.publish(
-                        copy_message(message, strip_for_replay(message.headers or {})),
+                        copy_message(message, replay_headers(message.headers or {})),
                         routing_key=topology.requests.name,
                         mandatory=True,
                         timeout=publish_timeout,
@@ -258,7 +258,7 @@ async def sweep(
                 await message.ack()
                 continue
         await channel.default_exchange.publish(
-            copy_with(message, {}),  # unchanged, but for the broker's delivery count
+            copy_message(message, carried_headers(message.headers)),
             routing_key=topology.dead.name,
             mandatory=True,
             timeout=publish_timeout,

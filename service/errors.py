@@ -10,7 +10,7 @@ from enum import StrEnum
 
 
 class ErrorCode(StrEnum):
-    """Error codes of the result event (CONTRACT section 3)."""
+    """The error codes a failed event carries (``data.error.code``)."""
 
     INVALID_REQUEST = "invalid_request"
     UNSUPPORTED_SOURCE = "unsupported_source"

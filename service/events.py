@@ -6,7 +6,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from service.pipeline import Outcome
+from service.outcome import Outcome
 
 SUCCEEDED: Literal["courier.upload.succeeded"] = "courier.upload.succeeded"
 FAILED: Literal["courier.upload.failed"] = "courier.upload.failed"
@@ -29,7 +29,7 @@ def build_event(
     Built as the wire's JSON object, not through the ResultEvent model: every
     value comes from a validated request or from Courier itself, and a test
     holds this to the model's own output. Building, validating and dumping a
-    model for each event cost a tenth of the service's CPU on the happy path.
+    model for each event was a visible share of the happy path's CPU.
     Optional members are left out when unset, as ``ResultEvent.to_json_dict``
     leaves them out.
     """

@@ -1,7 +1,7 @@
 """Metrics, traces and log context as hooks around the work, never inside it.
 
-The consumer, the broker links, the sources and the destination calls each
-report to a hook here; they name no metric themselves.
+The consumer, the settler, the broker links, the sources and the destination calls
+each report to a hook here; they name no metric themselves.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from service.flow import BreakerState
 from service.logs import add_log_context, log_context
 from service.messages import Envelope
 from service.metrics import Metrics
-from service.pipeline import Outcome
-from service.settle import Decision, DeliveryFacts, Finish, Hold, Retry
+from service.outcome import Outcome
+from service.settle import Decision, Finish, Park, Retry
 from service.sources.base import FetchedFile, SizeLimit, Source, SourceFacts
 from service.tracing import (
     CallObserver,
@@ -31,7 +31,7 @@ LINKS = ("consume", "publish")
 
 
 class Instruments:
-    """The hooks of the consumer and both broker links, recording into ``metrics``."""
+    """The hooks of the consumer, the settler and both broker links, recording into ``metrics``."""
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
@@ -87,13 +87,13 @@ class Instruments:
         record_outcome(scope, outcome.error.code.value if outcome.error else None)
 
     def settled(
-        self, decision: Decision, facts: DeliveryFacts, destination: str, seconds: float
+        self, decision: Decision, envelope: Envelope, destination: str, seconds: float
     ) -> None:
         """Count what the decision did, once it was carried out."""
         m, child = self.metrics, self._child
-        if facts.held_since is not None:
+        if envelope.held_since is not None:
             child(m.held, destination).dec()  # a held request came back
-        if isinstance(decision, Hold):
+        if isinstance(decision, Park):
             child(m.held, destination).inc()
             return
         if isinstance(decision, Retry):
@@ -166,7 +166,7 @@ class MeteredSource:
         self._bytes = metrics.source_bytes.labels(scheme)
 
     def check(self, spec: SourceSpec) -> None:
-        """Delegate the pre-flight checks."""
+        """The inner source's checks; nothing to measure (no I/O)."""
         self._inner.check(spec)
 
     async def describe(self, spec: SourceSpec) -> SourceFacts:

@@ -1,4 +1,4 @@
-"""Decoding request messages: the body, the request id and the attempt count."""
+"""Reading a delivery whole: its properties and headers (:class:`Envelope`) and its body."""
 
 from __future__ import annotations
 
@@ -7,19 +7,23 @@ import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, Protocol
 
 import orjson
 from pydantic import ValidationError
 
-from service.amqp.topology import (
+from service.contracts import DESTINATIONS, UploadRequest
+from service.errors import CourierError, ErrorCode, PermanentError
+from service.redact import redact_url
+from service.topology import (
     ATTEMPT_HEADER,
+    COPY_ID_HEADER,
     DELIVERY_COUNT_HEADER,
+    HELD_SINCE_HEADER,
+    REDELIVERIES_HEADER,
     TRACEPARENT_HEADER,
 )
-from service.contracts import SourceSpec, UploadRequest
-from service.errors import ErrorCode, PermanentError
-from service.redact import redact_url
 
 MAX_DEPTH = 32
 _TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}")
@@ -46,49 +50,88 @@ def _traceparent(value: Any) -> str | None:
     return None
 
 
+class Properties(Protocol):
+    """The parts of an AMQP delivery besides its body that Courier reads."""
+
+    @property
+    def message_id(self) -> str | None: ...
+
+    @property
+    def correlation_id(self) -> str | None: ...
+
+    @property
+    def reply_to(self) -> str | None: ...
+
+    @property
+    def headers(self) -> Mapping[str, Any] | None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Envelope:
-    """What the AMQP layer tells about one delivery."""
+    """What one delivery tells besides its body, read once by :meth:`read`.
 
-    message_id: str | None
-    correlation_id: str | None
-    reply_to: str | None
-    traceparent: str | None
-    attempt: int
-    delivery_count: int
+    ``redeliveries`` counts the times this request crashed or stalled a consumer:
+    the broker's ``x-delivery-count`` of this copy plus the crashes of earlier
+    copies, carried over in ``x-courier-redeliveries``. Courier never returns a
+    delivery itself (a graceful give-back is a fresh copy), so on every RabbitMQ
+    version each return the broker counted is a crash, a lost connection or a stall.
+    """
+
+    message_id: str | None = None
+    correlation_id: str | None = None
+    reply_to: str | None = None
+    traceparent: str | None = None
+    attempt: int = 1  # the attempt this copy runs: 1 for a producer's message
+    redeliveries: int = 0
+    held_since: datetime | None = None  # when it was first held, while it is being held
+    copy_id: str | None = None  # set on every copy Courier publishes
 
     @classmethod
-    def from_properties(
-        cls,
-        *,
-        message_id: str | None,
-        correlation_id: str | None,
-        reply_to: str | None,
-        headers: Mapping[str, Any] | None,
-    ) -> Envelope:
-        """Read the envelope from message properties; odd header values count as absent."""
-        headers = headers or {}
+    def read(cls, message: Properties) -> Envelope:
+        """Read a delivery's properties and headers; odd header values count as absent."""
+        headers = message.headers or {}
         return cls(
-            message_id=message_id or None,
-            correlation_id=correlation_id or None,
-            reply_to=reply_to or None,
+            message_id=message.message_id or None,
+            correlation_id=message.correlation_id or None,
+            reply_to=message.reply_to or None,
             traceparent=_traceparent(headers.get(TRACEPARENT_HEADER)),
-            attempt=_count(headers.get(ATTEMPT_HEADER), default=1),
-            delivery_count=_count(headers.get(DELIVERY_COUNT_HEADER), default=0),
+            attempt=header_int(headers.get(ATTEMPT_HEADER), default=1, least=1),
+            redeliveries=header_int(headers.get(REDELIVERIES_HEADER))
+            + header_int(headers.get(DELIVERY_COUNT_HEADER)),
+            held_since=header_time(headers.get(HELD_SINCE_HEADER)),
+            copy_id=header_text(headers.get(COPY_ID_HEADER)),
         )
 
 
-def _count(value: Any, default: int) -> int:
+def header_int(value: Any, *, default: int = 0, least: int = 0) -> int:
+    """A header's whole number (an int, or its text); ``default`` when absent or odd."""
     if isinstance(value, bool):
         return default
-    if isinstance(value, int):
-        return max(value, 0) if default == 0 else max(value, 1)
     if isinstance(value, bytes | str):
         try:
-            return _count(int(value), default)
+            value = int(value)
         except ValueError:
             return default
-    return default
+    return max(value, least) if isinstance(value, int) else default
+
+
+def header_text(value: Any) -> str | None:
+    """A header's non-empty text (bytes decoded), else None."""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    return value if isinstance(value, str) and value else None
+
+
+def header_time(value: Any) -> datetime | None:
+    """A header's ISO 8601 time (UTC when it names no zone), else None."""
+    text = header_text(value)
+    if text is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
 
 
 def _depth_ok(value: Any, limit: int) -> bool:
@@ -177,7 +220,7 @@ def peek(body: bytes, max_bytes: int) -> Peek:
     )
     return Peek(
         request_id=rid if isinstance(rid, str) and 1 <= len(rid) <= 200 else None,
-        destination=kind if kind in ("inconvo", "mindset") else None,
+        destination=kind if kind in DESTINATIONS else None,
         source_url=redact_url(url) if isinstance(url, str) and len(url) <= 4096 else None,
         metadata=dict(metadata) if valid_metadata else None,  # type: ignore[arg-type]
     )
@@ -192,4 +235,35 @@ def request_id(body_id: str | None, envelope: Envelope) -> str:
     return str(uuid.uuid4())
 
 
-__all__ = ["Envelope", "Peek", "SourceSpec", "parse_request", "peek", "request_id"]
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    """A delivery's body as the settle needs it: the request, or why there is none."""
+
+    request: UploadRequest | None
+    request_id: str
+    metadata: dict[str, str]
+    error: CourierError | None = None
+    destination: str | None = None  # what could be salvaged for the event of a refused one
+    source_url: str | None = None
+
+
+def decode(body: bytes, envelope: Envelope, max_bytes: int) -> Decoded:
+    """The validated request, or an ``invalid_request`` with what the body still tells."""
+    try:
+        request = parse_request(body, max_bytes)
+    except CourierError as invalid:
+        return refuse(body, envelope, max_bytes, invalid)
+    return Decoded(request, request_id(request.id, envelope), request.metadata)
+
+
+def refuse(body: bytes, envelope: Envelope, max_bytes: int, error: CourierError) -> Decoded:
+    """A body that is not run (``error`` says why), with what can be salvaged of it."""
+    info = peek(body, max_bytes)
+    return Decoded(
+        None,
+        request_id(info.request_id, envelope),
+        info.metadata or {},
+        error,
+        info.destination,
+        info.source_url,
+    )

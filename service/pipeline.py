@@ -5,50 +5,18 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
-from service.contracts import Delivery, SourceInfo, UploadRequest
+from service.contracts import SourceInfo, UploadRequest
 from service.destinations.base import Destination
 from service.errors import CourierError, ErrorCode, PermanentError
-from service.flow import FlowControl, Hold, HoldReason, calls_made
+from service.flow import DeferReason, Deferred, FlowControl, calls_made
+from service.outcome import Held, Outcome
 from service.redact import redact_url
 from service.sources.base import Source
+from service.urls import scheme_of
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class Held:
-    """The destination could not take the request now (CONTRACT section 7)."""
-
-    seconds: float  # until it is expected to take requests again
-    reason: str
-    tried: bool = False  # whether this attempt had made a real call before it was held
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """How one attempt at a request ended."""
-
-    duration_ms: float
-    destination: str | None
-    delivery: Delivery | None = None
-    source: SourceInfo | None = None
-    result: Any = None
-    error: CourierError | None = None
-    deduplicated: bool = False
-    held: Held | None = None
-
-    @property
-    def succeeded(self) -> bool:
-        """Whether the delivery succeeded."""
-        return self.error is None and self.held is None
-
-
-def scheme_of(url: str) -> str:
-    """The URL's scheme in lower case ('' when there is none)."""
-    return url.split(":", 1)[0].lower() if ":" in url else ""
 
 
 class Pipeline:
@@ -71,7 +39,7 @@ class Pipeline:
         calls_made.set(0)
         try:
             delivered = await self._run(request)
-        except Hold as hold:
+        except Deferred as hold:
             return Outcome(
                 duration_ms=_since(started),
                 destination=kind,
@@ -105,7 +73,7 @@ class Pipeline:
         )
 
     async def _run(self, request: UploadRequest) -> Any:
-        # Cheapest checks first; the first failure decides the code (CONTRACT section 3).
+        # Cheapest checks first; the first failure decides the error code.
         scheme = scheme_of(request.source.url)
         source = self._sources.get(scheme)
         if source is None:
@@ -128,9 +96,9 @@ class Pipeline:
 
 
 _HOLD_REASONS = {
-    HoldReason.BREAKER_OPEN: "{}'s circuit breaker is open after repeated failures",
-    HoldReason.PROBE_IN_FLIGHT: "{} is being probed after an outage",
-    HoldReason.RATE_LIMITED: "{} is rate limited",
+    DeferReason.BREAKER_OPEN: "{}'s circuit breaker is open after repeated failures",
+    DeferReason.PROBE_IN_FLIGHT: "{} is being probed after an outage",
+    DeferReason.RATE_LIMITED: "{} is rate limited",
 }
 
 

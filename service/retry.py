@@ -1,4 +1,4 @@
-"""In-process retries (CONTRACT section 4): jittered exponential backoff via stamina."""
+"""In-process retries: jittered exponential backoff via stamina."""
 
 from __future__ import annotations
 
@@ -72,13 +72,12 @@ def backoff(exc: Exception) -> bool | float:
 
 
 async def retried(call: Callable[[], Awaitable[T]]) -> T:
-    """``await call()``, with transient failures retried in-process (CONTRACT section 4).
+    """``await call()``, with transient failures retried in-process.
 
     The first try runs bare; stamina's retry context is entered only once it has
     failed, with that failure re-raised as its first attempt's, so the waits and
     ``Retry-After`` handling are stamina's own. Building the context for every
-    call cost about 8% of the service's CPU on the happy path (cProfile, the
-    `small` benchmark).
+    call was a visible share of the happy path's CPU (``make bench`` with ``--profile``).
     """
     try:
         return await call()

@@ -19,7 +19,6 @@ from aiobotocore.session import get_session
 
 from service.amqp.consumer import Consumer
 from service.amqp.publisher import Publisher
-from service.amqp.topology import Topology
 from service.config import ConfigError, Settings
 from service.destinations.base import Destination
 from service.destinations.inconvo import Inconvo
@@ -33,6 +32,7 @@ from service.sources.base import DeadlineSource, Source, remove_stale_spool_file
 from service.sources.guard import AddressPolicy, guarded_connector, parse_allowed_hosts
 from service.sources.http import HttpSource
 from service.sources.s3 import S3Source
+from service.topology import Topology
 from service.tracing import client_middleware
 from service.web import make_app, start_http
 
@@ -44,9 +44,9 @@ def limit_malloc_arenas(arenas: int = 2) -> bool:
     """Cap glibc's malloc arenas, as ``MALLOC_ARENA_MAX`` does; call before threads start.
 
     Spooling runs in worker threads, and glibc gives each thread an arena of its
-    own whose freed memory is seldom returned: with 32 concurrent 10 MiB files
-    this cap measured about 20 MiB less peak RSS (``make bench``, scenario big).
-    An operator's own ``MALLOC_ARENA_MAX`` wins; elsewhere than glibc, nothing happens.
+    own whose freed memory is seldom returned, so peak RSS under many concurrent
+    large files grows with the threads (``make bench``, scenario big). An operator's
+    own ``MALLOC_ARENA_MAX`` wins; elsewhere than glibc, nothing happens.
     """
     if "MALLOC_ARENA_MAX" in os.environ:
         return False
@@ -213,11 +213,16 @@ class Service:
                     slow_confirm=self.settings.publish_timeout,
                 )
                 self.consumer = Consumer(
-                    self.settings, topology, pipeline.process, publisher, self.instruments
+                    self.settings,
+                    topology,
+                    pipeline.process,
+                    publisher,
+                    self.instruments,
+                    self.instruments,
                 )
                 # What start-up built (imported modules, botocore's models) lives as long
-                # as the process: kept out of every later garbage collection, it halved
-                # the collector's time under the `small` benchmark (0.41 to 0.20 s).
+                # as the process: kept out of every later garbage collection, which would
+                # walk it again and again (README "Performance" has the figure).
                 gc.freeze()
                 self.consumer.start()
                 await self._stop.wait()

@@ -17,6 +17,11 @@ _VERSION_QUERY = re.compile(r"versionId=([^&=]+)")
 MAX_S3_KEY_BYTES = 1024
 
 
+def scheme_of(url: str) -> str:
+    """The URL's scheme in lower case ('' when there is none)."""
+    return url.split(":", 1)[0].lower() if ":" in url else ""
+
+
 def _valid_host(host: str) -> bool:
     try:
         ipaddress.ip_address(host.split("%", 1)[0])

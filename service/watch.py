@@ -16,7 +16,7 @@ import aio_pika
 import orjson
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractQueue
 
-from service.amqp.topology import EVENT_TYPE_PREFIX
+from service.topology import EVENT_TYPE_PREFIX
 
 # The event that ends a request's story, and the exit status it stands for.
 # (Further kinds of event join here as the service publishes them.)

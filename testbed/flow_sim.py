@@ -1,10 +1,10 @@
-"""Deterministic simulations of flow control on virtual time (issue 12's scenarios).
+"""Deterministic simulations of flow control on virtual time: an outage, a rate limit, a slow destination.
 
 Clients run the real :class:`~service.flow.DestinationFlow` against a simulated
 server: a strict N-per-second window answering 429 with ``Retry-After`` (and
 optionally ``retry-after-ms``), or an outage answering 503. A request that gets
 a 429 or a 503 is tried again at once (admission does the waiting); a request
-held is put aside for ``Hold.seconds`` and tried again. Nothing else is
+held is put aside for ``Deferred.seconds`` and tried again. Nothing else is
 modelled (no in-process retry limit, no delay tiers).
 
 ``python -m testbed.flow_sim`` prints the figures.
@@ -16,7 +16,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
-from service.flow import Breaker, DestinationFlow, Hold, RateControl
+from service.flow import Breaker, Deferred, DestinationFlow, RateControl
 from service.retry import parse_retry_after
 from testbed.fakes._server import SlidingWindow, retry_after_headers
 from testbed.virtual_time import run_virtual
@@ -31,7 +31,7 @@ class Figures:
     calls: int  # HTTP calls made (429s and 503s included)
     refused: int  # 429 or 503 answers
     requests_refused: int  # requests that got at least one of them
-    holds: int  # admissions that raised Hold
+    holds: int  # admissions that raised Deferred
 
     @property
     def throughput(self) -> float:
@@ -71,7 +71,7 @@ async def _drive(
         while True:
             try:
                 ticket = await flow.admit()
-            except Hold as hold:
+            except Deferred as hold:
                 counts.holds += 1
                 await asyncio.sleep(hold.seconds)
                 continue
@@ -178,7 +178,7 @@ def outage(
 
 
 def main() -> None:
-    """Print the figures of issue 12's scenarios."""
+    """Print the figures of the simulated scenarios."""
     logging.getLogger("service.flow").setLevel(logging.ERROR)  # the breaker's own warnings
     for millis in (True, False):
         header = "Retry-After + retry-after-ms" if millis else "Retry-After (whole seconds)"

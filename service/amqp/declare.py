@@ -7,7 +7,7 @@ import logging
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
 
-from service.amqp.topology import QueueSpec, Topology
+from service.topology import QueueSpec, Topology
 
 log = logging.getLogger(__name__)
 

@@ -7,12 +7,12 @@ from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
 from service.messages import Envelope
-from service.pipeline import Outcome
-from service.settle import Decision, DeliveryFacts
+from service.outcome import Outcome
+from service.settle import Decision
 
 
 class LinkHooks(Protocol):
-    """What the link reports (metrics, readiness)."""
+    """What a broker link reports (metrics, readiness)."""
 
     def link_up(self, purpose: str, reconnected: bool) -> None:
         """A connection was opened and set up."""
@@ -32,7 +32,14 @@ class PublishHooks(LinkHooks, Protocol):
 
 
 class ConsumerHooks(LinkHooks, Protocol):
-    """What the consumer reports: metrics and tracing live behind these."""
+    """What the subscription reports."""
+
+    def consuming(self, active: bool) -> None:
+        """The consumer was registered (True) or went away (False)."""
+
+
+class SettlerHooks(Protocol):
+    """What the settling of each delivery reports: metrics and tracing live behind these."""
 
     def request(self, envelope: Envelope) -> AbstractContextManager[Any]:
         """The context one delivery is handled in (a span, log fields)."""
@@ -41,15 +48,12 @@ class ConsumerHooks(LinkHooks, Protocol):
         """An attempt ended (inside :meth:`request`'s context)."""
 
     def settled(
-        self, decision: Decision, facts: DeliveryFacts, destination: str, seconds: float
+        self, decision: Decision, envelope: Envelope, destination: str, seconds: float
     ) -> None:
         """A decision was carried out and the delivery acked."""
 
     def in_flight(self, delta: int) -> None:
         """A delivery started (+1) or ended (-1)."""
-
-    def consuming(self, active: bool) -> None:
-        """The consumer was registered (True) or went away (False)."""
 
     def reply_failed(self) -> None:
         """A result event could not be sent to the request's ``reply_to`` queue."""

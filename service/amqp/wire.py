@@ -9,12 +9,13 @@ import aio_pika
 import orjson
 from aio_pika.abc import AbstractIncomingMessage
 
-from service.amqp.topology import DELIVERY_COUNT_HEADER, TRACEPARENT_HEADER
 from service.events import CONTENT_TYPE, Event
+from service.topology import TRACEPARENT_HEADER
 
 
 def copy_message(incoming: AbstractIncomingMessage, headers: dict[str, Any]) -> aio_pika.Message:
-    """The incoming message, byte for byte, with new headers; persistent."""
+    """The incoming message, byte for byte, with ``headers`` (:mod:`service.settle` names
+    them); persistent."""
     return aio_pika.Message(
         body=incoming.body,
         headers=headers,
@@ -30,13 +31,6 @@ def copy_message(incoming: AbstractIncomingMessage, headers: dict[str, Any]) -> 
         user_id=None,
         app_id=incoming.app_id,
     )
-
-
-def copy_with(incoming: AbstractIncomingMessage, updates: dict[str, Any]) -> aio_pika.Message:
-    """A copy of ``incoming`` whose headers are its own, without the broker's delivery
-    count (a new copy has not been delivered yet), updated with ``updates``."""
-    kept = {k: v for k, v in (incoming.headers or {}).items() if k != DELIVERY_COUNT_HEADER}
-    return copy_message(incoming, kept | updates)
 
 
 def event_message(event: Event, correlation_id: str, traceparent: str | None) -> aio_pika.Message:

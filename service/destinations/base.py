@@ -8,7 +8,7 @@ from typing import Any, Protocol
 import aiohttp
 import orjson
 
-from service.contracts import Delivery, SourceInfo, UploadRequest
+from service.contracts import DeliveryMode, SourceInfo, UploadRequest
 from service.errors import CourierError, ErrorCode, RetryableError, error_for
 from service.retry import parse_retry_after
 from service.sources.base import Source
@@ -18,11 +18,11 @@ _RETRY_STATUSES = frozenset({408, 409, 425, 429})
 
 
 @dataclass(frozen=True, slots=True)
-class Delivered:
+class Uploaded:
     """A successful delivery: the destination's answer and what was sent."""
 
     result: Any
-    delivery: Delivery
+    delivery: DeliveryMode
     source: SourceInfo
     deduplicated: bool = False
 
@@ -38,7 +38,7 @@ class Destination(Protocol):
     def precheck(self, request: UploadRequest) -> None:
         """Checks that need nothing fetched (file name, types); raise a CourierError."""
 
-    async def deliver(self, request: UploadRequest, source: Source) -> Delivered:
+    async def deliver(self, request: UploadRequest, source: Source) -> Uploaded:
         """Deliver the request's file; raise a CourierError on failure."""
 
 

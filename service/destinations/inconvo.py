@@ -17,7 +17,7 @@ from service.contracts import (
 )
 from service.destinations.base import (
     TRANSPORT_ERRORS,
-    Delivered,
+    Uploaded,
     read_json,
     response_error,
     transport_error,
@@ -104,7 +104,7 @@ class Inconvo:
         """Reject, before fetching, a file name that Inconvo would refuse."""
         precheck(request)
 
-    async def deliver(self, request: UploadRequest, source: Source) -> Delivered:
+    async def deliver(self, request: UploadRequest, source: Source) -> Uploaded:
         """Fetch the source (capped at 10 MiB) and upload it."""
         destination = request.destination
         assert isinstance(destination, InconvoDestination)  # noqa: S101
@@ -112,7 +112,7 @@ class Inconvo:
         async with await source.fetch(request.source, LIMIT) as fetched:
             name = upload_name(destination.fileName or fetched.file_name)
             result = await retried(lambda: self._upload(url, fetched, name, destination.notes))
-        return Delivered(result=result, delivery="multipart", source=fetched.info())
+        return Uploaded(result=result, delivery="multipart", source=fetched.info())
 
     async def _upload(self, url: str, fetched: FetchedFile, name: str, notes: str | None) -> Any:
         assert self._api_key is not None  # noqa: S101 - the pipeline checks configured()

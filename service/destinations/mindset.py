@@ -22,12 +22,12 @@ from service.contracts import (
 )
 from service.destinations.base import (
     TRANSPORT_ERRORS,
-    Delivered,
+    Uploaded,
     read_json,
     response_error,
     transport_error,
 )
-from service.errors import CourierError, ErrorCode, PermanentError
+from service.errors import ErrorCode, PermanentError
 from service.retry import retried
 from service.sources.base import (
     SizeLimit,
@@ -40,8 +40,6 @@ from service.sources.base import (
 from service.sources.guard import AddressPolicy, Resolve, check_relayed_url, system_resolve
 
 MAX_CONTENT = 65536  # characters, as the API counts them (UTF-16 code units)
-MAX_SOURCE_URL = MINDSET_MAX_URL
-MAX_NAME = MINDSET_MAX_NAME
 _TEXT = frozenset({"text/plain", "text/html"})
 # What a UTF-8 text of MAX_CONTENT characters can take at most, and the bytes whose
 # base64 fits in MAX_CONTENT characters: larger files are refused while streaming.
@@ -154,7 +152,7 @@ class Mindset:
         assert isinstance(destination, MindsetDestination)  # noqa: S101 - routed by type
         return destination
 
-    async def deliver(self, request: UploadRequest, source: Source) -> Delivered:
+    async def deliver(self, request: UploadRequest, source: Source) -> Uploaded:
         """Pick the delivery mode, build the body and ingest it."""
         destination = self._destination(request)
         for url in (destination.thumbnailUrl, destination.externalUrl):
@@ -179,10 +177,10 @@ class Mindset:
 
     async def _by_url(
         self, request: UploadRequest, destination: MindsetDestination, mime: str, facts: SourceFacts
-    ) -> Delivered:
+    ) -> Uploaded:
         _check_delivery(mime, "sourceUrl")
         length = api_length(facts.fetch_url)
-        if length > MAX_SOURCE_URL:
+        if length > MINDSET_MAX_URL:
             # Not invalid_request: the request keeps the contract; Mindset would refuse
             # the URL Courier made of it, and asking again makes the same URL.
             presigned = facts.url.lower().startswith("s3:")
@@ -194,12 +192,13 @@ class Mindset:
             )
             raise PermanentError(
                 ErrorCode.DESTINATION_REJECTED,
-                f"the sourceUrl would be {length} characters, over Mindset's {MAX_SOURCE_URL}{why}",
+                f"the sourceUrl would be {length} characters, "
+                f"over Mindset's {MINDSET_MAX_URL}{why}",
             )
         body = self._body(destination, facts.file_name, mime, sourceUrl=facts.fetch_url)
         result, deduplicated = await self._ingest(destination, body)
         info = SourceInfo(url=facts.url, bytes=facts.size, contentType=facts.content_type)
-        return Delivered(result, "sourceUrl", info, deduplicated)
+        return Uploaded(result, "sourceUrl", info, deduplicated)
 
     async def _inline(
         self,
@@ -207,7 +206,7 @@ class Mindset:
         destination: MindsetDestination,
         source: Source,
         mime: str | None,
-    ) -> Delivered:
+    ) -> Uploaded:
         limit = PDF_LIMIT if mime == "application/pdf" else TEXT_LIMIT
         async with await source.fetch(request.source, limit) as fetched:
             mime = mime or infer_mime_type(fetched.content_type, fetched.file_name)
@@ -217,13 +216,13 @@ class Mindset:
             content = _document_content(fetched.file_name, await fetched.read(), mime)
         body = self._body(destination, fetched.file_name, mime, documentContent=content)
         result, deduplicated = await self._ingest(destination, body)
-        return Delivered(result, "documentContent", fetched.info(), deduplicated)
+        return Uploaded(result, "documentContent", fetched.info(), deduplicated)
 
     def _body(
         self, destination: MindsetDestination, file_name: str, mime: str, **content: str
     ) -> dict[str, Any]:
         body: dict[str, Any] = {
-            "name": destination.name or api_cut(file_name, MAX_NAME) or "file",
+            "name": destination.name or api_cut(file_name, MINDSET_MAX_NAME) or "file",
             "mimeType": mime,
             **content,
         }
@@ -315,6 +314,3 @@ def _document_content(file_name: str, raw: bytes, mime: str) -> str:
     if not text:
         raise PermanentError(ErrorCode.INVALID_REQUEST, "the file is empty")
     return text
-
-
-__all__ = ["CourierError", "Mindset", "api_length", "infer_mime_type"]

@@ -11,10 +11,10 @@ from urllib.parse import quote, unquote, urlsplit
 import aiohttp
 import aiormq
 
-from service.amqp.topology import QueueSpec, Topology
 from service.config import Settings
 from service.doctor.report import Check
 from service.redact import redact_url
+from service.topology import QueueSpec, Topology
 
 
 async def broker_checks(

@@ -1,4 +1,4 @@
-"""A per-destination circuit breaker (CONTRACT section 7), as a pure state machine.
+"""A per-destination circuit breaker, as a pure state machine.
 
 Times are passed in (seconds on any monotonic clock), so the logic is tested
 without sleeping. :class:`~service.flow.control.DestinationFlow` drives it.

@@ -7,7 +7,7 @@ The integrator's side, in short::
         middlewares=[flow_middleware(flows.for_destination("inconvo"))], ...
     )
     ...
-    except Hold as hold:   # the call was not made: hold the request hold.seconds
+    except Deferred as hold:   # the call was not made: hold the request hold.seconds
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from enum import StrEnum
 from typing import TYPE_CHECKING, Protocol
 
+from service.contracts import DESTINATIONS
 from service.flow.breaker import Breaker, BreakerState
 from service.flow.rate import RateControl
 
@@ -27,12 +28,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_WAIT = 5.0
-DESTINATIONS = ("inconvo", "mindset")
 # Answers whose Retry-After / retry-after-ms pause every call to the destination.
 PAUSE_STATUSES = frozenset({429, 503})
 
 
-class HoldReason(StrEnum):
+class DeferReason(StrEnum):
     """Why a call was held."""
 
     BREAKER_OPEN = "breaker_open"
@@ -40,14 +40,14 @@ class HoldReason(StrEnum):
     RATE_LIMITED = "rate_limited"
 
 
-class Hold(Exception):
+class Deferred(Exception):
     """The call was not made: the destination takes calls again in about ``seconds``.
 
     Deliberately not a :class:`~service.errors.CourierError`: holding a request
     spends no attempt and must not be retried in-process or dead-lettered.
     """
 
-    def __init__(self, destination: str, seconds: float, reason: HoldReason) -> None:
+    def __init__(self, destination: str, seconds: float, reason: DeferReason) -> None:
         super().__init__(f"{destination} held for {seconds:.2f}s ({reason.value})")
         self.destination = destination
         self.seconds = max(seconds, 0.0)
@@ -86,16 +86,16 @@ class FlowObserver(Protocol):
 
 
 class NullObserver:
-    """Observes nothing."""
+    """Observes nothing: for flows nobody measures (tests, simulations)."""
 
     def breaker_changed(self, destination: str, state: BreakerState) -> None:
-        """Ignored."""
+        pass
 
     def rate_changed(self, destination: str, rate: float | None) -> None:
-        """Ignored."""
+        pass
 
     def rate_limited(self, destination: str) -> None:
-        """Ignored."""
+        pass
 
 
 class Clock(Protocol):
@@ -201,7 +201,7 @@ class DestinationFlow:
         self._observer.rate_changed(self.name, self.rate_control.rate)
 
     def check(self) -> None:
-        """Raise :class:`Hold` if a call now would be held; reserves nothing.
+        """Raise :class:`Deferred` if a call now would be held; reserves nothing.
 
         For the pipeline, before fetching a source that could not be delivered.
         """
@@ -209,13 +209,13 @@ class DestinationFlow:
         self._check_breaker(now)
         wait = self.rate_control.next_slot(now) - now
         if wait > self.max_wait:
-            raise Hold(self.name, wait, HoldReason.RATE_LIMITED)
+            raise Deferred(self.name, wait, DeferReason.RATE_LIMITED)
 
     async def admit(self) -> Ticket:
         """Wait until a call may go (at most ``max_wait`` in total) and return its ticket.
 
         Call it before every HTTP call, in-process retries included, and report
-        the outcome on the ticket. Raises :class:`Hold` when the breaker is open,
+        the outcome on the ticket. Raises :class:`Deferred` when the breaker is open,
         when another caller's probe is out, or when the rate would make this
         caller wait longer than ``max_wait``.
         """
@@ -233,7 +233,7 @@ class DestinationFlow:
                 counted = True
                 self._observer.rate_limited(self.name)
             if slot > deadline:
-                raise Hold(self.name, slot - now, HoldReason.RATE_LIMITED)
+                raise Deferred(self.name, slot - now, DeferReason.RATE_LIMITED)
             epoch = rate.epoch
             rate.take(slot)
             await self._clock.sleep(slot - now)
@@ -247,10 +247,10 @@ class DestinationFlow:
         blocked = self.breaker.blocked_for(now)
         if blocked is not None:
             seconds, probe_out = blocked
-            reason = HoldReason.PROBE_IN_FLIGHT if probe_out else HoldReason.BREAKER_OPEN
+            reason = DeferReason.PROBE_IN_FLIGHT if probe_out else DeferReason.BREAKER_OPEN
             # A Retry-After longer than the cooldown delays the probe too.
             seconds = max(seconds, self.rate_control.pause_until - now)
-            raise Hold(self.name, seconds, reason)
+            raise Deferred(self.name, seconds, reason)
 
     def _issue(self, now: float) -> Ticket:
         before = self.breaker.state
@@ -324,13 +324,12 @@ class FlowControl:
         max_wait: float = MAX_WAIT,
     ) -> FlowControl:
         """One flow per destination, from ``COURIER_BREAKER_*`` and ``COURIER_*_RATE_LIMIT``."""
-        rates = {"inconvo": settings.inconvo_rate_limit, "mindset": settings.mindset_rate_limit}
         return cls(
             {
                 name: DestinationFlow(
                     name,
                     breaker=Breaker(settings.breaker_threshold, settings.breaker_cooldown),
-                    rate=RateControl(rates[name]),
+                    rate=RateControl(settings.rate_limit(name)),
                     observer=observer,
                     clock=clock,
                     max_wait=max_wait,

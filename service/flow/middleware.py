@@ -27,7 +27,7 @@ def flow_middleware(flow: DestinationFlow) -> ClientMiddlewareType:
 
     Pass it to the destination's session: ``ClientSession(middlewares=[...])``.
     Each request (every redirect hop, every in-process retry) first awaits
-    :meth:`DestinationFlow.admit`, so :class:`~service.flow.Hold` may come out of
+    :meth:`DestinationFlow.admit`, so :class:`~service.flow.Deferred` may come out of
     ``session.post(...)``; the adapters' ``except (ClientError, TimeoutError)``
     does not catch it. The outcome is taken when the answer's head arrives
     (status and ``Retry-After`` / ``retry-after-ms``); a failure while reading

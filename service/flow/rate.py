@@ -1,4 +1,4 @@
-"""Per-destination rate control (CONTRACT section 7), as pure logic over passed-in times.
+"""Per-destination rate control, as pure logic over passed-in times.
 
 One :class:`RateControl` serves every in-flight request to a destination:
 

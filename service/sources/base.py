@@ -188,7 +188,7 @@ class DeadlineSource:
         self._seconds = seconds
 
     def check(self, spec: SourceSpec) -> None:
-        """Delegate the pre-flight checks."""
+        """The inner source's checks; they need no time limit (no I/O)."""
         self._inner.check(spec)
 
     async def describe(self, spec: SourceSpec) -> SourceFacts:

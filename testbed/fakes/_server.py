@@ -23,12 +23,17 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 @dataclass(slots=True)
 class RecordedRequest:
-    """One request the fake received; ``status`` is 0 until answered (or if dropped)."""
+    """One request the fake received; ``status`` is 0 until answered (or if dropped).
+
+    ``done`` turns true when the fake has finished with it (answered, dropped or
+    failed): a test can wait on it instead of sleeping.
+    """
 
     method: str
     path: str
     status: int
     headers: CIMultiDict[str]
+    done: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +43,21 @@ class _Failure:
     body: object | None
     method: str | None
     disconnect: bool
+
+
+RequestPredicate = Callable[[web.Request], bool]
+
+
+@dataclass(eq=False, slots=True)
+class FailureRule:
+    """A persistent failure set by :meth:`FakeServer.fail_when`; ``calls`` counts its answers."""
+
+    predicate: RequestPredicate
+    status: int
+    headers: dict[str, str]
+    body: object | None
+    disconnect: bool
+    calls: int = 0
 
 
 class SlidingWindow:
@@ -101,6 +121,10 @@ class FakeServer(abc.ABC):
     answering: the request takes effect even if the client gives up), ``root_url``
     and ``base_url`` (set by :meth:`start`), ``outage_calls`` (requests answered by
     an :meth:`outage`) and ``throttled`` (429s sent by a :meth:`rate_limit`).
+
+    Precedence when several failures could answer a request: an outage, then the
+    rate limit, then the :meth:`fail_when` rules (first match), then the queue of
+    :meth:`fail_next`; only a request none of them takes reaches its handler.
     """
 
     _api_prefix = ""
@@ -112,11 +136,15 @@ class FakeServer(abc.ABC):
         self.root_url = ""
         self.base_url = ""
         self._failures: list[_Failure] = []
+        self._rules: list[FailureRule] = []
         self._runner: Loopback | None = None
         self.outage_calls = 0
         self.throttled = 0
         self._outage: _Failure | None = None
+        self._outage_left: int | None = None
         self._heal_handle: asyncio.TimerHandle | None = None
+        self._healed = asyncio.Event()
+        self._healed.set()
         self._limit: SlidingWindow | None = None
         self._limit_millis = True
 
@@ -184,34 +212,76 @@ class FakeServer(abc.ABC):
         failure = _Failure(status, dict(headers or {}), body, method, disconnect)
         self._failures.extend([failure] * count)
 
+    def fail_when(
+        self,
+        predicate: RequestPredicate,
+        status: int = 500,
+        *,
+        headers: dict[str, str] | None = None,
+        body: object | None = None,
+        disconnect: bool = False,
+    ) -> FailureRule:
+        """Answer every request ``predicate`` accepts with ``status``, until cleared.
+
+        ``predicate`` sees the aiohttp request (``method``, ``path``, ``headers``,
+        ``query``, ``match_info``; never read its body). ``headers``, ``body`` and
+        ``disconnect`` work as in :meth:`fail_next`. The returned rule counts the
+        requests it answered in ``calls``; :meth:`clear_rule` removes it,
+        :meth:`clear_failures` removes all rules.
+        """
+        rule = FailureRule(predicate, status, dict(headers or {}), body, disconnect)
+        self._rules.append(rule)
+        return rule
+
+    def clear_rule(self, rule: FailureRule) -> None:
+        """Remove one :meth:`fail_when` rule (idempotent)."""
+        if rule in self._rules:
+            self._rules.remove(rule)
+
     def clear_failures(self) -> None:
-        """Forget queued failures: the API is healthy again."""
+        """Forget queued failures and :meth:`fail_when` rules: the API is healthy again."""
         self._failures.clear()
+        self._rules.clear()
 
     def outage(
         self,
         status: int = 503,
         *,
         seconds: float | None = None,
+        calls: int | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
         """Go down: answer every request with ``status`` (its handler never runs) until healed.
 
-        ``seconds``: heal by itself after that long (needs a running loop);
-        else call :meth:`heal`. ``outage_calls`` counts the requests answered
-        meanwhile, across outages. ``headers`` go on every answer (``Retry-After``).
+        ``seconds``: heal by itself after that long on the loop clock (needs a
+        running loop); ``calls``: heal by itself once it has answered that many
+        requests (no clock involved); with both, whichever comes first; with
+        neither, call :meth:`heal`. :meth:`wait_healed` waits for the end.
+        ``outage_calls`` counts the requests answered meanwhile, across outages.
+        ``headers`` go on every answer (``Retry-After``).
         """
+        if calls is not None and calls < 1:
+            raise ValueError("calls must be at least 1")
         self.heal()
         self._outage = _Failure(status, dict(headers or {}), None, None, False)
+        self._outage_left = calls
+        self._healed.clear()
         if seconds is not None:
             self._heal_handle = asyncio.get_running_loop().call_later(seconds, self.heal)
 
     def heal(self) -> None:
         """End an :meth:`outage` (idempotent)."""
         self._outage = None
+        self._outage_left = None
+        self._healed.set()
         if self._heal_handle is not None:
             self._heal_handle.cancel()
             self._heal_handle = None
+
+    async def wait_healed(self, timeout: float = 30.0) -> None:
+        """Return once no outage is going on; TimeoutError after ``timeout`` seconds."""
+        async with asyncio.timeout(timeout):
+            await self._healed.wait()
 
     @property
     def down(self) -> bool:
@@ -242,6 +312,24 @@ class FakeServer(abc.ABC):
             429, retry_after_headers(wait, millis=self._limit_millis), None, None, False
         )
 
+    def _outage_failure(self) -> _Failure | None:
+        failure = self._outage
+        if failure is None:
+            return None
+        self.outage_calls += 1
+        if self._outage_left is not None:
+            self._outage_left -= 1
+            if self._outage_left == 0:
+                self.heal()
+        return failure
+
+    def _rule_failure(self, request: web.Request) -> _Failure | None:
+        for rule in self._rules:
+            if rule.predicate(request):
+                rule.calls += 1
+                return _Failure(rule.status, rule.headers, rule.body, None, rule.disconnect)
+        return None
+
     def _take_failure(self, method: str) -> _Failure | None:
         for index, failure in enumerate(self._failures):
             if failure.method is None or failure.method.upper() == method:
@@ -271,15 +359,24 @@ class FakeServer(abc.ABC):
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         record = RecordedRequest(request.method, request.path, 0, CIMultiDict(request.headers))
         self.requests.append(record)
+        try:
+            return await self._answer(request, handler, record)
+        finally:
+            record.done = True
+
+    async def _answer(
+        self, request: web.Request, handler: Handler, record: RecordedRequest
+    ) -> web.StreamResponse:
         if self.delay > 0:
             await asyncio.sleep(self.delay)
             if request.transport is None or request.transport.is_closing():
                 return web.Response(status=499)  # the client gave up: never handled
-        failure = self._outage
-        if failure is not None:
-            self.outage_calls += 1
-        else:
-            failure = self._throttle() or self._take_failure(request.method)
+        failure = (
+            self._outage_failure()
+            or self._throttle()
+            or self._rule_failure(request)
+            or self._take_failure(request.method)
+        )
         if failure is not None:
             await drain(request)
             if failure.disconnect:

@@ -51,6 +51,16 @@ class ReceivedUpload:
 
 
 @dataclass(frozen=True, slots=True)
+class DeletedDataset:
+    """One successful delete of a stored file."""
+
+    scope: str  # "userIdentifier/<id>" or "userContext/<key>:<value>"
+    file_name: str
+    agent_id: str | None  # None for the routes without /agents/{agentId}
+    path: str  # the stored path the file had
+
+
+@dataclass(frozen=True, slots=True)
 class _Scope:
     agent_id: str | None
     user_identifier: str | None
@@ -96,9 +106,13 @@ class FakeInconvo(FakeServer):
     ``notes``, nothing else), the path parameter patterns, the file name rules, the
     10 MiB limit (counted while streaming) and at most 3 context scopes holding files
     per agent (the agent-less routes count as agent ``agt_default``). Uploading the
-    same name to the same scope overwrites.
+    same name to the same scope overwrites. ``GET`` on an upload route lists the
+    scope's names (``{"files": [name, ...]}``); ``DELETE <route>/{filename}`` answers
+    ``{"file": name, "success": true}``, or 404 with ``{"file": name, "success":
+    false, "error": "File not found"}`` when the scope holds no such file.
 
-    Attributes: ``uploads`` (accepted uploads), ``requests`` (all requests),
+    Attributes: ``uploads`` (accepted uploads), ``deletes`` (successful deletes,
+    :class:`DeletedDataset`), ``requests`` (all requests),
     ``error_shape`` (``"string"``: ``{"error": text}``, ``"object"``:
     ``{"error": {"message", "type", "code"}}``, ``"file"``: ``{"file": {"name",
     "error"}}``), ``delay``/``delay_after``, ``fail_next()``.
@@ -119,6 +133,7 @@ class FakeInconvo(FakeServer):
         self.keep_content = keep_content
         self.error_shape: ErrorShape = error_shape
         self.uploads: list[ReceivedUpload] = []
+        self.deletes: list[DeletedDataset] = []
         self._store: dict[tuple[str, str], dict[str, bytes]] = {}
 
     @property
@@ -287,5 +302,9 @@ class FakeInconvo(FakeServer):
             return scope
         name = request.match_info["filename"]
         files = self._store.get((scope.agent, scope.name), {})
-        found = files.pop(name, None) is not None
-        return json_response({"file": name, "success": found})
+        if files.pop(name, None) is None:
+            return json_response(
+                {"file": name, "success": False, "error": "File not found"}, status=404
+            )
+        self.deletes.append(DeletedDataset(scope.name, name, scope.agent_id, scope.path(name)))
+        return json_response({"file": name, "success": True})

@@ -1,5 +1,5 @@
 """A three-node RabbitMQ cluster loses the node Courier is connected to, then the request
-queue's leader, during 1,000 requests (issue 11)."""
+queue's leader, during 1,000 requests."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Gray broker faults (issue 11): a broker that goes away at SIGTERM, slow or stalled confirms,
+"""Gray broker faults: a broker that goes away at SIGTERM, slow or stalled confirms,
 a cut with work in flight, rolling restarts. Each ends with every request settled once."""
 
 from __future__ import annotations

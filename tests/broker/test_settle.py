@@ -1,8 +1,10 @@
-"""The settle decision, branch by branch, without a broker (CONTRACT sections 4 and 7)."""
+"""The settle decision, branch by branch, without a broker: retries, dead letters, holds."""
 
 from __future__ import annotations
 
 import ast
+import functools
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -10,7 +12,23 @@ from typing import Any
 
 import pytest
 
-from service.amqp.topology import (
+from service.errors import CourierError, ErrorCode, PermanentError, RetryableError
+from service.messages import Envelope
+from service.outcome import Held, Outcome
+from service.redact import mask_text
+from service.settle import (
+    Finish,
+    Park,
+    Policy,
+    Retry,
+    decide,
+    give_back_headers,
+    nearest_delay,
+    pick_delay,
+    poisoned,
+    replay_headers,
+)
+from service.topology import (
     ATTEMPT_HEADER,
     ATTEMPTS_HEADER,
     COPY_ID_HEADER,
@@ -21,21 +39,6 @@ from service.amqp.topology import (
     HELD_SINCE_HEADER,
     REDELIVERIES_HEADER,
 )
-from service.errors import CourierError, ErrorCode, PermanentError, RetryableError
-from service.pipeline import Held, Outcome
-from service.settle import (
-    DeliveryFacts,
-    Finish,
-    Hold,
-    Policy,
-    Retry,
-    decide,
-    delivery_facts,
-    give_back_headers,
-    nearest_delay,
-    pick_delay,
-    poisoned,
-)
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 POLICY = Policy(
@@ -43,7 +46,6 @@ POLICY = Policy(
     delays=(10, 60, 300, 1800),
     max_redeliveries=5,
     hold_max=3600.0,
-    secrets=("sk-live-secret-1234",),
 )
 
 
@@ -63,18 +65,16 @@ def rejected() -> PermanentError:
 class Case:
     name: str
     outcome: Outcome
-    facts: DeliveryFacts
+    facts: Envelope
     kind: type
-    delay: int | None = None  # for Retry / Hold
+    delay: int | None = None  # for Retry / Park
     attempt_header: int | None = None  # the copy's x-courier-attempt
     attempts: int | None = None  # data.attempts of a Finish
     code: ErrorCode | None = None  # the final error code of a Finish
 
 
-def facts(
-    attempt: int = 1, redeliveries: int = 0, held_since: datetime | None = None
-) -> DeliveryFacts:
-    return DeliveryFacts(attempt=attempt, redeliveries=redeliveries, held_since=held_since)
+def facts(attempt: int = 1, redeliveries: int = 0, held_since: datetime | None = None) -> Envelope:
+    return Envelope(attempt=attempt, redeliveries=redeliveries, held_since=held_since)
 
 
 CASES = [
@@ -127,7 +127,7 @@ CASES = [
         "held before any try: parked, same attempt",
         outcome(held=Held(9.0, "breaker open")),
         facts(2),
-        Hold,
+        Park,
         10,
         2,
     ),
@@ -135,7 +135,7 @@ CASES = [
         "held with a long cooldown: the nearest tier",
         outcome(held=Held(240.0, "breaker open")),
         facts(1),
-        Hold,
+        Park,
         300,
         1,
     ),
@@ -143,7 +143,7 @@ CASES = [
         "held again: the hold does not end before COURIER_HOLD_MAX",
         outcome(held=Held(40.0, "breaker open")),
         facts(1, held_since=NOW - timedelta(minutes=59, seconds=50)),
-        Hold,
+        Park,
         10,
         1,
     ),
@@ -184,7 +184,7 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_decide(case: Case) -> None:
-    """Each branch of CONTRACT section 4 (and 7's hold) yields its one decision."""
+    """Each branch of the retry rules (and the hold) yields its one decision."""
     decision = decide(case.outcome, case.facts, POLICY, now=NOW)
     assert type(decision) is case.kind
     if isinstance(decision, Finish):
@@ -193,9 +193,9 @@ def test_decide(case: Case) -> None:
         assert (error.code if error else None) == case.code
         assert decision.failed == (case.code is not None)
         return
-    assert isinstance(decision, Retry | Hold)
+    assert isinstance(decision, Retry | Park)
     assert decision.delay == case.delay
-    headers = decision.copy_headers(
+    headers = decision.headers(
         {DELIVERY_COUNT_HEADER: 2, HELD_SINCE_HEADER: "x", "keep": "me", REDELIVERIES_HEADER: 1}
     )
     assert headers[ATTEMPT_HEADER] == case.attempt_header
@@ -203,7 +203,7 @@ def test_decide(case: Case) -> None:
     assert DELIVERY_COUNT_HEADER not in headers, "a new copy has not been delivered yet"
     assert headers[REDELIVERIES_HEADER] == case.facts.redeliveries
     assert len(str(headers[COPY_ID_HEADER])) == 36
-    if isinstance(decision, Hold):
+    if isinstance(decision, Park):
         since = case.facts.held_since or NOW
         assert headers[HELD_SINCE_HEADER] == since.isoformat(timespec="milliseconds")
     else:
@@ -213,7 +213,7 @@ def test_decide(case: Case) -> None:
 def test_every_decision_kind_is_covered() -> None:
     """The table above reaches every kind of decision and every tier choice rule."""
     kinds = {c.kind for c in CASES}
-    assert kinds == {Finish, Retry, Hold}
+    assert kinds == {Finish, Retry, Park}
 
 
 def test_hold_past_the_limit_says_how_long() -> None:
@@ -234,7 +234,7 @@ def test_hold_past_the_limit_says_how_long() -> None:
 def test_two_copies_never_share_a_copy_id() -> None:
     """Every republished copy gets its own id (the duplicate check relies on it)."""
     ids = {
-        str(decide(outcome(unavailable()), facts(), POLICY, now=NOW).headers[COPY_ID_HEADER])  # type: ignore[union-attr]
+        str(decide(outcome(unavailable()), facts(), POLICY, now=NOW).written[COPY_ID_HEADER])  # type: ignore[union-attr]
         for _ in range(50)
     }
     assert len(ids) == 50
@@ -252,13 +252,17 @@ def test_two_copies_never_share_a_copy_id() -> None:
     ],
 )
 def test_messages_are_masked(message: str, leaked: str) -> None:
-    """API keys, URL user-info and presigned signatures never reach an event or a dead letter."""
+    """An outcome masked as the settler masks it carries no API key, URL user-info or
+    presigned signature into a decision, its event or its dead letter."""
+    mask = functools.partial(mask_text, secrets=("sk-live-secret-1234",))
     for error in (PermanentError(ErrorCode.DESTINATION_REJECTED, message), unavailable()):
         error.message = message
         for attempt in (1, 5):
-            decision = decide(outcome(error), facts(attempt), POLICY, now=NOW)
+            masked = outcome(error).masked(mask)
+            assert type(masked.error) is type(error) and masked.error.code == error.code
+            decision = decide(masked, facts(attempt), POLICY, now=NOW)
             if isinstance(decision, Finish):
-                headers = decision.dead_letter_headers(NOW)
+                headers = decision.dead_letter_headers({}, NOW)
                 assert leaked not in str(headers) and leaked not in repr(decision.outcome)
             else:
                 assert leaked not in decision.error.message
@@ -268,7 +272,9 @@ def test_dead_letter_headers() -> None:
     """A failure's dead letter carries the code, message, attempts and time."""
     decision = decide(outcome(rejected()), facts(2), POLICY, now=NOW)
     assert isinstance(decision, Finish)
-    assert decision.dead_letter_headers(NOW) == {
+    original = {"producer": "kept", DELIVERY_COUNT_HEADER: 1}
+    assert decision.dead_letter_headers(original, NOW) == {
+        "producer": "kept",
         ERROR_CODE_HEADER: "destination_rejected",
         ERROR_MESSAGE_HEADER: "422",
         ATTEMPTS_HEADER: 2,
@@ -289,38 +295,75 @@ def test_poison(redeliveries: int, max_redeliveries: int, poison: bool) -> None:
         assert error.code == ErrorCode.POISON_MESSAGE and not error.retryable
 
 
+@dataclass(frozen=True)
+class Props:
+    """A delivery's properties, as :meth:`Envelope.read` reads them."""
+
+    headers: Mapping[str, Any] | None = None
+    message_id: str | None = None
+    correlation_id: str | None = None
+    reply_to: str | None = None
+
+
 @pytest.mark.parametrize(
-    ("headers", "delivery_count", "expected"),
+    ("headers", "expected"),
     [
-        (None, 0, DeliveryFacts(1, 0)),
-        ({DELIVERY_COUNT_HEADER: 3}, 3, DeliveryFacts(1, 3)),
-        ({REDELIVERIES_HEADER: 2}, 1, DeliveryFacts(1, 3)),
-        ({REDELIVERIES_HEADER: b"2"}, 0, DeliveryFacts(1, 2)),
-        ({REDELIVERIES_HEADER: "junk"}, 0, DeliveryFacts(1, 0)),
-        ({REDELIVERIES_HEADER: -4}, 0, DeliveryFacts(1, 0)),
-        ({REDELIVERIES_HEADER: True}, 0, DeliveryFacts(1, 0)),
+        (None, Envelope()),
+        ({DELIVERY_COUNT_HEADER: 3}, Envelope(redeliveries=3)),
+        ({REDELIVERIES_HEADER: 2, DELIVERY_COUNT_HEADER: 1}, Envelope(redeliveries=3)),
+        ({REDELIVERIES_HEADER: b"2"}, Envelope(redeliveries=2)),
+        ({REDELIVERIES_HEADER: "junk"}, Envelope()),
+        ({REDELIVERIES_HEADER: -4}, Envelope()),
+        ({REDELIVERIES_HEADER: True}, Envelope()),
+        ({ATTEMPT_HEADER: 3}, Envelope(attempt=3)),
+        ({ATTEMPT_HEADER: "2"}, Envelope(attempt=2)),
+        ({ATTEMPT_HEADER: 0}, Envelope(attempt=1)),
+        ({ATTEMPT_HEADER: False}, Envelope(attempt=1)),
         (
             {HELD_SINCE_HEADER: "2026-11-27T11:00:00.000+00:00", COPY_ID_HEADER: b"c-1"},
-            0,
-            DeliveryFacts(1, 0, datetime(2026, 11, 27, 11, tzinfo=UTC), "c-1"),
+            Envelope(held_since=datetime(2026, 11, 27, 11, tzinfo=UTC), copy_id="c-1"),
         ),
-        ({HELD_SINCE_HEADER: "yesterday"}, 0, DeliveryFacts(1, 0)),
+        ({HELD_SINCE_HEADER: "yesterday"}, Envelope()),
     ],
 )
-def test_delivery_facts(
-    headers: dict[str, Any] | None, delivery_count: int, expected: DeliveryFacts
-) -> None:
+def test_envelope_read(headers: dict[str, Any] | None, expected: Envelope) -> None:
     """Crash counts add the carried header to the broker's count; odd values count as absent."""
-    assert delivery_facts(headers, attempt=1, delivery_count=delivery_count) == expected
+    assert Envelope.read(Props(headers)) == expected
+
+
+def test_envelope_reads_the_ids() -> None:
+    """Empty AMQP properties count as absent."""
+    envelope = Envelope.read(Props(None, "m-1", "", "replies"))
+    assert (envelope.message_id, envelope.correlation_id, envelope.reply_to) == (
+        "m-1",
+        None,
+        "replies",
+    )
 
 
 def test_a_graceful_give_back_is_not_a_crash() -> None:
     """Handing work back at shutdown keeps the attempt and adds no redelivery."""
-    headers = give_back_headers(facts(3, redeliveries=2))
+    original = {ATTEMPT_HEADER: 3, DELIVERY_COUNT_HEADER: 1, REDELIVERIES_HEADER: 1}
+    envelope = Envelope.read(Props(original))
+    headers = give_back_headers(original, envelope)
     assert headers[REDELIVERIES_HEADER] == 2
-    assert ATTEMPT_HEADER not in headers, "the copy keeps the original's attempt header"
-    again = delivery_facts(headers, attempt=3, delivery_count=0)
-    assert again.redeliveries == 2 and poisoned(again, POLICY) is None
+    assert headers[ATTEMPT_HEADER] == 3, "the copy keeps the original's attempt"
+    assert DELIVERY_COUNT_HEADER not in headers
+    again = Envelope.read(Props(headers))
+    assert again.redeliveries == 2 and again.attempt == 3 and poisoned(again, POLICY) is None
+
+
+def test_a_replay_starts_afresh() -> None:
+    """A replayed dead letter keeps the producer's headers and none of the bookkeeping."""
+    letter = {
+        "traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01",
+        ATTEMPT_HEADER: 5,
+        ERROR_CODE_HEADER: "destination_unavailable",
+        DELIVERY_COUNT_HEADER: 2,
+        "x-death": [{}],
+        "x-first-death-queue": "q",
+    }
+    assert replay_headers(letter) == {"traceparent": letter["traceparent"]}
 
 
 @pytest.mark.parametrize(

@@ -95,7 +95,7 @@ def test_payloads_are_the_json_schemas() -> None:
 
 
 def test_defaults_are_the_contract_names() -> None:
-    """With no configuration the document names CONTRACT section 1's queues, tiers and exchange."""
+    """With no configuration the document names the default queues, tiers and exchange."""
     channels = default_document()["channels"]
     assert [channel["address"] for channel in channels.values()] == [
         "courier.uploads",

@@ -1,4 +1,4 @@
-"""Settings the broker would refuse fail at start-up, naming the variable (CONTRACT section 5)."""
+"""Settings the broker would refuse fail at start-up, naming the variable."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from service.amqp.topology import MAX_TTL_MS
 from service.config import ConfigError, load_settings
+from service.topology import MAX_TTL_MS, Topology
 from testbed.support import Names, courier, courier_env
 
 
@@ -49,7 +49,7 @@ def test_values_at_the_broker_limits_are_accepted(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("COURIER_EVENTS_EXCHANGE", "\u00e9" * 127)
     settings = load_settings()
     assert settings.retry_delays == (10, LONGEST)
-    assert len(settings.retry_queue(LONGEST).encode()) <= 255
+    assert len(Topology.from_settings(settings).tier(LONGEST).name.encode()) <= 255
 
 
 async def test_courier_run_exits_2_on_a_delay_over_the_ttl_limit(names: Names) -> None:

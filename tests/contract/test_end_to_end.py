@@ -282,7 +282,7 @@ FAILURES: list[tuple[str, str, int | None, bool, bool]] = [
 
 
 def failing_body(case: str, files: FileServer, inconvo: FakeInconvo) -> bytes:
-    """The request body for one failure case of issue 2's list."""
+    """The request body for one failure case of the table below."""
     if case == "not-json":
         return b"{not json"
     good = files.add("/ok.csv", b"a,b\n1,2\n")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import jsonschema
@@ -14,7 +15,7 @@ from service.contracts import ResultEvent, SourceInfo, UploadRequest, json_schem
 from service.errors import ErrorCode, PermanentError, RetryableError
 from service.events import build_event
 from service.messages import Envelope, parse_request
-from service.pipeline import Outcome
+from service.outcome import Outcome
 from service.urls import parse_s3_url
 from tests.regen_schemas import SCHEMA_DIR, rendered
 
@@ -287,9 +288,14 @@ TRACE = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
 
 def _trace(value: object) -> str | None:
-    return Envelope.from_properties(
-        message_id=None, correlation_id=None, reply_to=None, headers={"traceparent": value}
-    ).traceparent
+    @dataclass(frozen=True)
+    class Props:
+        headers: dict[str, object]
+        message_id: str | None = None
+        correlation_id: str | None = None
+        reply_to: str | None = None
+
+    return Envelope.read(Props({"traceparent": value})).traceparent
 
 
 @pytest.mark.parametrize(

@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-from collections.abc import AsyncIterator
+import math
+from collections.abc import AsyncIterator, Callable
 from typing import Any
+from urllib.parse import urlencode
 
 import aiohttp
 import pytest
 
-from testbed.fakes import FakeInconvo, FakeMindset
+from testbed.fakes import DeletedDataset, DeletedFile, FakeInconvo, FakeMindset, IngestionRule
 from testbed.fakes._server import SlidingWindow, retry_after_headers
 from testbed.support import FileServer
 
@@ -65,6 +67,13 @@ def raw_form(*parts: tuple[str, bytes, str | None]) -> aiohttp.MultipartWriter:
         params = {"name": name} if filename is None else {"name": name, "filename": filename}
         writer.append(value).set_content_disposition("form-data", quote_fields=False, **params)
     return writer
+
+
+async def eventually(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Return once ``condition()`` holds, polling the fake's state; fail after ``timeout``."""
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.005)
 
 
 async def call(
@@ -303,10 +312,39 @@ async def test_inconvo_overwrite_list_delete(
     assert fake_inconvo.files == {"org_test/agt_x/userIdentifier/u1/data.csv": b"new\n"}
     deleted = await call(session, "DELETE", url + "/data.csv", headers=AUTH)
     assert deleted == (200, {"file": "data.csv", "success": True})
-    again = await call(session, "DELETE", url + "/data.csv", headers=AUTH)
-    assert again == (200, {"file": "data.csv", "success": False})
+    assert fake_inconvo.deletes == [
+        DeletedDataset(
+            "userIdentifier/u1", "data.csv", "agt_x", "org_test/agt_x/userIdentifier/u1/data.csv"
+        )
+    ]
     assert await call(session, "GET", url, headers=AUTH) == (200, {"files": []})
     assert (await call(session, "GET", url))[0] == 401
+    assert (await call(session, "DELETE", url + "/data.csv"))[0] == 401
+
+
+@pytest.mark.parametrize(
+    "route",
+    [
+        "/datasets/user/u1",
+        "/datasets/context/orgId/org_1",
+        "/agents/agt_x/datasets/user/u1",
+        "/agents/agt_x/datasets/context/orgId/org_1",
+    ],
+)
+async def test_inconvo_delete_of_missing_file_is_404(
+    fake_inconvo: FakeInconvo, session: aiohttp.ClientSession, route: str
+) -> None:
+    """Deleting a name the scope does not hold (never uploaded, or deleted) is a 404 on every route."""
+    url = fake_inconvo.base_url + route
+    missing = (404, {"file": "data.csv", "success": False, "error": "File not found"})
+    assert await call(session, "DELETE", url + "/data.csv", headers=AUTH) == missing
+    assert (await call(session, "POST", url, data=csv_form(), headers=AUTH))[0] == 200
+    other_scope = fake_inconvo.base_url + "/agents/agt_other/datasets/user/u1/data.csv"
+    assert (await call(session, "DELETE", other_scope, headers=AUTH))[0] == 404
+    assert (await call(session, "DELETE", url + "/data.csv", headers=AUTH))[0] == 200
+    assert await call(session, "DELETE", url + "/data.csv", headers=AUTH) == missing
+    [deleted] = fake_inconvo.deletes
+    assert (deleted.file_name, deleted.path) == ("data.csv", fake_inconvo.uploads[0].path)
 
 
 BAD_TYPE = "Only .csv and .json files are supported"
@@ -373,23 +411,95 @@ async def test_inconvo_fail_next_by_method_and_disconnect(
     assert (await call(session, "POST", url, data=csv_form(), headers=AUTH))[0] == 200
 
 
+async def test_fail_when_fails_one_user_until_cleared(
+    fake_inconvo: FakeInconvo, session: aiohttp.ClientSession
+) -> None:
+    """A fail_when rule answers every upload of one user, forever, while others succeed; counted."""
+    fake_inconvo.error_shape = "object"
+    rule = fake_inconvo.fail_when(lambda r: r.match_info.get("userIdentifier") == "u1", 500)
+    base = fake_inconvo.base_url
+    for route in ("/datasets/user/u1", "/agents/agt_x/datasets/user/u1") * 2:
+        answer = await call(session, "POST", base + route, data=csv_form(), headers=AUTH)
+        assert answer == (
+            500,
+            {
+                "error": {
+                    "message": "Injected failure",
+                    "type": "api_error",
+                    "code": "internal_error",
+                }
+            },
+        )
+    assert (await call(session, "POST", base + "/datasets/user/u2", data=csv_form(), headers=AUTH))[
+        0
+    ] == 200
+    assert rule.calls == 4
+    assert [u.user_identifier for u in fake_inconvo.uploads] == ["u2"]
+    fake_inconvo.clear_rule(rule)
+    fake_inconvo.clear_rule(rule)  # idempotent
+    assert (await call(session, "POST", base + "/datasets/user/u1", data=csv_form(), headers=AUTH))[
+        0
+    ] == 200
+    assert rule.calls == 4
+
+
+async def test_fail_when_precedes_queued_failures(
+    fake_mindset: FakeMindset, session: aiohttp.ClientSession
+) -> None:
+    """A matching rule answers before the fail_next queue, which waits; clear_failures drops both."""
+    url = files_url(fake_mindset)
+    fake_mindset.fail_next(500)
+    reads = fake_mindset.fail_when(
+        lambda r: r.method == "GET", 503, headers={"Retry-After": "2"}, body="down"
+    )
+    cut = fake_mindset.fail_when(lambda r: "/externalId/cut" in r.path, disconnect=True)
+    async with session.get(url + "/externalId/e1", headers=MINDSET_AUTH) as response:
+        assert (response.status, response.headers["Retry-After"], await response.text()) == (
+            503,
+            "2",
+            "down",
+        )
+    assert (await call(session, "POST", url, json=ingest_body(), headers=MINDSET_AUTH))[0] == 500
+    assert (await call(session, "POST", url, json=ingest_body(), headers=MINDSET_AUTH))[0] == 200
+    fake_mindset.clear_rule(reads)
+    with pytest.raises(aiohttp.ClientConnectionError):
+        await call(session, "GET", url + "/externalId/cut", headers=MINDSET_AUTH)
+    # aiohttp retries an idempotent request once when a reused connection drops.
+    cuts = sum(1 for r in fake_mindset.requests if r.path.endswith("/externalId/cut"))
+    assert (reads.calls, cut.calls) == (1, cuts)
+    assert cuts >= 1
+    fake_mindset.fail_next(500)
+    fake_mindset.clear_failures()
+    assert (await call(session, "GET", url + "/externalId/cut", headers=MINDSET_AUTH))[0] == 404
+    assert (await call(session, "POST", url, json=ingest_body(), headers=MINDSET_AUTH))[0] == 200
+    assert cut.calls == cuts
+
+
 async def test_inconvo_delays(fake_inconvo: FakeInconvo, session: aiohttp.ClientSession) -> None:
     """`delay` slows answers (a request whose client left is dropped); `delay_after` lands."""
     url = fake_inconvo.base_url + "/datasets/user/u1"
-    short = aiohttp.ClientTimeout(total=0.05)
-    fake_inconvo.delay = 0.1
+    fake_inconvo.delay = 0.2
     loop = asyncio.get_running_loop()
     started = loop.time()
     assert (await call(session, "POST", url, data=csv_form(), headers=AUTH))[0] == 200
-    assert loop.time() - started >= 0.1
-    with pytest.raises(TimeoutError):
-        await call(session, "POST", url, data=csv_form("gone.csv"), headers=AUTH, timeout=short)
-    await asyncio.sleep(0.1)
-    fake_inconvo.delay, fake_inconvo.delay_after = 0.0, 0.1
-    with pytest.raises(TimeoutError):
-        await call(session, "POST", url, data=csv_form("late.csv"), headers=AUTH, timeout=short)
+    assert loop.time() - started >= 0.2  # a lower bound: the fake sleeps on this loop
+    # The client leaves while the fake sleeps (1 s, against a 5 ms poll): never handled.
+    fake_inconvo.delay = 1.0
+    gone = asyncio.create_task(call(session, "POST", url, data=csv_form("gone.csv"), headers=AUTH))
+    await eventually(lambda: len(fake_inconvo.requests) == 2)
+    gone.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await gone
+    await eventually(lambda: fake_inconvo.requests[1].done)
+    # The client leaves while the fake waits to answer: the upload has landed anyway.
+    fake_inconvo.delay, fake_inconvo.delay_after = 0.0, 1.0
+    late = asyncio.create_task(call(session, "POST", url, data=csv_form("late.csv"), headers=AUTH))
+    await eventually(lambda: len(fake_inconvo.uploads) == 2)
+    late.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await late
     assert [u.file_name for u in fake_inconvo.uploads] == ["data.csv", "late.csv"]
-    await asyncio.sleep(0.1)
+    await eventually(lambda: fake_inconvo.requests[2].done)
     assert [r.status for r in fake_inconvo.requests] == [200, 0, 200]
 
 
@@ -609,6 +719,409 @@ async def test_mindset_fail_next_and_delay(
     assert len(fake_mindset.ingests) == 1
 
 
+# -- Mindset: a file's life -----------------------------------------------------------
+
+
+async def ingest(
+    session: aiohttp.ClientSession, fake: FakeMindset, context: str = "ctx1", **fields: Any
+) -> dict[str, Any]:
+    """Ingest a valid mp4 body with ``fields`` into app1/``context``; the file object."""
+    url = files_url(fake, context=context)
+    status, file = await call(
+        session, "POST", url, json=ingest_body(**fields), headers=MINDSET_AUTH
+    )
+    assert status == 200, file
+    assert file["status"] == "accepted"
+    return dict(file)
+
+
+async def read(
+    session: aiohttp.ClientSession, fake: FakeMindset, suffix: str, context: str = "ctx1"
+) -> tuple[int, Any]:
+    """GET ``files_url + suffix`` (``/uid/...``, ``/externalId/...`` or ``?query``)."""
+    return await call(
+        session, "GET", files_url(fake, context=context) + suffix, headers=MINDSET_AUTH
+    )
+
+
+async def test_mindset_default_rule_stays_accepted(
+    fake_mindset: FakeMindset, session: aiohttp.ClientSession
+) -> None:
+    """By default a file stays accepted however often it is read, even with autoPublish."""
+    file = await ingest(session, fake_mindset, externalId="e1", autoPublish=True)
+    for suffix in ("/uid/" + file["uid"], "/externalId/e1") * 3:
+        assert await read(session, fake_mindset, suffix) == (200, file)
+    assert fake_mindset.ingestion == IngestionRule()
+    assert fake_mindset.reads_of(uid=file["uid"]) == 6
+
+
+async def test_mindset_count_based_transition(
+    fake_mindset: FakeMindset, session: aiohttp.ClientSession
+) -> None:
+    """after_reads=2: the first two reads (by uid or externalId) answer accepted, the third the fate."""
+    fake_mindset.ingestion = IngestionRule("published", after_reads=2)
+    file = await ingest(session, fake_mindset, externalId="e1")
+    uid = file["uid"]
+    assert (await read(session, fake_mindset, "/uid/" + uid))[1]["status"] == "accepted"
+    assert (await read(session, fake_mindset, "/externalId/e1"))[1]["status"] == "accepted"
+    assert fake_mindset.file(uid) == {**file, "status": "published"}
+    assert await read(session, fake_mindset, "/uid/" + uid) == (
+        200,
+        {**file, "status": "published"},
+    )
+    assert (await read(session, fake_mindset, "/externalId/e1"))[1]["status"] == "published"
+    assert fake_mindset.reads_of(uid=uid) == 4
+    assert fake_mindset.reads_of(external_id="e1") == 4
+    assert [(r.via, r.status) for r in fake_mindset.reads] == [
+        ("uid", "accepted"),
+        ("externalId", "accepted"),
+        ("uid", "published"),
+        ("externalId", "published"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("fate", "auto_publish", "status"),
+    [
+        ("readyForPublication", None, "readyForPublication"),
+        ("published", False, "published"),
+        ("fail", True, "fail"),
+        ("ingested", True, "published"),
+        ("ingested", False, "readyForPublication"),
+        ("ingested", None, "readyForPublication"),
+    ],
+)
+async def test_mindset_fates_on_first_read(
+    fake_mindset: FakeMindset,
+    session: aiohttp.ClientSession,
+    fate: Any,
+    auto_publish: bool | None,
+    status: str,
+) -> None:
+    """The ingest answers accepted; with after_reads=0 (or no when) the first read sees the fate."""
+    for when in ({"after_reads": 0}, {}):
+        fake_mindset.ingestion = IngestionRule(fate, **when)
+        file = await ingest(session, fake_mindset, autoPublish=auto_publish)
+        assert (await read(session, fake_mindset, "/uid/" + file["uid"]))[1]["status"] == status
+
+
+async def test_mindset_gone_after_reads_frees_external_id(
+    fake_mindset: FakeMindset, session: aiohttp.ClientSession
+) -> None:
+    """A file whose fate is gone vanishes after its reads: 404 by uid and externalId, which is free."""
+    fake_mindset.ingestion = IngestionRule("gone", after_reads=1)
+    file = await ingest(session, fake_mindset, externalId="e1")
+    uid = file["uid"]
+    assert await read(session, fake_mindset, "/externalId/e1") == (200, file)
+    assert (await read(session, fake_mindset, "/uid/" + uid))[0] == 404
+    assert (await read(session, fake_mindset, "/externalId/e1"))[0] == 404
+    assert fake_mindset.file(uid) is None
+    assert fake_mindset.files == []
+    assert fake_mindset.reads_of(uid=uid) == 2  # the hit, and the 404 asked by uid
+    assert fake_mindset.reads_of(external_id="e1") == 2  # the hit, and the 404 asked by externalId
+    fake_mindset.ingestion = IngestionRule()
+    again = await ingest(session, fake_mindset, externalId="e1")
+    assert again["uid"] != uid
+    assert await read(session, fake_mindset, "/externalId/e1") == (200, again)
+
+
+async def test_mindset_time_based_transition(
+    fake_mindset: FakeMindset, session: aiohttp.ClientSession
+) -> None:
+    """after_seconds moves the file on by itself on the loop clock, without any read."""
+    fake_mindset.ingestion = IngestionRule("fail", after_seconds=0.05)
+    file = await ingest(session, fake_mindset, externalId="e1")
+    await eventually(lambda: fake_mindset.files[0]["status"] == "fail")
+    assert fake_mindset.reads == []
+    assert (await read(session, fake_mindset, "/externalId/e1"))[1] == {**file, "status": "fail"}
+
+
+async def test_mindset_time_based_gone(
+    fake_mindset: FakeMindset, session: aiohttp.ClientSession
+) -> None:
+    """A timed gone fate removes the file by itself; its externalId can be ingested again."""
+    fake_mindset.ingestion = IngestionRule("gone", after_seconds=0.05)
+    file = await ingest(session, fake_mindset, externalId="e1")
+    await eventually(lambda: fake_mindset.file(file["uid"]) is None)
+    assert (await read(session, fake_mindset, "/uid/" + file["uid"]))[0] == 404
+    fake_mindset.ingestion = IngestionRule()
+    await ingest(session, fake_mindset, externalId="e1")
+
+
+async def test_mindset_reads_or_seconds_whichever_first(
+    fake_mindset: FakeMindset, session: aiohttp.ClientSession
+) -> None:
+    """With both whens the first to come wins: here the read, long before an hour's timer."""
+    fake_mindset.ingestion = IngestionRule("readyForPublication", after_reads=1, after_seconds=3600)
+    file = await ingest(session, fake_mindset)
+    assert (await read(session, fake_mindset, "/uid/" + file["uid"]))[1]["status"] == "accepted"
+    assert (await read(session, fake_mindset, "/uid/" + file["uid"]))[1]["status"] == (
+        "readyForPublication"
+    )
+    fake_mindset.ingestion = IngestionRule("published", after_reads=1000, after_seconds=0.01)
+    timed = await ingest(session, fake_mindset)
+    await eventually(lambda: fake_mindset.file(timed["uid"]) == {**timed, "status": "published"})
+
+
+async def test_mindset_rule_per_file_from_body(
+    fake_mindset: FakeMindset, session: aiohttp.ClientSession
+) -> None:
+    """A callable rule picks each file's fate from its ingest body."""
+    bodies: list[dict[str, Any]] = []
+
+    def rule(body: dict[str, Any]) -> IngestionRule:
+        bodies.append(body)
+        if body["mimeType"] == MP4:
+            return IngestionRule("fail", after_reads=0)
+        return IngestionRule("ingested", after_reads=0)
+
+    fake_mindset.ingestion = rule
+    video = await ingest(session, fake_mindset, externalId="v")
+    pdf = await ingest(session, fake_mindset, mimeType=PDF, autoPublish=True)
+    assert (await read(session, fake_mindset, "/uid/" + video["uid"]))[1]["status"] == "fail"
+    assert (await read(session, fake_mindset, "/uid/" + pdf["uid"]))[1]["status"] == "published"
+    assert [b["mimeType"] for b in bodies] == [MP4, PDF]
+    assert bodies[0] == ingest_body(externalId="v")
+
+
+async def test_mindset_rule_not_a_rule_is_a_500(
+    fake_mindset: FakeMindset, session: aiohttp.ClientSession
+) -> None:
+    """A callable rule returning something else fails the ingest loudly and stores nothing."""
+    fake_mindset.ingestion = lambda body: "published"  # type: ignore[assignment,return-value]
+    url = files_url(fake_mindset)
+    async with session.post(url, json=ingest_body(), headers=MINDSET_AUTH) as response:
+        assert response.status == 500
+    assert fake_mindset.files == []
+
+
+def test_ingestion_rule_validates() -> None:
+    """An unknown fate or a negative when is refused when the rule is made."""
+    with pytest.raises(ValueError, match="fate"):
+        IngestionRule("done")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="after_reads"):
+        IngestionRule("fail", after_reads=-1)
+    with pytest.raises(ValueError, match="after_seconds"):
+        IngestionRule("fail", after_seconds=-0.1)
+
+
+async def test_mindset_set_status_overrides_the_rule(
+    fake_mindset: FakeMindset, session: aiohttp.ClientSession
+) -> None:
+    """set_status sets the status now and cancels what the rule had pending; unknown uids raise."""
+    fake_mindset.ingestion = IngestionRule("published", after_reads=1)
+    file = await ingest(session, fake_mindset)
+    fake_mindset.set_status(file["uid"], "fail")
+    for _ in range(3):
+        assert (await read(session, fake_mindset, "/uid/" + file["uid"]))[1]["status"] == "fail"
+    with pytest.raises(KeyError):
+        fake_mindset.set_status("nope", "published")
+
+
+async def test_mindset_read_by_uid_is_strict(
+    fake_mindset: FakeMindset, session: aiohttp.ClientSession
+) -> None:
+    """A uid is found only in its own app context; unknown uids are 404; the key is required."""
+    file = await ingest(session, fake_mindset)
+    uid = file["uid"]
+    assert await read(session, fake_mindset, "/uid/" + uid) == (200, file)
+    assert (await read(session, fake_mindset, "/uid/" + uid, context="ctx2"))[0] == 404
+    assert (await read(session, fake_mindset, "/uid/nope"))[0] == 404
+    assert (await call(session, "GET", files_url(fake_mindset) + "/uid/" + uid))[0] == 401
+    assert fake_mindset.reads_of(uid=uid) == 2  # the 401 is no read
+    assert [r.status for r in fake_mindset.reads] == ["accepted", None, None]
+    with pytest.raises(TypeError):
+        fake_mindset.reads_of()
+
+
+async def test_mindset_content_hash_is_kept(
+    fake_mindset: FakeMindset, session: aiohttp.ClientSession
+) -> None:
+    """contentHash given at ingest is in the file object it answers and in every later read."""
+    fake_mindset.ingestion = IngestionRule("published", after_reads=0)
+    file = await ingest(session, fake_mindset, externalId="e1", contentHash="sha256:ab", runId="r1")
+    assert (file["contentHash"], file["runId"]) == ("sha256:ab", "r1")
+    for suffix in ("/uid/" + file["uid"], "/externalId/e1", "?runId=r1"):
+        status, answer = await read(session, fake_mindset, suffix)
+        found = answer[0] if isinstance(answer, list) else answer
+        assert (status, found["contentHash"], found["status"]) == (200, "sha256:ab", "published")
+    plain = await ingest(session, fake_mindset)
+    assert "contentHash" not in plain
+
+
+# -- Mindset: listing and deleting files ----------------------------------------------
+
+
+async def test_mindset_list_pages_by_created_at(
+    fake_mindset: FakeMindset, session: aiohttp.ClientSession
+) -> None:
+    """The list pages oldest first by startAfter=<last createdAt>; past the end: [] with a 404."""
+    made = [await ingest(session, fake_mindset, name=f"f{i}") for i in range(5)]
+    await ingest(session, fake_mindset, context="ctx2")  # another context: never listed
+    pages: list[list[str]] = []
+    suffix = "?limit=2"
+    while True:
+        status, page = await read(session, fake_mindset, suffix)
+        if status == 404:
+            assert page == []
+            break
+        assert status == 200
+        pages.append([file["name"] for file in page])
+        suffix = "?" + urlencode({"limit": 2, "startAfter": page[-1]["createdAt"]})
+    assert pages == [["f0", "f1"], ["f2", "f3"], ["f4"]]
+    assert [f["createdAt"] for f in made] == sorted({f["createdAt"] for f in made})
+    assert (await read(session, fake_mindset, ""))[1] == made  # default page size: 20
+    assert fake_mindset.reads_of(uid=made[0]["uid"]) == 2
+    assert {r.via for r in fake_mindset.reads} == {"list"}
+
+
+async def test_mindset_list_page_size_default(
+    fake_mindset: FakeMindset, session: aiohttp.ClientSession
+) -> None:
+    """Without limit a page holds page_size files; limit=100 is the largest page."""
+    fake_mindset.page_size = 3
+    for _ in range(4):
+        await ingest(session, fake_mindset)
+    assert len((await read(session, fake_mindset, ""))[1]) == 3
+    assert len((await read(session, fake_mindset, "?limit=100"))[1]) == 4
+
+
+async def test_mindset_list_filters(
+    fake_mindset: FakeMindset, session: aiohttp.ClientSession
+) -> None:
+    """runId and status (fail, readyForPublication, published) filter; nothing matching is a 404."""
+
+    def rule(body: dict[str, Any]) -> IngestionRule:
+        return IngestionRule(body["name"], after_reads=0)
+
+    fake_mindset.ingestion = rule
+    for status, run in [("fail", "r1"), ("published", "r1"), ("readyForPublication", "r2")]:
+        await ingest(session, fake_mindset, name=status, runId=run)
+    await ingest(session, fake_mindset, name="accepted", runId="r1")
+
+    async def names(query: dict[str, str]) -> tuple[int, list[str]]:
+        status, page = await read(session, fake_mindset, "?" + urlencode(query))
+        return status, [file["name"] for file in page]
+
+    assert await names({"runId": "r1"}) == (200, ["fail", "published", "accepted"])
+    assert await names({"status": "fail"}) == (200, ["fail"])
+    assert await names({"status": "published", "runId": "r1"}) == (200, ["published"])
+    assert await names({"status": "readyForPublication", "runId": "r1"}) == (404, [])
+    assert await names({"runId": "r9"}) == (404, [])
+    assert await names({}) == (200, ["fail", "published", "readyForPublication", "accepted"])
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "status=accepted",
+        "status=Published",
+        "status=",
+        "state=fail",
+        "status=fail&status=published",
+        "limit=0",
+        "limit=101",
+        "limit=ten",
+        "limit=-1",
+        "startAfter=yesterday",
+    ],
+)
+async def test_mindset_list_rejects_bad_queries(
+    fake_mindset: FakeMindset, session: aiohttp.ClientSession, query: str
+) -> None:
+    """accepted is no status filter; unknown, repeated or malformed parameters are a 400."""
+    await ingest(session, fake_mindset)
+    status, body = await read(session, fake_mindset, "?" + query)
+    assert status == 400, body
+    assert "error" in body
+    assert fake_mindset.reads == []
+
+
+async def test_mindset_list_needs_the_key_and_counts_reads(
+    fake_mindset: FakeMindset, session: aiohttp.ClientSession
+) -> None:
+    """The list needs the key, and a listed file counts a status read toward its rule."""
+    fake_mindset.ingestion = IngestionRule("published", after_reads=1)
+    file = await ingest(session, fake_mindset, externalId="e1")
+    assert (await call(session, "GET", files_url(fake_mindset)))[0] == 401
+    assert (await read(session, fake_mindset, "?status=published"))[0] == 404
+    assert (await read(session, fake_mindset, ""))[1] == [file]
+    assert (await read(session, fake_mindset, "?status=published"))[1] == [
+        {**file, "status": "published"}
+    ]
+    assert fake_mindset.reads_of(external_id="e1") == 2
+
+
+async def test_mindset_delete_then_reads_and_reingest(
+    fake_mindset: FakeMindset, session: aiohttp.ClientSession
+) -> None:
+    """A delete answers 200 and is recorded; the file is then 404 everywhere and its externalId free."""
+    file = await ingest(session, fake_mindset, externalId="e1", contentHash="h1")
+    uid, url = file["uid"], files_url(fake_mindset)
+    assert await call(session, "DELETE", url + "/uid/" + uid, headers=MINDSET_AUTH) == (
+        200,
+        {"uid": uid, "deleted": True},
+    )
+    assert fake_mindset.deletes == [DeletedFile("app1", "ctx1", uid, "e1", file)]
+    assert (await read(session, fake_mindset, "/uid/" + uid))[0] == 404
+    assert (await read(session, fake_mindset, "/externalId/e1"))[0] == 404
+    assert await read(session, fake_mindset, "") == (404, [])
+    assert fake_mindset.files == []
+    again = await ingest(session, fake_mindset, externalId="e1", contentHash="h2")
+    assert (again["uid"], again["contentHash"]) != (uid, "h1")
+    assert await read(session, fake_mindset, "/externalId/e1") == (200, again)
+    conflict = await call(
+        session, "POST", url, json=ingest_body(externalId="e1"), headers=MINDSET_AUTH
+    )
+    assert conflict[0] == 409  # a live file holds it again
+
+
+async def test_mindset_delete_is_strict(
+    fake_mindset: FakeMindset, session: aiohttp.ClientSession
+) -> None:
+    """Deleting a missing, already deleted or other context's uid is a 404; by externalId is no route."""
+    file = await ingest(session, fake_mindset, externalId="e1")
+    url, uid = files_url(fake_mindset), file["uid"]
+    other = files_url(fake_mindset, context="ctx2")
+    assert (await call(session, "DELETE", other + "/uid/" + uid, headers=MINDSET_AUTH))[0] == 404
+    assert (await call(session, "DELETE", url + "/uid/nope", headers=MINDSET_AUTH))[0] == 404
+    assert (await call(session, "DELETE", url + "/externalId/e1", headers=MINDSET_AUTH))[0] == 405
+    assert (await call(session, "DELETE", url + "/uid/" + uid))[0] == 401
+    assert fake_mindset.deletes == []
+    assert (await call(session, "DELETE", url + "/uid/" + uid, headers=MINDSET_AUTH))[0] == 200
+    again = await call(session, "DELETE", url + "/uid/" + uid, headers=MINDSET_AUTH)
+    assert again == (404, {"error": "File not found"})
+    assert len(fake_mindset.deletes) == 1
+
+
+async def test_mindset_delete_can_answer_204(
+    fake_mindset: FakeMindset, session: aiohttp.ClientSession
+) -> None:
+    """delete_status=204 answers an empty 204, for clients that must take any 2xx."""
+    fake_mindset.delete_status = 204
+    file = await ingest(session, fake_mindset)
+    url = files_url(fake_mindset) + "/uid/" + file["uid"]
+    async with session.delete(url, headers=MINDSET_AUTH) as response:
+        assert (response.status, await response.read()) == (204, b"")
+    assert [d.uid for d in fake_mindset.deletes] == [file["uid"]]
+
+
+async def test_mindset_delete_cancels_a_pending_fate(
+    fake_mindset: FakeMindset, session: aiohttp.ClientSession
+) -> None:
+    """A file deleted before its timed fate stays deleted; a new file with its externalId is untouched."""
+    fake_mindset.ingestion = IngestionRule("fail", after_seconds=0.05)
+    file = await ingest(session, fake_mindset, externalId="e1")
+    url = files_url(fake_mindset) + "/uid/" + file["uid"]
+    assert (await call(session, "DELETE", url, headers=MINDSET_AUTH))[0] == 200
+    fake_mindset.ingestion = IngestionRule("published", after_seconds=0.1)
+    again = await ingest(session, fake_mindset, externalId="e1")
+    await eventually(lambda: fake_mindset.files[0]["status"] == "published")
+    # The deleted file's timer was due first (0.05 s before 0.1 s): it would have fired.
+    assert fake_mindset.files == [{**again, "status": "published"}]
+    assert fake_mindset.deletes[0].file["status"] == "accepted"
+
+
 # -- outages, rate limits, trickling sources -------------------------------------------
 
 
@@ -653,31 +1166,64 @@ async def test_outage_answers_everything_until_healed(
 async def test_outage_heals_by_itself(
     fake_mindset: FakeMindset, session: aiohttp.ClientSession
 ) -> None:
-    """An outage given a duration ends on its own."""
-    fake_mindset.outage(502, seconds=0.05)
+    """An outage given a duration ends on its own, and wait_healed() sees it end."""
+    fake_mindset.outage(502, seconds=1.0)  # long against one local request
     url = files_url(fake_mindset)
     assert (await call(session, "POST", url, json=ingest_body(), headers=MINDSET_AUTH))[0] == 502
-    async with asyncio.timeout(5):
-        while fake_mindset.down:
-            await asyncio.sleep(0.01)
+    assert fake_mindset.down
+    await fake_mindset.wait_healed(timeout=30)
+    assert not fake_mindset.down
     assert (await call(session, "POST", url, json=ingest_body(), headers=MINDSET_AUTH))[0] == 200
     assert fake_mindset.outage_calls == 1
+
+
+async def test_outage_heals_after_calls(
+    fake_mindset: FakeMindset, session: aiohttp.ClientSession
+) -> None:
+    """An outage given a number of calls answers exactly that many, then heals: no clock involved."""
+    fake_mindset.outage(503, calls=2, headers={"Retry-After": "1"})
+    url = files_url(fake_mindset)
+    statuses = []
+    for _ in range(3):
+        statuses.append(
+            (await call(session, "POST", url, json=ingest_body(), headers=MINDSET_AUTH))[0]
+        )
+    assert statuses == [503, 503, 200]
+    assert not fake_mindset.down
+    await fake_mindset.wait_healed(timeout=0.1)  # already healed: returns at once
+    assert fake_mindset.outage_calls == 2
+    with pytest.raises(ValueError, match="calls"):
+        fake_mindset.outage(503, calls=0)
+
+
+async def test_wait_healed_times_out_while_down(fake_mindset: FakeMindset) -> None:
+    """wait_healed() raises TimeoutError while an outage without an end goes on."""
+    fake_mindset.outage(503)
+    with pytest.raises(TimeoutError):
+        await fake_mindset.wait_healed(timeout=0.01)
+    fake_mindset.heal()
+    await fake_mindset.wait_healed(timeout=1)
 
 
 async def test_rate_limit_answers_429_with_retry_after(
     fake_inconvo: FakeInconvo, session: aiohttp.ClientSession
 ) -> None:
     """Beyond N requests in the window: 429 with Retry-After and retry-after-ms, counted."""
+    loop = asyncio.get_running_loop()
     fake_inconvo.rate_limit(per_second=3, window=60)
     url = fake_inconvo.base_url + "/datasets/user/u1"
     answers = []
+    started = loop.time()  # the fake runs on this loop: its clock is this one
     for _ in range(5):
         async with session.post(url, data=csv_form(), headers=AUTH) as response:
-            answers.append((response.status, dict(response.headers)))
-    assert [status for status, _ in answers] == [200, 200, 200, 429, 429]
-    for _, headers in answers[3:]:
-        assert 59 <= int(headers["Retry-After"]) <= 60
-        assert 58_000 < int(headers["retry-after-ms"]) <= 60_000
+            answers.append((response.status, dict(response.headers), loop.time()))
+    assert [status for status, _, _ in answers] == [200, 200, 200, 429, 429]
+    for _, headers, answered in answers[3:]:
+        # The window opens 60 s after the first call, which came after `started`.
+        at_least = math.floor((started + 60 - answered) * 1000)
+        millis = int(headers["retry-after-ms"])
+        assert at_least <= millis <= 60_000
+        assert int(headers["Retry-After"]) == -(-millis // 1000)
     assert fake_inconvo.throttled == 2
     assert len(fake_inconvo.uploads) == 3
     fake_inconvo.rate_limit(per_second=1, window=60, millis=False)

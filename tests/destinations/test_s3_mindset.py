@@ -1,4 +1,4 @@
-"""S3 sources and the Mindset adapter, end to end through RabbitMQ (issue: S3 + Mindset)."""
+"""S3 sources and the Mindset adapter, end to end through RabbitMQ."""
 
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ from aiohttp import web
 from botocore.exceptions import ParamValidationError
 
 from service.config import Settings
-from service.contracts import SourceSpec
-from service.destinations.mindset import api_length, infer_mime_type
+from service.contracts import SourceSpec, api_length
+from service.destinations.mindset import infer_mime_type
 from service.errors import CourierError, ErrorCode, RetryableError
 from service.sources.base import SizeLimit
 from service.sources.s3 import S3Source, env_proxy

@@ -1,4 +1,4 @@
-"""The flow-control settings of CONTRACT section 7: defaults, durations, bad values."""
+"""The flow-control settings: defaults, durations, bad values."""
 
 from __future__ import annotations
 

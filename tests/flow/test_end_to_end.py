@@ -1,4 +1,4 @@
-"""Flow control end to end (issue 12, CONTRACT section 7): a sick dependency holds work;
+"""Flow control end to end: a sick dependency holds work;
 it never burns, repeats or stalls it."""
 
 from __future__ import annotations

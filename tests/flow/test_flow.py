@@ -22,10 +22,10 @@ from service.errors import CourierError, ErrorCode
 from service.flow import (
     Breaker,
     BreakerState,
+    DeferReason,
+    Deferred,
     DestinationFlow,
     FlowControl,
-    Hold,
-    HoldReason,
     RateControl,
     flow_middleware,
     is_transient,
@@ -284,26 +284,26 @@ def test_adaptive_rate_has_a_floor_and_configured_rates_do_not_adapt() -> None:
 
 
 async def test_open_breaker_holds_calls_until_one_probe_closes_it() -> None:
-    """Open: Hold with the time left; after the cooldown one probe; its success closes it."""
+    """Open: deferred with the time left; after the cooldown one probe; its success closes it."""
     clock, observer = FakeClock(), Recorder()
     flow = make_flow(threshold=2, clock=clock, observer=observer)
     (await flow.admit()).record(503)
     (await flow.admit()).record(None)
     assert state(flow) is BreakerState.OPEN
     clock.advance(4.0)
-    with pytest.raises(Hold) as held:
+    with pytest.raises(Deferred) as held:
         await flow.admit()
-    assert (held.value.reason, held.value.seconds) == (HoldReason.BREAKER_OPEN, 6.0)
+    assert (held.value.reason, held.value.seconds) == (DeferReason.BREAKER_OPEN, 6.0)
     assert held.value.destination == "inconvo"
-    with pytest.raises(Hold):
+    with pytest.raises(Deferred):
         flow.check()
     clock.advance(6.0)
     flow.check()
     probe = await flow.admit()
     assert probe.probe
-    with pytest.raises(Hold) as held:
+    with pytest.raises(Deferred) as held:
         await flow.admit()
-    assert held.value.reason is HoldReason.PROBE_IN_FLIGHT
+    assert held.value.reason is DeferReason.PROBE_IN_FLIGHT
     probe.record(200)
     assert state(flow) is BreakerState.CLOSED
     assert not (await flow.admit()).probe
@@ -339,7 +339,7 @@ async def test_a_released_probe_does_not_leave_the_breaker_stuck() -> None:
 
 
 async def test_retry_after_pauses_and_long_waits_hold() -> None:
-    """A 429's Retry-After: short waits are waited out, long ones Hold; each counted once."""
+    """A 429's Retry-After: short waits are waited out, long ones are deferred; each counted once."""
     clock, observer = FakeClock(), Recorder()
     flow = make_flow(rate=50.0, clock=clock, observer=observer)
     (await flow.admit()).record(429, retry_after=3.0)
@@ -347,23 +347,23 @@ async def test_retry_after_pauses_and_long_waits_hold() -> None:
     assert clock.slept == [pytest.approx(3.0)]
     clock.advance(1.0)
     (await flow.admit()).record(429, retry_after=30.0)
-    with pytest.raises(Hold) as held:
+    with pytest.raises(Deferred) as held:
         await flow.admit()
-    assert held.value.reason is HoldReason.RATE_LIMITED
+    assert held.value.reason is DeferReason.RATE_LIMITED
     assert held.value.seconds == pytest.approx(30.0)
-    with pytest.raises(Hold):
+    with pytest.raises(Deferred):
         flow.check()
     assert observer.events.count(("limited", "inconvo")) == 2
 
 
 async def test_a_503_retry_after_longer_than_the_cooldown_delays_the_probe() -> None:
-    """The Hold of an open breaker lasts until both the cooldown and the pause are over."""
+    """The deferral of an open breaker lasts until both the cooldown and the pause are over."""
     clock = FakeClock()
     flow = make_flow(threshold=1, clock=clock)
     (await flow.admit()).record(503, retry_after=25.0)
-    with pytest.raises(Hold) as held:
+    with pytest.raises(Deferred) as held:
         await flow.admit()
-    assert (held.value.reason, held.value.seconds) == (HoldReason.BREAKER_OPEN, 25.0)
+    assert (held.value.reason, held.value.seconds) == (DeferReason.BREAKER_OPEN, 25.0)
 
 
 def test_a_retry_after_stops_every_waiting_call() -> None:
@@ -402,7 +402,7 @@ def test_concurrent_callers_queue_for_tokens_and_the_overflow_is_held() -> None:
         async def call(index: int) -> None:
             try:
                 await flow.admit()
-            except Hold as hold:
+            except Deferred as hold:
                 held.append(hold.seconds)
             else:
                 admitted.append((index, loop.time()))
@@ -462,7 +462,7 @@ async def post(session: aiohttp.ClientSession, url: str, **kwargs: Any) -> int:
 
 
 async def test_middleware_opens_the_breaker_during_an_outage(fake: FakeInconvo) -> None:
-    """Outage: the threshold-th 503 opens the breaker, later calls Hold unsent; a probe closes it."""
+    """Outage: the threshold-th 503 opens the breaker, later calls deferred unsent; a probe closes it."""
     clock = FakeClock()
     flow = make_flow(threshold=3, clock=clock)
     url = fake.base_url + "/datasets/user/u1"
@@ -470,9 +470,9 @@ async def test_middleware_opens_the_breaker_during_an_outage(fake: FakeInconvo) 
         fake.outage(503)
         assert [await post(session, url) for _ in range(3)] == [503, 503, 503]
         for _ in range(5):
-            with pytest.raises(Hold) as held:
+            with pytest.raises(Deferred) as held:
                 await post(session, url)
-            assert held.value.reason is HoldReason.BREAKER_OPEN
+            assert held.value.reason is DeferReason.BREAKER_OPEN
         assert fake.outage_calls == 3
         fake.heal()
         clock.advance(10.0)
@@ -489,9 +489,9 @@ async def test_middleware_shares_retry_after_with_every_request(fake: FakeInconv
     url = fake.base_url + "/datasets/user/u1"
     async with aiohttp.ClientSession(middlewares=[flow_middleware(flow)]) as session:
         assert [await post(session, url), await post(session, url)] == [200, 429]
-        with pytest.raises(Hold) as held:
+        with pytest.raises(Deferred) as held:
             await post(session, url)
-    assert held.value.reason is HoldReason.RATE_LIMITED
+    assert held.value.reason is DeferReason.RATE_LIMITED
     assert 58.0 < held.value.seconds <= 60.0
     assert len(fake.requests) == 2
     assert flow.rate is not None  # adaptive: the 429 set a rate
@@ -563,7 +563,7 @@ async def test_middleware_tells_its_timeout_from_other_cancellations() -> None:
 async def test_the_unchanged_inconvo_adapter_lets_hold_through(
     files: FileServer, inconvo: FakeInconvo
 ) -> None:
-    """Through the adapter: in-process retries feed the breaker; then Hold comes out of deliver()."""
+    """Through the adapter: in-process retries feed the breaker; then Deferred comes out of deliver()."""
     flow = make_flow(threshold=3, clock=FakeClock())
     policy = AddressPolicy(allowed_hosts=parse_allowed_hosts([f"127.0.0.1:{files.port}"]))
     body = {
@@ -582,7 +582,7 @@ async def test_the_unchanged_inconvo_adapter_lets_hold_through(
             await adapter.deliver(request, source)
         assert failed.value.code is ErrorCode.DESTINATION_UNAVAILABLE
         assert state(flow) is BreakerState.OPEN
-        with pytest.raises(Hold) as held:
+        with pytest.raises(Deferred) as held:
             await adapter.deliver(request, source)
-    assert held.value.reason is HoldReason.BREAKER_OPEN
+    assert held.value.reason is DeferReason.BREAKER_OPEN
     assert inconvo.outage_calls == 3

@@ -1,4 +1,4 @@
-"""Reading Retry-After and retry-after-ms (CONTRACT section 4)."""
+"""Reading Retry-After and retry-after-ms."""
 
 from __future__ import annotations
 

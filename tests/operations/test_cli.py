@@ -14,8 +14,9 @@ import pytest
 from aio_pika.abc import AbstractRobustConnection
 
 from service.amqp.declare import declare_queue
-from service.amqp.topology import Topology
+from service.topology import Topology
 from service.config import Settings
+from service.topology import Topology
 from testbed.fakes import FakeInconvo
 from testbed.support import (
     CourierProcess,
@@ -79,7 +80,7 @@ async def test_file_variants_and_fallbacks(tmp_path: Path, monkeypatch: pytest.M
     assert settings.s3_allowed_buckets == ("a", "b")
     assert settings.presign_ttl == 12 * 3600
     assert settings.concurrency == 32
-    assert settings.retry_queue(120) == "courier.uploads.retry.120s"
+    assert Topology.from_settings(settings).tier(120).name == "courier.uploads.retry.120s"
     monkeypatch.setenv("COURIER_INCONVO_API_KEY", "primary")
     assert load_settings().inconvo_api_key.get_secret_value() == "primary"  # type: ignore[union-attr]
 

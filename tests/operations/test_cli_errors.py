@@ -13,7 +13,7 @@ from aio_pika.abc import AbstractRobustConnection
 
 from service import __version__
 from service.amqp.declare import declare_queue
-from service.amqp.topology import Topology
+from service.topology import Topology
 from service.cli_args import EXIT_FAILED, EXIT_TIMEOUT, EXIT_UNAVAILABLE, EXIT_USAGE
 from service.config import Settings, load_settings
 from testbed.fakes import FakeMindset

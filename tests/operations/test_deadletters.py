@@ -16,7 +16,9 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobus
 
 from service import deadletters
 from service.amqp.declare import declare_queue
-from service.amqp.topology import (
+from service.deadletters import Selection
+from service.runtime import Service
+from service.topology import (
     ATTEMPT_HEADER,
     ATTEMPTS_HEADER,
     DELIVERY_COUNT_HEADER,
@@ -25,8 +27,6 @@ from service.amqp.topology import (
     FAILED_AT_HEADER,
     Topology,
 )
-from service.deadletters import Selection
-from service.runtime import Service
 from testbed.support import (
     AMQP_URL,
     Names,

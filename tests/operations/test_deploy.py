@@ -58,7 +58,7 @@ ALERTS = {
     "CourierHeldRequestsGrowing",
     "CourierMetricsAbsent",
 }
-# CONTRACT section 7's metrics, used by the alerts and the dashboard before
+# The flow-control metrics, used by the alerts and the dashboard before
 # service/metrics.py exports them: flow control (service/flow) is wired into the
 # metrics separately. Drop this once they are exported.
 PROMTOOL_MISSING = (

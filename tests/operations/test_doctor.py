@@ -14,8 +14,8 @@ from aiohttp import web
 
 from service import doctor
 from service.amqp.declare import declare_events, declare_own_queues, declare_queue
-from service.amqp.topology import Topology
 from service.config import Settings
+from service.topology import Topology
 from testbed.fakes import FakeInconvo, FakeMindset
 from testbed.loopback import serve
 from testbed.support import Names, courier, courier_env, free_port

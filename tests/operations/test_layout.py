@@ -14,11 +14,17 @@ SERVICE = sorted((ROOT / "service").rglob("*.py"))
 DEAD_LETTER_TOOL = {"service/cli.py", "service/deadletters.py"}
 
 
-def test_only_the_consumer_acks() -> None:
-    """Requests are acked (or nacked) in service/amqp/consumer.py and nowhere else."""
+def test_only_the_settler_acks() -> None:
+    """Requests are acked (or nacked) in service/amqp/settler.py and nowhere else."""
     settling = re.compile(r"\.(ack|nack|reject)\(")
     ackers = {p.relative_to(ROOT).as_posix() for p in SERVICE if settling.search(p.read_text())}
-    assert ackers - DEAD_LETTER_TOOL == {"service/amqp/consumer.py"}
+    assert ackers - DEAD_LETTER_TOOL == {"service/amqp/settler.py"}
+
+
+def test_the_consumer_and_the_settler_stay_small() -> None:
+    """The subscription and the settling each read in one pass."""
+    for name in ("consumer", "settler"):
+        assert len((ROOT / "service" / "amqp" / f"{name}.py").read_text().splitlines()) < 300
 
 
 def test_no_service_module_over_400_lines() -> None:

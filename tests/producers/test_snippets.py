@@ -13,7 +13,7 @@ import pytest
 from aio_pika.abc import AbstractRobustConnection
 
 from service.amqp.declare import declare_queue
-from service.amqp.topology import Topology
+from service.topology import Topology
 from service.config import Settings
 from service.runtime import Service
 from testbed.support import LEDGER, FileServer, Names, courier_env, drain, inconvo_request

@@ -20,7 +20,6 @@ HELD_SINCE_HEADER = "x-courier-held-since"  # when a held request was first held
 COPY_ID_HEADER = "x-courier-copy-id"  # identifies one copy Courier published
 # Crashes of earlier copies of this request, carried over when Courier republishes it.
 REDELIVERIES_HEADER = "x-courier-redeliveries"
-DEAD_LETTER_HEADERS = (ERROR_CODE_HEADER, ERROR_MESSAGE_HEADER, ATTEMPTS_HEADER, FAILED_AT_HEADER)
 COURIER_HEADER_PREFIX = "x-courier-"
 # The broker's own headers.
 DELIVERY_COUNT_HEADER = "x-delivery-count"
@@ -159,12 +158,3 @@ def tier_name(queue: str, delay: int) -> str:
 def event_routing_key(event_type: str) -> str:
     """``courier.upload.succeeded`` -> ``upload.succeeded``."""
     return event_type.removeprefix(EVENT_TYPE_PREFIX)
-
-
-def strip_for_replay(headers: Mapping[str, Any]) -> dict[str, Any]:
-    """A dead letter's headers without Courier's and the broker's bookkeeping."""
-    return {
-        k: v
-        for k, v in headers.items()
-        if not k.startswith(COURIER_HEADER_PREFIX) and not k.startswith(BROKER_HEADERS)
-    }

@@ -1,0 +1,278 @@
+"""Settling each delivery: run it, decide, carry the decision out. The only code that acks.
+
+Each delivery runs in a task of its own: read (:mod:`service.messages`), run (the
+handler, :mod:`service.pipeline`), decided (:func:`service.settle.decide`),
+carried out with the publisher, and acked only after every publish was
+confirmed. When a delivery's channel dies, its work is cancelled or its result
+discarded before anything is published: the broker's redelivery is the copy
+that continues. Nothing here nacks: unfinished work at shutdown is given back as
+a fresh copy (so ``x-delivery-count`` keeps meaning "crashed consumers" on every
+RabbitMQ version) or left unacked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
+
+import aio_pika
+from aio_pika.abc import AbstractIncomingMessage
+
+from service.amqp.gate import AckGate
+from service.amqp.hooks import SettlerHooks
+from service.amqp.inflight import InFlight
+from service.amqp.link import CONNECTION_ERRORS
+from service.amqp.plan import Publish, Wiring, publishes
+from service.amqp.publisher import DeliveryGone, Outbox
+from service.amqp.wire import copy_message
+from service.config import Settings
+from service.contracts import UploadRequest
+from service.messages import Decoded, Envelope, decode, refuse
+from service.outcome import Outcome
+from service.redact import mask_text
+from service.settle import (
+    Decision,
+    Park,
+    Policy,
+    Republish,
+    decide,
+    give_back_headers,
+    poisoned,
+)
+from service.topology import Topology
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[UploadRequest], Awaitable[Outcome]]
+# Copies this replica has settled, remembered to drop a second copy of one (see README).
+SETTLED_COPIES = 10_000
+ACK_TIMEOUT = 5.0
+# After the shutdown timeout, give-backs and settles under way get this long...
+GIVE_BACK_TIME = 1.5
+# ...then the tasks left are cancelled and get this long to unwind.
+UNWIND_TIME = 0.25
+
+
+class Settler:
+    """Runs and settles every delivery the consumer hands over, exactly once."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        topology: Topology,
+        handler: Handler,
+        publisher: Outbox,
+        hooks: SettlerHooks,
+        gate: AckGate,
+    ) -> None:
+        self.settings = settings
+        self.topology = topology
+        self.policy = Policy.from_settings(settings, topology.delays)
+        self._handler = handler
+        self._publisher = publisher
+        self._hooks = hooks
+        self._gate = gate
+        self._mask = functools.partial(mask_text, secrets=tuple(settings.secret_values()))
+        self._work: dict[asyncio.Task[None], InFlight] = {}
+        self._settled: OrderedDict[str, None] = OrderedDict()
+        self._wiring = Wiring(topology, settings.event_source)
+        self._stopping = False
+        self._hard_deadline = 0.0
+
+    # -- taking deliveries and giving them up ----------------------------------------
+
+    def take(self, message: AbstractIncomingMessage, channel: object) -> None:
+        """Start working on a delivery that arrived on ``channel`` (an aiormq channel)."""
+        task = asyncio.create_task(self._handle(message))
+        self._work[task] = InFlight(message, channel)
+        task.add_done_callback(self._done)
+
+    def unacked(self) -> int:
+        """Deliveries taken and not yet acked."""
+        return sum(not work.acked for work in self._work.values())
+
+    def channel_lost(self, channel: object) -> int:
+        """The channel died: its deliveries are the broker's again; stop working on them.
+
+        Returns how many were cancelled (those already settling finish or find their
+        publishes refused).
+        """
+        lost = [t for t, w in self._work.items() if w.channel is channel and not w.settling]
+        for task in lost:
+            task.cancel()
+        return len(lost)
+
+    async def drain(self, deadline: float) -> None:
+        """Finish in-flight work by ``deadline`` (the loop's clock), give back what is left, ack
+        settles whose last publish went out; everything within :data:`GIVE_BACK_TIME` more."""
+        self._stopping = True
+        self._hard_deadline = deadline + GIVE_BACK_TIME
+        if self._work:
+            log.info("waiting up to %.0fs for %d requests", deadline - _now(), len(self._work))
+            await asyncio.wait(set(self._work), timeout=max(0.0, deadline - _now()))
+        unfinished = [t for t, w in self._work.items() if not w.settling]
+        if unfinished:
+            log.warning("giving back %d unfinished requests", len(unfinished))
+            for task in unfinished:
+                task.cancel()
+        if self._work:  # give-backs, and settles under way, until the hard deadline
+            await asyncio.wait(set(self._work), timeout=self._left())
+        for task, work in list(self._work.items()):
+            # A settle whose last publish went out is acked (leaving it unacked would repeat
+            # that publish after the redelivery); anything else stays unacked for the
+            # broker to redeliver: none of its publishes went out.
+            if work.committed(self._publisher):
+                await self._ack(work)
+            task.cancel()
+        if self._work:
+            await asyncio.wait(set(self._work), timeout=UNWIND_TIME)
+
+    def _left(self) -> float:
+        return max(0.0, self._hard_deadline - _now())
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._work.pop(task, None)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("a delivery's task failed", exc_info=task.exception())
+
+    # -- one delivery ----------------------------------------------------------------
+
+    async def _handle(self, message: AbstractIncomingMessage) -> None:
+        work = self._work[asyncio.current_task()]  # type: ignore[index]
+        envelope = Envelope.read(message)
+        started = time.perf_counter()
+        self._hooks.in_flight(1)
+        try:
+            with self._hooks.request(envelope) as scope:
+                if envelope.copy_id is not None and envelope.copy_id in self._settled:
+                    log.warning("dropping a second copy of an already settled request")
+                    self._hooks.duplicate_dropped()
+                    await self._ack(work)
+                    return
+                decoded, outcome = await self._attempt(message.body, envelope)
+                self._hooks.outcome(scope, decoded.request_id, outcome)
+                decision = decide(outcome.masked(self._mask), envelope, self.policy)
+                work.begin_settle()
+                plan = publishes(decision, message, envelope, decoded, self._wiring)
+                await self._execute(work, plan)
+                self._log(envelope, decision, decoded)
+                await self._ack(work)
+                self._remember(envelope)
+                self._hooks.settled(
+                    decision,
+                    envelope,
+                    outcome.destination or "unknown",
+                    time.perf_counter() - started,
+                )
+        except DeliveryGone:
+            log.info("the delivery's channel is gone; the broker's redelivery continues")
+        except asyncio.CancelledError:
+            if self._stopping and not work.settling:
+                await self._give_back(work, envelope)
+            raise
+        finally:
+            self._hooks.in_flight(-1)
+
+    async def _attempt(self, body: bytes, envelope: Envelope) -> tuple[Decoded, Outcome]:
+        max_bytes = self.settings.max_message_bytes
+        error = poisoned(envelope, self.policy)
+        decoded = (
+            refuse(body, envelope, max_bytes, error)
+            if error is not None
+            else decode(body, envelope, max_bytes)
+        )
+        if decoded.request is not None:
+            return decoded, await self._handler(decoded.request)
+        assert decoded.error is not None  # noqa: S101 - a refused body always says why
+        outcome = Outcome.refused(
+            decoded.error, destination=decoded.destination, source_url=decoded.source_url
+        )
+        return decoded, outcome
+
+    async def _execute(self, work: InFlight, plan: Sequence[Publish]) -> None:
+        """Publish the plan in order, each confirmed one waited for; the last confirmed
+        publish is announced to ``work`` just before it goes out."""
+        last = max(i for i, step in enumerate(plan) if not step.best_effort)
+        publisher = self._publisher
+        for i, step in enumerate(plan):
+            if step.best_effort:
+                assert step.queue is not None  # noqa: S101 - best effort goes to a queue
+                sent = await publisher.best_effort(
+                    step.queue, step.message, self.settings.publish_timeout
+                )
+                if not sent:
+                    self._hooks.reply_failed()
+                continue
+            if i == last:
+                work.last_publish()
+            if step.queue is None:
+                await publisher.event(step.key, step.message, work)
+            else:
+                await publisher.to_queue(step.queue, step.message, work)
+
+    def _log(self, envelope: Envelope, decision: Decision, decoded: Decoded) -> None:
+        if isinstance(decision, Republish):
+            code = decision.error.code.value
+            log.info(
+                "attempt %d %s (%s); back in %ds",
+                envelope.attempt,
+                "held" if isinstance(decision, Park) else "retrying",
+                code,
+                decision.delay,
+                extra={"errorCode": code},
+            )
+            return
+        error = decision.outcome.error
+        log.log(
+            logging.WARNING if error else logging.INFO,
+            "request %s %s",
+            decoded.request_id,
+            "failed" if error else "succeeded",
+            extra={"errorCode": error.code.value if error else None},
+        )
+
+    def _remember(self, envelope: Envelope) -> None:
+        if envelope.copy_id is not None:
+            self._settled[envelope.copy_id] = None
+            if len(self._settled) > SETTLED_COPIES:
+                self._settled.popitem(last=False)
+
+    async def _give_back(self, work: InFlight, envelope: Envelope) -> None:
+        """Hand unfinished work back as a fresh copy at the same attempt, then ack.
+
+        A fresh copy, not a requeue: RabbitMQ before 4.3 counts every return in
+        ``x-delivery-count``, so a rolling deploy would push requests towards
+        ``poison_message``. Without a reachable broker the delivery stays unacked.
+        """
+        if not work.alive() or not self._publisher.ready:
+            return
+        copy = copy_message(work.message, give_back_headers(work.message.headers, envelope))
+        work.last_publish()
+        try:
+            await asyncio.wait_for(
+                self._publisher.to_queue(self.topology.requests.name, copy, work), self._left()
+            )
+        except (TimeoutError, DeliveryGone):
+            # Out of time: a copy that went out on a live connection still counts.
+            if not work.committed(self._publisher):
+                return
+        await self._ack(work)
+
+    async def _ack(self, work: InFlight) -> None:
+        await self._gate.passed()
+        work.acking()
+        try:
+            async with asyncio.timeout(ACK_TIMEOUT):  # not wait_for: no task per ack
+                await work.message.ack()
+        except (*CONNECTION_ERRORS, aio_pika.exceptions.MessageProcessError) as exc:  # type: ignore[misc]
+            # The channel is gone: the broker redelivers the delivery by itself.
+            log.info("could not ack (%s); the broker will redeliver", type(exc).__name__)
+
+
+def _now() -> float:
+    # The loop's clock (monotonic), so tests can run this on virtual time.
+    return asyncio.get_running_loop().time()

@@ -1,0 +1,317 @@
+"""The settler's carry-out without a broker: what it publishes, in which order, and when it acks.
+
+A stub outbox (testbed/stub_broker.py) stands in for the publisher and records every
+publish beside the acks, so the order is asserted exactly; the real-broker tests in
+this folder prove the same under faults.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
+
+import orjson
+import pytest
+from aio_pika.abc import AbstractIncomingMessage
+
+from service.amqp.gate import AckGate
+from service.amqp.settler import Settler
+from service.config import Settings
+from service.contracts import UploadRequest
+from service.errors import ErrorCode, PermanentError, RetryableError
+from service.instrument import Instruments
+from service.metrics import Metrics
+from service.outcome import Held, Outcome
+from service.topology import (
+    ATTEMPT_HEADER,
+    COPY_ID_HEADER,
+    ERROR_CODE_HEADER,
+    HELD_SINCE_HEADER,
+    REDELIVERIES_HEADER,
+    Topology,
+)
+from testbed.stub_broker import StubDelivery, StubOutbox
+from testbed.virtual_time import run_virtual
+
+Handler = Callable[[UploadRequest], Awaitable[Outcome]]
+QUEUE = "t-settler"
+BODY = orjson.dumps(
+    {
+        "id": "r-1",
+        "source": {"url": "https://files.example/a.csv"},
+        "destination": {"type": "inconvo", "userIdentifier": "u1"},
+        "metadata": {"k": "v"},
+    }
+)
+SECRET = "sk-test-secret-8f2a"
+
+
+def settings(**overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "queue": QUEUE,
+        "retry_delays": (1, 2),
+        "max_attempts": 3,
+        "shutdown_timeout": 5.0,
+        "event_source": "urn:courier:test",
+        "inconvo_api_key": SECRET,
+    }
+    return Settings(**(values | overrides))
+
+
+def returning(outcome: Outcome) -> Handler:
+    async def handler(request: UploadRequest) -> Outcome:
+        return outcome
+
+    return handler
+
+
+SUCCEEDED = Outcome(12.0, "inconvo", delivery="multipart", result={"file": {"name": "a.csv"}})
+
+
+class Rig:
+    """One settler over a stub outbox."""
+
+    def __init__(self, handler: Handler, **overrides: Any) -> None:
+        self.settings = settings(**overrides)
+        self.topology = Topology.from_settings(self.settings)
+        self.outbox = StubOutbox()
+        self.metrics = Metrics()
+        self.settler = Settler(
+            self.settings,
+            self.topology,
+            handler,
+            self.outbox,
+            Instruments(self.metrics),
+            AckGate(),
+        )
+
+    def deliver(self, body: bytes = BODY, **fields: Any) -> StubDelivery:
+        delivery = StubDelivery(self.outbox, body, **fields)
+        self.settler.take(cast(AbstractIncomingMessage, delivery), delivery.channel)
+        return delivery
+
+    async def settled(self) -> None:
+        """Wait until every delivery taken has ended (its task done)."""
+        while self.settler.unacked() or self.settler._work:
+            await asyncio.sleep(0)
+
+
+async def test_a_success_publishes_its_event_then_acks() -> None:
+    """The event is confirmed before the ack; a reply_to copy follows the event."""
+    rig = Rig(returning(SUCCEEDED))
+    delivery = rig.deliver(reply_to="replies", correlation_id="c-9")
+    await rig.settled()
+    assert rig.outbox.kinds() == [
+        "sent exchange:upload.succeeded",
+        "confirmed exchange:upload.succeeded",
+        "reply queue:replies",
+        f"ack {delivery.delivery_tag}",
+    ]
+    event = rig.outbox.log[0]
+    assert event.body["type"] == "courier.upload.succeeded"
+    assert event.body["data"]["requestId"] == "r-1"
+    assert event.body["data"]["metadata"] == {"k": "v"}
+    assert event.message is not None and event.message.correlation_id == "c-9"
+    assert rig.outbox.log[2].body == event.body
+
+
+async def test_a_failure_publishes_event_then_dead_letter_then_acks() -> None:
+    """A permanent failure: the failed event, the original body dead-lettered, then the ack."""
+    failed = Outcome(3.0, "inconvo", error=PermanentError(ErrorCode.DESTINATION_REJECTED, "422"))
+    rig = Rig(returning(failed))
+    delivery = rig.deliver(headers={"producer": "kept"})
+    await rig.settled()
+    dead = f"queue:{rig.topology.dead.name}"
+    assert rig.outbox.kinds() == [
+        "sent exchange:upload.failed",
+        "confirmed exchange:upload.failed",
+        f"sent {dead}",
+        f"confirmed {dead}",
+        f"ack {delivery.delivery_tag}",
+    ]
+    letter = rig.outbox.log[2]
+    assert letter.message is not None and letter.message.body == BODY
+    assert letter.headers["producer"] == "kept"
+    assert letter.headers[ERROR_CODE_HEADER] == "destination_rejected"
+
+
+async def test_a_retryable_failure_goes_to_the_first_tier_with_the_next_attempt() -> None:
+    """No event for a retry: one confirmed copy in the first tier, attempt 2, then the ack."""
+    unavailable = RetryableError(ErrorCode.DESTINATION_UNAVAILABLE, "503")
+    rig = Rig(returning(Outcome(3.0, "inconvo", error=unavailable)))
+    delivery = rig.deliver()
+    await rig.settled()
+    tier = f"queue:{rig.topology.tier(1).name}"
+    assert rig.outbox.kinds() == [
+        f"sent {tier}",
+        f"confirmed {tier}",
+        f"ack {delivery.delivery_tag}",
+    ]
+    copy = rig.outbox.log[0]
+    assert copy.headers[ATTEMPT_HEADER] == 2 and copy.headers[COPY_ID_HEADER]
+
+
+async def test_a_held_request_is_parked_at_the_same_attempt() -> None:
+    """A hold spends no attempt and marks since when the request is held."""
+    rig = Rig(returning(Outcome(0.5, "inconvo", held=Held(1.0, "breaker open"))))
+    rig.deliver(headers={ATTEMPT_HEADER: 2})
+    await rig.settled()
+    copy = rig.outbox.entries("confirmed")[0]
+    assert copy.target == f"queue:{rig.topology.tier(1).name}"
+    assert copy.headers[ATTEMPT_HEADER] == 2 and copy.headers[HELD_SINCE_HEADER]
+
+
+async def test_the_ack_waits_for_the_confirm() -> None:
+    """While the broker has not confirmed the event, the delivery stays unacked."""
+    rig = Rig(returning(SUCCEEDED))
+    with rig.outbox.hold():
+        delivery = rig.deliver()
+        while not rig.outbox.waiting:
+            await asyncio.sleep(0)
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert delivery.acks == 0 and rig.settler.unacked() == 1
+    await rig.settled()
+    assert delivery.acks == 1
+
+
+async def test_a_channel_lost_mid_settle_publishes_nothing_more_and_acks_nothing() -> None:
+    """The event went out, the channel died before the dead letter: no dead letter, no ack;
+    the broker's redelivery is the copy that carries on."""
+    failed = Outcome(3.0, "inconvo", error=PermanentError(ErrorCode.DESTINATION_REJECTED, "422"))
+    rig = Rig(returning(failed))
+    with rig.outbox.hold():
+        delivery = rig.deliver()
+        while not rig.outbox.waiting:
+            await asyncio.sleep(0)
+        delivery.channel.close()  # while the event's confirm is outstanding
+        rig.settler.channel_lost(delivery.channel)
+    await rig.settled()
+    assert [e.target for e in rig.outbox.entries("sent")] == ["exchange:upload.failed"]
+    assert delivery.acks == 0
+
+
+async def test_a_channel_lost_while_working_cancels_the_attempt() -> None:
+    """Work still running when its channel dies is cancelled before anything is published."""
+    started = asyncio.Event()
+
+    async def slow(request: UploadRequest) -> Outcome:
+        started.set()
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    rig = Rig(slow)
+    delivery = rig.deliver()
+    await started.wait()
+    delivery.channel.close()
+    assert rig.settler.channel_lost(delivery.channel) == 1
+    await rig.settled()
+    assert rig.outbox.log == []
+
+
+async def test_an_invalid_body_fails_with_its_event_and_is_dead_lettered() -> None:
+    """A body that is not a request never reaches the handler; it ends like any failure."""
+
+    async def never(request: UploadRequest) -> Outcome:
+        raise AssertionError("an invalid request must not run")
+
+    rig = Rig(never)
+    rig.deliver(b'{"id": "bad-1", "source": {}}', message_id="m-1")
+    await rig.settled()
+    event = rig.outbox.entries("confirmed")[0]
+    assert event.body["data"]["requestId"] == "bad-1"
+    assert event.body["data"]["error"]["code"] == "invalid_request"
+    assert rig.outbox.entries("confirmed")[1].target == f"queue:{rig.topology.dead.name}"
+
+
+async def test_secrets_are_masked_in_the_event_and_the_dead_letter() -> None:
+    """A destination that echoes the API key: neither the event nor the dead letter shows it."""
+    leaky = PermanentError(ErrorCode.DESTINATION_REJECTED, f"bad key {SECRET}")
+    rig = Rig(returning(Outcome(1.0, "inconvo", error=leaky)))
+    rig.deliver()
+    await rig.settled()
+    for entry in rig.outbox.entries("confirmed"):
+        assert entry.message is not None
+        assert SECRET not in entry.message.body.decode()
+        assert SECRET not in str(entry.headers)
+
+
+async def test_a_second_copy_of_a_settled_request_is_dropped() -> None:
+    """A copy whose copy id this replica already settled is acked without running again."""
+    runs = 0
+
+    async def counting(request: UploadRequest) -> Outcome:
+        nonlocal runs
+        runs += 1
+        return SUCCEEDED
+
+    rig = Rig(counting)
+    rig.deliver(headers={COPY_ID_HEADER: "copy-1"})
+    await rig.settled()
+    second = rig.deliver(headers={COPY_ID_HEADER: "copy-1"})
+    await rig.settled()
+    assert runs == 1 and second.acks == 1
+    assert len(rig.outbox.entries("confirmed")) == 1
+
+
+def test_shutdown_gives_back_unfinished_work_as_a_fresh_copy() -> None:
+    """At the shutdown timeout, work still running is handed back to the request queue
+    (same attempt, this return not counted as a crash), then acked."""
+
+    async def scenario() -> None:
+        started = asyncio.Event()
+
+        async def endless(request: UploadRequest) -> Outcome:
+            started.set()
+            await asyncio.Event().wait()
+            raise AssertionError("unreachable")
+
+        rig = Rig(endless, shutdown_timeout=2.0)
+        delivery = rig.deliver(headers={ATTEMPT_HEADER: 2, "x-delivery-count": 1})
+        await started.wait()
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        await rig.settler.drain(loop.time() + 2.0)
+        assert loop.time() - began == pytest.approx(2.0, abs=0.01)
+        requests = f"queue:{rig.topology.requests.name}"
+        assert rig.outbox.kinds() == [
+            f"sent {requests}",
+            f"confirmed {requests}",
+            f"ack {delivery.delivery_tag}",
+        ]
+        copy = rig.outbox.log[0]
+        assert copy.headers[ATTEMPT_HEADER] == 2
+        assert copy.headers[REDELIVERIES_HEADER] == 1
+        assert "x-delivery-count" not in copy.headers
+
+    run_virtual(scenario())
+
+
+def test_shutdown_acks_a_settle_whose_last_publish_went_out() -> None:
+    """A settle whose last publish went out on a live connection is acked at the hard deadline
+    even without its confirm (leaving it unacked would repeat that publish); one whose last
+    publish never went out stays unacked for the broker to redeliver."""
+
+    async def scenario() -> None:
+        rig = Rig(returning(SUCCEEDED), shutdown_timeout=1.0)
+        with rig.outbox.hold():
+            delivery = rig.deliver()
+            while not rig.outbox.waiting:
+                await asyncio.sleep(0)
+            loop = asyncio.get_running_loop()
+            await rig.settler.drain(loop.time() + 1.0)
+            assert delivery.acks == 1, "the event went out: acked"
+
+        rig = Rig(returning(SUCCEEDED), shutdown_timeout=1.0)
+        rig.outbox.up = False  # the connection is down: nothing goes out
+        rig.outbox.generation = 2
+        with rig.outbox.hold():
+            delivery = rig.deliver()
+            while not rig.outbox.waiting:
+                await asyncio.sleep(0)
+            rig.outbox.generation = 3  # the connection it was handed to is gone
+            await rig.settler.drain(asyncio.get_running_loop().time() + 1.0)
+            assert delivery.acks == 0, "its publish may be lost: the broker redelivers it"
+
+    run_virtual(scenario())
