@@ -21,7 +21,7 @@ import orjson
 from aio_pika.abc import AbstractConnection
 
 from service import deadletters
-from service.amqp.publisher import CONNECTION_ERRORS
+from service.amqp.link import CONNECTION_ERRORS
 from service.cli_args import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,

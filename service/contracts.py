@@ -20,6 +20,8 @@ from pydantic import (
     model_validator,
 )
 
+from service import schemas
+from service.errors import ErrorCode
 from service.urls import check_http_url, parse_s3_url, scheme_of
 
 MindsetMimeType = Literal[
@@ -99,10 +101,23 @@ class SourceSpec(_Strict):
     """Where the file comes from."""
 
     url: Annotated[str, StringConstraints(min_length=1, max_length=4096)] = Field(
-        description="s3://bucket/key[?versionId=v] or http(s)://... (<= 2048 chars)"
+        description="s3://bucket/key[?versionId=v] (the key percent-decoded) or http(s)://... "
+        "(at most 2048 characters). Other schemes fail as unsupported_source.",
+        json_schema_extra=schemas.SOURCE_URL,
     )
-    fileName: Annotated[str, StringConstraints(min_length=1, max_length=255)] | None = None
-    contentType: Annotated[str, StringConstraints(min_length=3, max_length=255)] | None = None
+    fileName: Annotated[str, StringConstraints(min_length=1, max_length=255)] | None = Field(
+        None,
+        description="The file's name; default the Content-Disposition name, else the URL's "
+        "last path segment.",
+        examples=["sales_report_q4.csv"],
+        json_schema_extra={"pattern": schemas.PRINTABLE},
+    )
+    contentType: Annotated[str, StringConstraints(min_length=3, max_length=255)] | None = Field(
+        None,
+        description="The file's content type; default the response's, then the extension's.",
+        examples=["text/csv"],
+        json_schema_extra={"pattern": schemas.PRINTABLE},
+    )
 
     @field_validator("url")
     @classmethod
@@ -126,15 +141,33 @@ class SourceSpec(_Strict):
 
 
 class InconvoDestination(_Strict):
-    """Upload to an Inconvo dataset, user- or context-scoped."""
+    """Upload to an Inconvo dataset; one scope: userIdentifier, or contextKey + contextValue."""
 
-    type: Literal["inconvo"]
-    userIdentifier: Identifier | None = None
-    contextKey: Annotated[str, StringConstraints(pattern=_CONTEXT_KEY)] | None = None
-    contextValue: Identifier | None = None
-    agentId: Annotated[str, StringConstraints(pattern=_IDENT)] | None = None
-    fileName: Annotated[str, StringConstraints(min_length=1, max_length=255)] | None = None
-    notes: Annotated[str, StringConstraints(max_length=10000)] | None = None
+    model_config = ConfigDict(json_schema_extra=schemas.INCONVO_SCOPES)
+
+    type: Literal["inconvo"] = Field(description="Inconvo: a multipart dataset upload.")
+    userIdentifier: Identifier | None = Field(
+        None, description="The user scope.", examples=["user_123"]
+    )
+    contextKey: Annotated[str, StringConstraints(pattern=_CONTEXT_KEY)] | None = Field(
+        None, description="The context scope's key, with contextValue.", examples=["orgId"]
+    )
+    contextValue: Identifier | None = Field(
+        None, description="The context scope's value, with contextKey.", examples=["org_456"]
+    )
+    agentId: Annotated[str, StringConstraints(pattern=_IDENT)] | None = Field(
+        None, description="Use the agent-scoped routes (else COURIER_INCONVO_AGENT_ID)."
+    )
+    fileName: Annotated[str, StringConstraints(min_length=1, max_length=255)] | None = Field(
+        None,
+        description="The dataset file's name: ends .csv or .json; no '..', '/' or '\\'. "
+        "Default the source's file name (which must then end so).",
+        examples=["sales_q4.csv"],
+        json_schema_extra={"pattern": schemas.INCONVO_FILE_NAME},
+    )
+    notes: Annotated[str, StringConstraints(max_length=10000)] | None = Field(
+        None, description="Free text stored with the file.", examples=["Q4 2024 sales data"]
+    )
 
     @model_validator(mode="after")
     def _one_scope(self) -> InconvoDestination:
@@ -153,25 +186,51 @@ class InconvoDestination(_Strict):
         return name
 
 
+SOURCE_ONLY_TYPES = frozenset(
+    {
+        "video/mp4",
+        "audio/mpeg",
+        "application/vnd.openxmlformats-officedocument.presentationml.presentation",
+        "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
+        "application/zip",
+    }
+)
+
+
 class MindsetDestination(_Strict):
     """Ingest into a Mindset AI context, by URL or inline content."""
 
-    type: Literal["mindset"]
-    appUid: Text
-    contextUid: Text
+    model_config = ConfigDict(json_schema_extra=schemas.mindset_delivery(SOURCE_ONLY_TYPES))
+
+    type: Literal["mindset"] = Field(description="Mindset AI: a JSON ingest.")
+    appUid: Text = Field(description="The Mindset app.", examples=["app_demo"])
+    contextUid: Text = Field(description="The context in the app.", examples=["ctx_handbook"])
     name: (
         Annotated[str, StringConstraints(min_length=1, max_length=100), _api_max(MINDSET_MAX_NAME)]
         | None
-    ) = None
-    mimeType: MindsetMimeType | None = None
-    delivery: Literal["auto", "sourceUrl", "documentContent"] = "auto"
-    externalId: Text | None = None
+    ) = Field(None, description="The file's name in Mindset; default the source's (cut to 100).")
+    mimeType: MindsetMimeType | None = Field(
+        None, description="The file's type; default inferred from the content type or extension."
+    )
+    delivery: Literal["auto", "sourceUrl", "documentContent"] = Field(
+        "auto",
+        description="sourceUrl: Mindset fetches the file (S3 by a presigned URL); "
+        "documentContent: Courier inlines it; auto: documentContent for text/plain, "
+        "else sourceUrl.",
+    )
+    externalId: Text | None = Field(
+        None, description="Your id of the file in Mindset.", examples=["handbook-onboarding"]
+    )
     zipType: Annotated[str, StringConstraints(max_length=20), _api_max(20)] | None = None
     autoPublish: bool | None = None
     hideContentSegments: bool | None = None
     knownAs: Annotated[str, StringConstraints(max_length=200), _api_max(200)] | None = None
-    externalUrl: Annotated[str, StringConstraints(max_length=2048), _api_max(2048)] | None = None
-    thumbnailUrl: Annotated[str, StringConstraints(max_length=2048), _api_max(2048)] | None = None
+    externalUrl: Annotated[str, StringConstraints(max_length=2048), _api_max(2048)] | None = Field(
+        None, json_schema_extra={"pattern": schemas.HTTP_URL}
+    )
+    thumbnailUrl: Annotated[str, StringConstraints(max_length=2048), _api_max(2048)] | None = Field(
+        None, json_schema_extra={"pattern": schemas.HTTP_URL}
+    )
     thumbnail: Annotated[str, StringConstraints(max_length=65536), _api_max(65536)] | None = None
     viewOriginalSource: bool | None = None
     contentHash: Annotated[str, StringConstraints(max_length=200), _api_max(200)] | None = None
@@ -208,13 +267,21 @@ class UploadRequest(_Strict):
         strict=True,
         frozen=True,
         title="Courier upload request",
-        json_schema_extra={"$id": "urn:courier:schema:request"},
+        json_schema_extra={"$id": "urn:courier:schema:request", **schemas.REQUEST_RULES},
     )
 
-    id: Annotated[str, StringConstraints(min_length=1, max_length=200)] | None = None
+    id: Annotated[str, StringConstraints(min_length=1, max_length=200)] | None = Field(
+        None,
+        description="The request id and idempotency key; else the AMQP message_id.",
+        examples=["req-2024-q4-0001"],
+    )
     source: SourceSpec
     destination: Destination
-    metadata: Annotated[dict[str, str], Field(max_length=50)] = Field(default_factory=dict)
+    metadata: Annotated[dict[str, str], Field(max_length=50)] = Field(
+        default_factory=dict,
+        description="Flat string values (at most 50 keys), echoed in every event.",
+        json_schema_extra=schemas.METADATA,
+    )
 
     @field_validator("metadata")
     @classmethod
@@ -223,17 +290,6 @@ class UploadRequest(_Strict):
             if not 1 <= len(key) <= 200 or len(value) > 2048:
                 raise ValueError("metadata keys are 1-200 characters and values at most 2048")
         return metadata
-
-
-SOURCE_ONLY_TYPES = frozenset(
-    {
-        "video/mp4",
-        "audio/mpeg",
-        "application/vnd.openxmlformats-officedocument.presentationml.presentation",
-        "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
-        "application/zip",
-    }
-)
 
 
 def check_mindset_delivery(mime_type: str, delivery: str) -> None:
@@ -277,7 +333,7 @@ class SourceInfo(_Out):
 class ErrorInfo(_Out):
     """Why a request failed."""
 
-    code: str
+    code: ErrorCode
     message: str
     retryable: bool
     httpStatus: int | None = None
@@ -310,7 +366,7 @@ class ResultEvent(_Out):
         extra="forbid",
         frozen=True,
         title="Courier result event",
-        json_schema_extra={"$id": "urn:courier:schema:event"},
+        json_schema_extra={"$id": "urn:courier:schema:event", **schemas.EVENT_EXTENSIONS},
     )
 
     specversion: Literal["1.0"] = "1.0"
@@ -337,6 +393,6 @@ class ResultEvent(_Out):
 def json_schemas() -> dict[str, Any]:
     """The JSON Schemas of the request and the event."""
     return {
-        "request": UploadRequest.model_json_schema(),
-        "event": ResultEvent.model_json_schema(),
+        "request": UploadRequest.model_json_schema(schema_generator=schemas.CourierSchema),
+        "event": ResultEvent.model_json_schema(schema_generator=schemas.CourierSchema),
     }

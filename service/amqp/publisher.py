@@ -22,7 +22,7 @@ import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
 
 from service.amqp.declare import declare_events, declare_own_queues, declare_queue
-from service.amqp.hooks import LinkHooks, PublishHooks
+from service.amqp.hooks import PublishHooks
 from service.amqp.link import CONNECTION_ERRORS, Link
 from service.topology import Topology
 

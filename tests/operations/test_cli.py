@@ -14,7 +14,6 @@ import pytest
 from aio_pika.abc import AbstractRobustConnection
 
 from service.amqp.declare import declare_queue
-from service.topology import Topology
 from service.config import Settings
 from service.topology import Topology
 from testbed.fakes import FakeInconvo

@@ -13,9 +13,9 @@ from aio_pika.abc import AbstractRobustConnection
 
 from service import __version__
 from service.amqp.declare import declare_queue
-from service.topology import Topology
 from service.cli_args import EXIT_FAILED, EXIT_TIMEOUT, EXIT_UNAVAILABLE, EXIT_USAGE
 from service.config import Settings, load_settings
+from service.topology import Topology
 from testbed.fakes import FakeMindset
 from testbed.support import CourierProcess, Names, courier, courier_env, free_port
 from tests.conftest import INCONVO_KEY, MINDSET_KEY

@@ -13,9 +13,9 @@ import pytest
 from aio_pika.abc import AbstractRobustConnection
 
 from service.amqp.declare import declare_queue
-from service.topology import Topology
 from service.config import Settings
 from service.runtime import Service
+from service.topology import Topology
 from testbed.support import LEDGER, FileServer, Names, courier_env, drain, inconvo_request
 from tests.producers.conftest import command
 
