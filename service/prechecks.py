@@ -14,17 +14,13 @@ from collections.abc import Callable
 from service.contracts import UploadRequest
 from service.destinations import inconvo, mindset
 from service.errors import ErrorCode, PermanentError
+from service.urls import scheme_of
 
 SCHEMES = ("s3", "http", "https")
 _DESTINATION_CHECKS: dict[str, Callable[[UploadRequest], None]] = {
     "inconvo": inconvo.precheck,
     "mindset": mindset.precheck,
 }
-
-
-def scheme_of(url: str) -> str:
-    """The URL's scheme in lower case ('' when there is none)."""
-    return url.split(":", 1)[0].lower() if ":" in url else ""
 
 
 def check_scheme(url: str) -> None:
