@@ -3,23 +3,44 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+RUN_STAMP := $(VENV)/.run-stamp
 COURIER_AMQP_URL ?= amqp://guest:guest@127.0.0.1:5672/
 export COURIER_AMQP_URL
 
-.PHONY: install run broker tools lint format test schemas clean demo bench chaos
+.PHONY: install run broker tools lint format test schemas clean demo bench chaos node-deps
 
-$(STAMP): pyproject.toml
+define check_python
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
 		{ echo "Courier needs Python 3.11 or newer (set PYTHON=...)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+endef
+
+# Everything: the service, its tests and tools.
+$(STAMP): pyproject.toml
+	$(check_python)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+	touch $(STAMP) $(RUN_STAMP)
+
+# Only what the service itself needs (`make run`).
+$(RUN_STAMP): pyproject.toml
+	$(check_python)
+	$(BIN)/python -m pip install --quiet -e .
+	touch $(RUN_STAMP)
 
 install: $(STAMP)
 
-run: install
-	$(BIN)/courier run
+# `courier run`; with no destination key set, against the local fakes (scripts/run.py).
+# Logs for people on a terminal, JSON lines otherwise (or as COURIER_LOG_FORMAT says).
+run: $(RUN_STAMP)
+	@COURIER_LOG_FORMAT=$${COURIER_LOG_FORMAT:-$$(if [ -t 2 ]; then echo console; else echo json; fi)} \
+		$(BIN)/python -m scripts.run
+
+# The Node.js AMQP client of the producer snippets (tests/producers), when Node is there.
+node-deps:
+	@if command -v npm >/dev/null 2>&1; then \
+		cd examples/producers/node && npm ci --no-audit --no-fund --silent; \
+	else echo "node-deps: npm not found; the Node.js producer tests will be skipped"; fi
 
 broker:
 	@scripts/ensure-rabbitmq.sh "$(COURIER_AMQP_URL)"
@@ -41,7 +62,7 @@ format: install
 # timing-sensitive tests (marked `alone`) run afterwards, on an idle machine.
 PYTEST_WORKERS ?= 4
 
-test: install broker tools lint
+test: install broker tools node-deps lint
 	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadfile -m "not alone"
 	$(BIN)/pytest -m alone
 

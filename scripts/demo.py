@@ -1,8 +1,11 @@
-"""`make demo`: the whole flow on loopback in one command.
+"""`make demo`: the whole flow on loopback in one command, a failure included.
 
-Starts the fake Inconvo and Mindset, a file server and an S3 server (moto),
-runs `courier run` as a subprocess, submits every request in examples/ and
-prints the result events.
+Starts the local stack (the fake Inconvo and Mindset, the example files over
+HTTP, moto's S3 with bucket ``courier-examples``), runs `courier run` on queues
+of its own, submits every request in examples/ with `courier submit`, and one
+that fails (examples/failures/) and ends in the dead-letter queue; prints a
+table of the outcomes and `courier dead list`. Courier's own logs go to a file,
+named at the end; the peers log nothing.
 """
 
 from __future__ import annotations
@@ -10,115 +13,133 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import sys
-import uuid
+import tempfile
 from pathlib import Path
-from string import Template
+from typing import Any
 
 import aio_pika
-import aiohttp
 import orjson
-from aiobotocore.session import get_session
-from moto.server import ThreadedMotoServer
 
-from testbed.fakes import FakeInconvo, FakeMindset
-from testbed.support import AMQP_URL, EventCollector, FileServer, Names, delete_topology, publish
+from scripts.local_stack import FILES_PORT, ROOT, local_stack
+from testbed.support import AMQP_URL, EventCollector, Names, delete_topology, free_port, wait_status
 
-ROOT = Path(__file__).resolve().parent.parent
-PDF = b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF\n"
+EXAMPLES = sorted((ROOT / "examples").glob("*.json"))
+FAILURES = sorted((ROOT / "examples" / "failures").glob("*.json"))
+EXAMPLE_ORIGIN = f"http://127.0.0.1:{FILES_PORT}"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+async def _courier(*args: str, env: dict[str, str], stdin: bytes | None = None) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "service",
+        *args,
+        env=env,
+        cwd=ROOT,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await proc.communicate(stdin)
+    assert proc.returncode is not None  # noqa: S101 - communicate() waited for it
+    return proc.returncode, out.decode()
+
+
+def _row(event: dict[str, Any]) -> tuple[str, ...]:
+    data = event["data"]
+    source = (data.get("source") or {}).get("url") or "-"
+    if data["status"] == "succeeded":
+        detail = f"{data['delivery']}, {(data.get('source') or {}).get('bytes')} bytes"
+    else:
+        detail = f"{data['error']['code']}: {data['error']['message']}"
+    return data["requestId"], data["destination"] or "-", source, data["status"], detail
+
+
+def _table(rows: list[tuple[str, ...]]) -> str:
+    header = ("REQUEST", "DESTINATION", "SOURCE", "OUTCOME", "DETAIL")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *rows]
+    )
+
+
+async def _dead_letters(names: Names, amqp_url: str, count: int) -> None:
+    """Wait until the dead-letter queue holds ``count`` letters (they follow the event)."""
+    async with await aio_pika.connect(amqp_url) as connection, asyncio.timeout(30):
+        channel = await connection.channel()
+        while True:
+            queue = await channel.declare_queue(names.dead_queue, passive=True)
+            if (queue.declaration_result.message_count or 0) >= count:
+                return
+            await asyncio.sleep(0.1)
 
 
 async def main() -> int:
     """Run the demo; returns the exit status."""
     amqp_url = os.environ.get("COURIER_AMQP_URL", AMQP_URL)
-    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    moto.start()
-    s3_host, s3_port = moto.get_host_and_port()
-    aws = {
-        "AWS_ACCESS_KEY_ID": "demo-key-id",
-        "AWS_SECRET_ACCESS_KEY": "demo-secret",
-        "AWS_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL_S3": f"http://{s3_host}:{s3_port}",
-    }
-    os.environ.update(aws)
-    bucket = f"courier-demo-{uuid.uuid4().hex[:8]}"
-    async with get_session().create_client("s3") as s3:
-        await s3.create_bucket(Bucket=bucket)
-        await s3.put_object(
-            Bucket=bucket, Key="shared/pricing.json", Body=b'[{"sku": "A", "price": 10}]'
-        )
-        await s3.put_object(Bucket=bucket, Key="training/onboarding.pdf", Body=PDF)
-
-    files = await FileServer().start()
-    files.add("/exports/sales_report_q4.csv", b"region,total\neu,10\nus,12\n")
-    files.add(
-        "/notes/release-notes.txt", b"Courier 0.1: first release.\n", content_type="text/plain"
-    )
-    inconvo, mindset = FakeInconvo(api_key="demo-inconvo"), FakeMindset(api_key="demo-mindset")
-    await inconvo.start()
-    await mindset.start()
     names = Names.fresh()
-    http_port = _free_port()
-    env = {
-        **os.environ,
-        **aws,
-        "COURIER_AMQP_URL": amqp_url,
-        "COURIER_QUEUE": names.queue,
-        "COURIER_EVENTS_EXCHANGE": names.events_exchange,
-        "COURIER_HTTP_HOST": "127.0.0.1",
-        "COURIER_HTTP_PORT": str(http_port),
-        "COURIER_INCONVO_API_KEY": "demo-inconvo",
-        "COURIER_INCONVO_BASE_URL": inconvo.base_url,
-        "COURIER_MINDSET_API_KEY": "demo-mindset",
-        "COURIER_MINDSET_BASE_URL": mindset.base_url,
-        "COURIER_SOURCE_ALLOWED_HOSTS": f"127.0.0.1:{files.port}",
-        "COURIER_LOG_FORMAT": "console",
-        "COURIER_LOG_LEVEL": "WARNING",
-    }
-    connection = await aio_pika.connect_robust(amqp_url)
-    collector = await EventCollector(connection, names.events_exchange).start()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "service", "run", env=env, cwd=ROOT
-    )
-    try:
-        async with aiohttp.ClientSession() as session, asyncio.timeout(30):
-            while True:
-                try:
-                    async with session.get(f"http://127.0.0.1:{http_port}/readyz") as answer:
-                        if answer.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.1)
-        examples = sorted((ROOT / "examples").glob("*.json"))
-        for path in examples:
-            text = Template(path.read_text()).substitute(
-                FILES=files.url("").rstrip("/"), BUCKET=bucket
+    log_file = Path(tempfile.gettempdir()) / f"courier-demo-{names.queue.split('.')[0]}.log"
+    async with local_stack(files_port=0) as stack:
+        http_port = free_port()
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith(("COURIER_", "INCONVO_"))},
+            **stack.env,
+            "COURIER_AMQP_URL": amqp_url,
+            "COURIER_QUEUE": names.queue,
+            "COURIER_EVENTS_EXCHANGE": names.events_exchange,
+            "COURIER_HTTP_HOST": "127.0.0.1",
+            "COURIER_HTTP_PORT": str(http_port),
+            "COURIER_LOG_FORMAT": "console",
+        }
+        connection = await aio_pika.connect_robust(amqp_url)
+        collector = await EventCollector(connection, names.events_exchange).start()
+        with log_file.open("wb") as logs:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "service", "run", env=env, cwd=ROOT, stderr=logs
             )
-            print(f"--> submitting {path.name}")
-            await publish(connection, names.queue, text.encode())
-        events = await collector.wait_for(len(examples), timeout=60)
-        for event in events:
-            print(orjson.dumps(event, option=orjson.OPT_INDENT_2).decode())
-        ok = all(e["data"]["status"] == "succeeded" for e in events)
-        print(f"{len(events)} events, {'all succeeded' if ok else 'some failed'}")
-        return 0 if ok else 1
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        await proc.wait()
-        await delete_topology(names, (10, 60, 300, 1800), amqp_url)
-        await connection.close()
-        await files.close()
-        await inconvo.close()
-        await mindset.close()
-        moto.stop()
+        try:
+            await wait_status(f"http://127.0.0.1:{http_port}/readyz", 200, timeout=30)
+            requests = [*EXAMPLES, *FAILURES]
+            print(f"courier run is consuming {names.queue}; submitting {len(requests)} requests")
+            for path in requests:
+                # The examples name the file server of `make run`; this one has a port of its own.
+                body = path.read_bytes().replace(EXAMPLE_ORIGIN.encode(), stack.files.url.encode())
+                code, out = await _courier("submit", "-", env=env, stdin=body)
+                print(f"  $ courier submit {path.relative_to(ROOT)}")
+                if code != 0:
+                    print(out)
+                    return 1
+            events = await collector.wait_for(len(requests), timeout=60)
+            await _dead_letters(names, amqp_url, len(FAILURES))
+            print()
+            print(_table([_row(event) for event in events]))
+            print("\n$ courier dead list")
+            _, listing = await _courier("dead", "list", env=env)
+            print(listing.rstrip())
+            by_status = {e["data"]["requestId"]: e["data"]["status"] for e in events}
+            expected = {
+                **{_request_id(p): "succeeded" for p in EXAMPLES},
+                **{_request_id(p): "failed" for p in FAILURES},
+            }
+            ok = by_status == expected
+            print(
+                f"\n{sum(s == 'succeeded' for s in by_status.values())} succeeded, "
+                f"{sum(s == 'failed' for s in by_status.values())} failed"
+                f"{' as expected' if ok else ', NOT as expected'}; "
+                f"courier run's log: {log_file}"
+            )
+            return 0 if ok else 1
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            await proc.wait()
+            await delete_topology(names, (10, 60, 300, 1800), amqp_url)
+            await connection.close()
+
+
+def _request_id(path: Path) -> str:
+    return str(orjson.loads(path.read_bytes())["id"])
 
 
 if __name__ == "__main__":

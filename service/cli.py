@@ -1,4 +1,9 @@
-"""The ``courier`` command: run, submit, process, dead, doctor, schema."""
+"""The ``courier`` command: run, submit, process, events, dead, doctor, schema.
+
+A user's mistake (a missing file, a broker that does not answer, a port in
+use, a request that cannot succeed) ends in one ``courier: ...`` line on
+stderr and a documented exit status (:mod:`service.cli_args`), never a traceback.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +13,24 @@ import logging
 import os
 import sys
 from collections.abc import Iterable
-from datetime import datetime
 from typing import Any
 
 import aio_pika
+import aiormq
 import orjson
 from aio_pika.abc import AbstractConnection
 
 from service import deadletters
-from service.amqp.declare import declare_queue
+from service.amqp.link import CONNECTION_ERRORS
+from service.cli_args import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_TIMEOUT,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    parser,
+)
 from service.config import (
     SECRET_VARIABLES,
     ConfigError,
@@ -24,105 +38,47 @@ from service.config import (
     load_settings,
     unknown_variables,
 )
-from service.contracts import DESTINATIONS
-from service.errors import CourierError, ErrorCode
+from service.errors import CourierError
 from service.logs import setup_logging
-from service.messages import Envelope, parse_request, request_id
+from service.messages import Envelope, decode, parse_request, request_id
+from service.prechecks import offline_checks
 from service.redact import SecretFilter, mask_text, redact_url
 from service.topology import Topology
+from service.watch import FINAL_EVENTS, ExchangeMissing, events, line, request_of, watching
 
-EXIT_CONFIG = 2
+EXIT_CONFIG = EXIT_USAGE  # the name older callers know
 log = logging.getLogger(__name__)
+_DESTINATION_KEYS = {
+    "inconvo": ("Inconvo", "inconvo_api_key", "COURIER_INCONVO_API_KEY"),
+    "mindset": ("Mindset", "mindset_api_key", "COURIER_MINDSET_API_KEY"),
+}
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
+class UserError(Exception):
+    """A mistake or a missing dependency the user can fix: one line and an exit status."""
 
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError("must be above 0")
-    return value
-
-
-def _codes(text: str) -> list[str]:
-    codes = [code.strip() for code in text.split(",") if code.strip()]
-    known = {code.value for code in ErrorCode}
-    for code in codes:
-        if code not in known:
-            raise argparse.ArgumentTypeError(f"{code!r} is not one of {', '.join(sorted(known))}")
-    return codes
-
-
-def _since(text: str) -> datetime:
-    try:
-        return deadletters.parse_since(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _dead_parser(sub: Any) -> None:
-    dead = sub.add_parser("dead", help="list, replay or purge dead letters, filtered")
-    actions = dead.add_subparsers(dest="action", required=True)
-    filters = argparse.ArgumentParser(add_help=False)
-    filters.add_argument(
-        "--code", type=_codes, action="extend", default=[], help="error code(s), comma-separated"
-    )
-    filters.add_argument("--destination", choices=DESTINATIONS, action="append", default=[])
-    filters.add_argument(
-        "--since", type=_since, help="failed at or after: a duration (2h, 30m) or an ISO 8601 time"
-    )
-    filters.add_argument("--request-id", action="append", default=[], help="request id(s)")
-    filters.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    listing = actions.add_parser("list", parents=[filters], help="print dead letters; they stay")
-    listing.add_argument("--limit", type=_positive_int, default=100, help="default 100")
-    replay = actions.add_parser(
-        "replay", parents=[filters], help="move matching letters back to the request queue"
-    )
-    purge = actions.add_parser("purge", parents=[filters], help="delete matching letters")
-    for cmd in (replay, purge):
-        cmd.add_argument("--limit", type=_positive_int, help="at most this many (default all)")
-        cmd.add_argument(
-            "--dry-run", action="store_true", help="print what would be done; change nothing"
-        )
-    replay.add_argument("--rate", type=_positive_float, help="at most this many per second")
-    purge.add_argument("--yes", action="store_true", help="really delete")
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="courier", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("run", help="consume requests until SIGTERM/SIGINT")
-    for name, text in (
-        ("submit", "validate a request and publish it"),
-        ("process", "run one request locally, without a broker; print its event"),
-    ):
-        cmd = sub.add_parser(name, help=text)
-        cmd.add_argument("file", help="request JSON file, or - for stdin")
-    _dead_parser(sub)
-    doctor = sub.add_parser("doctor", help="check the configuration and every dependency")
-    doctor.add_argument("--json", action="store_true", help="print the checks as JSON")
-    doctor.add_argument(
-        "--management-url",
-        help="RabbitMQ management API, to compare queue arguments "
-        "(default: the first broker's host, port 15672)",
-    )
-    schema = sub.add_parser("schema", help="print the request and event JSON Schemas")
-    schema.add_argument(
-        "--asyncapi", action="store_true", help="print the AsyncAPI 3 document instead"
-    )
-    return parser
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def _read(path: str) -> bytes:
     if path == "-":
         return sys.stdin.buffer.read()
-    with open(path, "rb") as handle:
-        return handle.read()
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror or exc}", EXIT_USAGE) from None
+
+
+def _secrets() -> list[str]:
+    try:
+        secrets = load_settings().secret_values()
+    except ConfigError:
+        secrets = []
+    # Read straight from the environment too: the settings themselves may not load.
+    return secrets + [value for name in SECRET_VARIABLES if (value := os.environ.get(name))]
 
 
 def _print(text: str, secrets: Iterable[str] = ()) -> None:
@@ -135,66 +91,160 @@ def _print_json(value: Any, secrets: Iterable[str] = ()) -> None:
     _print(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode(), secrets)
 
 
+def _say(text: str) -> None:
+    """A line for the person at the terminal (stderr: stdout is the command's output)."""
+    sys.stderr.write(f"courier: {mask_text(text, SecretFilter(_secrets()).secrets)}\n")
+    sys.stderr.flush()
+
+
 async def _connect(settings: Settings) -> AbstractConnection:
     """A connection to the first node of COURIER_AMQP_URL that answers."""
     urls = settings.amqp_urls
-    for url in urls[:-1]:
+    for url in urls:
         try:
             return await aio_pika.connect(url, timeout=10)
-        except (aio_pika.exceptions.AMQPConnectionError, OSError, TimeoutError):
-            log.warning("broker node %s does not answer; trying the next", redact_url(url))
-    return await aio_pika.connect(urls[-1], timeout=10)
+        except CONNECTION_ERRORS as exc:
+            last = exc
+            if url != urls[-1]:
+                log.warning("broker node %s does not answer; trying the next", redact_url(url))
+    shown = ", ".join(redact_url(url) for url in urls)
+    raise UserError(
+        f"cannot reach RabbitMQ at {shown} ({type(last).__name__}): start a broker "
+        "(`make broker`) or set COURIER_AMQP_URL",
+        EXIT_UNAVAILABLE,
+    )
 
 
 async def _process(settings: Settings, body: bytes) -> int:
     from service.events import build_event
+    from service.outcome import Outcome
     from service.runtime import pipeline_for
 
-    envelope = Envelope()
-    request = parse_request(body, settings.max_message_bytes)
-    async with pipeline_for(settings) as pipeline:
-        outcome = await pipeline.process(request, request_id(request.id, envelope, body))
+    decoded = decode(body, Envelope(), settings.max_message_bytes)
+    if decoded.request is None:  # the same invalid_request event `courier run` publishes
+        assert decoded.error is not None  # noqa: S101 - decode says why there is no request
+        outcome = Outcome.refused(
+            decoded.error, destination=decoded.destination, source_url=decoded.source_url
+        )
+    else:
+        async with pipeline_for(settings) as pipeline:
+            outcome = await pipeline.process(decoded.request, decoded.request_id)
     event = build_event(
         event_source=settings.event_source,
-        request_id=request_id(request.id, envelope, body),
+        request_id=decoded.request_id,
         attempts=1,
-        metadata=request.metadata,
+        metadata=decoded.metadata,
         outcome=outcome,
     )
     # The same masking as the logs of `courier run`: an event must not show a secret.
     _print_json(event, settings.secret_values())
-    return 0 if outcome.succeeded else 1
+    return EXIT_OK if outcome.succeeded else EXIT_FAILED
 
 
-async def _submit(settings: Settings, body: bytes) -> int:
+async def _submit(settings: Settings, body: bytes, wait: bool, patience: float) -> int:
     request = parse_request(body, settings.max_message_bytes)
+    offline_checks(request)  # what is certain to fail is never published
     rid = request_id(request.id, Envelope(), body)
     connection = await _connect(settings)
     async with connection:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        # Declaring (idempotently) makes sure the request cannot vanish unrouted.
-        await declare_queue(channel, Topology.from_settings(settings).requests)
-        await channel.default_exchange.publish(
-            aio_pika.Message(
-                body=body,
-                content_type="application/json",
-                message_id=rid,
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            ),
-            routing_key=settings.queue,
-            timeout=settings.publish_timeout,
+        try:
+            # Passive: a producer needs no configure permission, and never makes the queue.
+            await channel.declare_queue(settings.queue, passive=True)
+        except aio_pika.exceptions.ChannelNotFoundEntity:
+            raise UserError(
+                f"queue {settings.queue} does not exist on this broker: start `courier run` "
+                "once (it declares its queues), or correct COURIER_QUEUE",
+                EXIT_UNAVAILABLE,
+            ) from None
+        message = aio_pika.Message(
+            body=body,
+            content_type="application/json",
+            message_id=rid,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         )
-    _print_json({"submitted": rid, "queue": settings.queue})
-    return 0
+        if not wait:
+            await _publish(channel, settings, message)
+            _print_json({"submitted": rid, "queue": settings.queue})
+            return EXIT_OK
+        try:
+            async with watching(connection, settings.events_exchange) as watch:
+                await _publish(channel, settings, message)
+                _say(f"submitted {rid} to {settings.queue}; waiting for its events")
+                return await _follow(watch, rid, patience, settings.secret_values())
+        except ExchangeMissing:
+            raise UserError(
+                f"exchange {settings.events_exchange} does not exist: start `courier run` once "
+                "(it declares it), or correct COURIER_EVENTS_EXCHANGE",
+                EXIT_UNAVAILABLE,
+            ) from None
+
+
+async def _publish(channel: Any, settings: Settings, message: aio_pika.Message) -> None:
+    try:
+        await channel.default_exchange.publish(
+            message, routing_key=settings.queue, mandatory=True, timeout=settings.publish_timeout
+        )
+    except aio_pika.exceptions.DeliveryError:
+        raise UserError(
+            f"the broker did not take the request for queue {settings.queue}", EXIT_UNAVAILABLE
+        ) from None
+
+
+async def _follow(watch: Any, rid: str, patience: float, secrets: list[str]) -> int:
+    try:
+        async with asyncio.timeout(patience):
+            async for _, event in events(watch):
+                if request_of(event) != rid:
+                    continue
+                _print_json(event, secrets)
+                status = FINAL_EVENTS.get(str(event.get("type")))
+                if status is not None:
+                    return status
+    except TimeoutError:
+        pass
+    _say(
+        f"no final event for {rid} within {patience:g}s: is `courier run` running against "
+        "this queue? (`courier events` shows what arrives)"
+    )
+    return EXIT_TIMEOUT
+
+
+async def _events(settings: Settings, args: argparse.Namespace) -> int:
+    secrets = settings.secret_values()
+    wanted = set(args.request_id)
+    connection = await _connect(settings)
+    async with connection:
+        try:
+            async with watching(connection, settings.events_exchange, args.key) as watch:
+                _say(
+                    f"watching {settings.events_exchange} ({', '.join(args.key or ['#'])}); "
+                    "Ctrl-C stops"
+                )
+                seen = 0
+                async for _, event in events(watch):
+                    if wanted and request_of(event) not in wanted:
+                        continue
+                    _print(orjson.dumps(event).decode() if args.json else line(event), secrets)
+                    seen += 1
+                    if args.count and seen >= args.count:
+                        break
+        except ExchangeMissing:
+            raise UserError(
+                f"exchange {settings.events_exchange} does not exist: start `courier run` once "
+                "(it declares it), or correct COURIER_EVENTS_EXCHANGE",
+                EXIT_UNAVAILABLE,
+            ) from None
+    return EXIT_OK
 
 
 async def _dead(settings: Settings, args: argparse.Namespace) -> int:
     if args.action == "purge" and not (args.yes or args.dry_run):
-        sys.stderr.write(
-            "courier: purge deletes dead letters for good: add --yes "
-            "(--dry-run, or `courier dead list` with the same filters, shows which)\n"
+        raise UserError(
+            "purge deletes dead letters for good: add --yes "
+            "(--dry-run, or `courier dead list` with the same filters, shows which)",
+            EXIT_USAGE,
         )
-        return EXIT_CONFIG
     topology = Topology.from_settings(settings)
     selection = deadletters.Selection(
         codes=frozenset(args.code),
@@ -213,99 +263,127 @@ async def _dead(settings: Settings, args: argparse.Namespace) -> int:
     connection = await _connect(settings)
     async with connection:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        result = await deadletters.sweep(
-            channel,
-            topology,
-            args.action,
-            selection,
-            limit=args.limit,
-            rate=getattr(args, "rate", None),
-            dry_run=getattr(args, "dry_run", False),
-            publish_timeout=settings.publish_timeout,
-            progress=progress,
-        )
+        try:
+            result = await deadletters.sweep(
+                channel,
+                topology,
+                args.action,
+                selection,
+                limit=args.limit,
+                rate=getattr(args, "rate", None),
+                dry_run=getattr(args, "dry_run", False),
+                publish_timeout=settings.publish_timeout,
+                progress=progress,
+            )
+        except aio_pika.exceptions.ChannelNotFoundEntity:
+            raise UserError(
+                f"queue {topology.dead.name} does not exist: Courier has not run against "
+                "this broker yet (or COURIER_QUEUE names another queue)",
+                EXIT_UNAVAILABLE,
+            ) from None
         await channel.close()
     secrets = settings.secret_values()
     if args.json:
         _print_json(deadletters.as_json(result, topology), secrets)
-        return 0
+        return EXIT_OK
     if result.handled:
         _print(deadletters.table(result.handled), secrets)
     _print(deadletters.summary(result, topology, getattr(args, "rate", None)), secrets)
-    return 0
-
-
-def _environment_secrets() -> list[str]:
-    # Read straight from the environment when the settings themselves cannot be loaded.
-    return [value for name in SECRET_VARIABLES if (value := os.environ.get(name))]
+    return EXIT_OK
 
 
 def _doctor(args: argparse.Namespace) -> int:
     from service import doctor
 
     # Doctor reports connection failures itself; the libraries' own records would repeat them.
-    setup_logging("console", "WARNING", _environment_secrets())
+    setup_logging("console", "WARNING", _secrets())
     logging.getLogger("aiormq").setLevel(logging.CRITICAL)
     checks = asyncio.run(doctor.diagnose(management_url=args.management_url))
-    try:
-        secrets = load_settings().secret_values()
-    except ConfigError:
-        secrets = []
-    secrets += _environment_secrets()
+    secrets = _secrets()
     if args.json:
         _print_json(doctor.as_json(checks), secrets)
     else:
         _print(doctor.render(checks), secrets)
-    return 0 if doctor.passed(checks) else 1
+    return EXIT_OK if doctor.passed(checks) else EXIT_FAILED
+
+
+def _run(settings: Settings) -> int:
+    for name, nearest in unknown_variables():
+        log.warning(
+            "%s is not a Courier variable and is ignored%s",
+            name,
+            f" (did you mean {nearest}?)" if nearest else "",
+        )
+    for label, field, variable in _DESTINATION_KEYS.values():
+        if getattr(settings, field) is None:
+            log.warning(
+                "%s is not set: every %s request fails as destination_not_configured",
+                variable,
+                label,
+            )
+    # Imported here: the other commands start faster without the service's machinery.
+    from service.runtime import Service, limit_malloc_arenas
+    from service.tracing import setup_otel, shutdown_otel
+
+    limit_malloc_arenas()
+    setup_otel()
+    try:
+        asyncio.run(Service(settings).run())
+    finally:
+        shutdown_otel()
+    return EXIT_OK
+
+
+def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
+    if args.command == "schema":
+        from service.asyncapi import document
+
+        _print_json(document(settings))  # names and addresses only, never credentials
+        return EXIT_OK
+    if args.command == "run":
+        return _run(settings)
+    # A one-shot command says in one line why it cannot reach the broker; aiormq's own
+    # records of the same failure would only repeat it.
+    logging.getLogger("aiormq").setLevel(logging.CRITICAL)
+    if args.command == "process":
+        return asyncio.run(_process(settings, _read(args.file)))
+    if args.command == "submit":
+        body = _read(args.file)
+        return asyncio.run(_submit(settings, body, args.wait, args.timeout))
+    if args.command == "events":
+        return asyncio.run(_events(settings, args))
+    return asyncio.run(_dead(settings, args))
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``courier`` command."""
-    args = _parser().parse_args(argv)
+    args = parser().parse_args(argv)
     if args.command == "schema" and not args.asyncapi:
         from service.contracts import json_schemas
 
         _print_json(json_schemas())
-        return 0
+        return EXIT_OK
     if args.command == "doctor":
         return _doctor(args)
     try:
         settings = load_settings()
     except ConfigError as exc:
-        sys.stderr.write(f"courier: configuration error: {exc}\n")
-        return EXIT_CONFIG
+        _say(f"configuration error: {exc}")
+        return EXIT_USAGE
     setup_logging(settings.log_format, settings.log_level, settings.secret_values())
     try:
-        if args.command == "schema":
-            from service.asyncapi import document
-
-            _print_json(document(settings))  # names and addresses only, never credentials
-            return 0
-        if args.command == "run":
-            for name, nearest in unknown_variables():
-                log.warning(
-                    "%s is not a Courier variable and is ignored%s",
-                    name,
-                    f" (did you mean {nearest}?)" if nearest else "",
-                )
-            # Imported here: the other commands start faster without the service's machinery.
-            from service.runtime import Service, limit_malloc_arenas
-            from service.tracing import setup_otel, shutdown_otel
-
-            limit_malloc_arenas()
-            setup_otel()
-            try:
-                asyncio.run(Service(settings).run())
-            finally:
-                shutdown_otel()
-            return 0
-        if args.command == "process":
-            return asyncio.run(_process(settings, _read(args.file)))
-        if args.command == "submit":
-            return asyncio.run(_submit(settings, _read(args.file)))
-        return asyncio.run(_dead(settings, args))
+        return _dispatch(args, settings)
+    except UserError as exc:
+        _say(str(exc))
+        return exc.status
+    except ConfigError as exc:
+        _say(f"configuration error: {exc}")
+        return EXIT_USAGE
     except CourierError as exc:
-        sys.stderr.write(f"courier: {exc.code.value}: {exc.message}\n")
-        return 1
+        _say(f"{exc.code.value}: {exc.message}")
+        return EXIT_FAILED
+    except (aiormq.exceptions.AMQPError, aio_pika.exceptions.AMQPException, ConnectionError) as exc:
+        _say(f"lost the connection to RabbitMQ ({type(exc).__name__}); nothing more was done")
+        return EXIT_UNAVAILABLE
     except KeyboardInterrupt:
-        return 130
+        return EXIT_OK if args.command == "events" else EXIT_INTERRUPTED

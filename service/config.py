@@ -39,6 +39,7 @@ SECRET_VARIABLES = (
     "COURIER_INCONVO_API_KEY",
     "INCONVO_API_KEY",
     "COURIER_MINDSET_API_KEY",
+    "MINDSET_API_KEY",
     "AWS_SECRET_ACCESS_KEY",
     "AWS_SESSION_TOKEN",
 )
@@ -102,7 +103,10 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("COURIER_INCONVO_BASE_URL", "INCONVO_BASE_URL"),
     )
     inconvo_agent_id: str | None = None
-    mindset_api_key: SecretStr | None = None
+    mindset_api_key: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("COURIER_MINDSET_API_KEY", "MINDSET_API_KEY"),
+    )
     mindset_base_url: str = "https://a.api.mindset.ai"
     aws_region: str | None = Field(
         default=None, validation_alias=AliasChoices("AWS_REGION", "AWS_DEFAULT_REGION")

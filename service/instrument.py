@@ -66,6 +66,10 @@ class Instruments:
         if purpose == "publish":
             self.metrics.broker_blocked.set(1 if is_blocked else 0)
 
+    def event_unroutable(self, routing_key: str) -> None:
+        """An event came back unrouted: nobody has bound a queue for it."""
+        self._child(self.metrics.events_unroutable, routing_key).inc()
+
     # -- the consumer ------------------------------------------------------------------
 
     @contextlib.contextmanager

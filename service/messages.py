@@ -25,6 +25,7 @@ from service.topology import (
     REDELIVERIES_HEADER,
     TRACEPARENT_HEADER,
 )
+from service.validation import describe
 
 MAX_DEPTH = 32
 _TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}")
@@ -187,7 +188,7 @@ def parse_request(body: bytes, max_bytes: int) -> Request:
     try:
         return REQUEST.validate_python(data)
     except ValidationError as exc:
-        raise PermanentError(ErrorCode.INVALID_REQUEST, _summarise(exc)) from None
+        raise PermanentError(ErrorCode.INVALID_REQUEST, describe(exc)) from None
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
     CollectorRegistry,
     Counter,
     Gauge,
@@ -79,6 +82,12 @@ class Metrics:
             ["type"],
             registry=r,
         )
+        self.events_unroutable = Counter(
+            "courier_events_unroutable_total",
+            "Result events the broker returned: no queue was bound for their routing key.",
+            ["routing_key"],
+            registry=r,
+        )
         self.broker_connected = Gauge(
             "courier_broker_connected", "1 while both broker connections are up.", registry=r
         )
@@ -129,6 +138,11 @@ class Metrics:
         )
         self.build = Info("courier_build", "Build information.", registry=r)
         self.build.info({"version": __version__})
+        if registry is None:
+            # process_* (CPU, memory, open files) and python_* (GC, version), as the
+            # default registry has them; a caller's own registry keeps its own choice.
+            for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+                r.register(collector)
 
     def exposition(self) -> bytes:
         """The Prometheus text format of every metric."""

@@ -19,7 +19,7 @@ from aiobotocore.session import get_session
 
 from service.amqp.consumer import Consumer
 from service.amqp.publisher import Publisher
-from service.config import Settings
+from service.config import ConfigError, Settings
 from service.destinations.base import Destination
 from service.destinations.inconvo import Inconvo
 from service.destinations.mindset import Mindset
@@ -187,9 +187,16 @@ class Service:
         if install_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop)
-        runner, self.http_port = await start_http(
-            make_app(self.metrics, self.ready), self.settings.http_host, self.settings.http_port
-        )
+        host, port = self.settings.http_host, self.settings.http_port
+        try:
+            app = make_app(self.metrics, self.ready)
+            runner, self.http_port = await start_http(app, host, port)
+        except OSError as exc:
+            raise ConfigError(
+                "COURIER_HTTP_PORT",
+                f"cannot listen on {host}:{port} ({os.strerror(exc.errno) if exc.errno else exc}): "
+                "another process holds the port; stop it or choose another port",
+            ) from None
         log.info("HTTP endpoints on port %d", self.http_port)
         removed = remove_stale_spool_files(
             self.settings.tmp_dir, max_attempt_seconds(self.settings)

@@ -16,7 +16,7 @@ async def declare_queue(channel: AbstractChannel, spec: QueueSpec) -> AbstractQu
     """Declare a durable queue; one that exists with other arguments is used as it is.
 
     (Say, a classic delay tier from an older Courier, or another delivery limit:
-    better to run than to refuse to start. README "Migrating queues" says how to
+    better to run than to refuse to start. docs/reliability.md, "Migrating queues", says how to
     move to the current arguments.) The broker closes the channel on the
     mismatch, so it is reopened first.
     """

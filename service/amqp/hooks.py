@@ -24,6 +24,13 @@ class LinkHooks(Protocol):
         """The broker blocked (True) or unblocked (False) the connection."""
 
 
+class PublishHooks(LinkHooks, Protocol):
+    """What the publisher reports besides its link."""
+
+    def event_unroutable(self, routing_key: str) -> None:
+        """The broker returned an event: no queue is bound for ``routing_key``."""
+
+
 class ConsumerHooks(LinkHooks, Protocol):
     """What the subscription reports."""
 

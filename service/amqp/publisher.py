@@ -5,7 +5,7 @@ the broker's confirm for as long as the connection lives: a slow confirm (a stal
 link, a broker blocking publishers) is waited for, never given up on, so a delivery
 is never returned to the broker while the copy it made may be live. Only when the
 connection is lost before the confirm is the outcome unknown; the message is then
-published again on the next connection (README "Reliability" explains why that
+published again on the next connection (docs/reliability.md explains why that
 leaves one live copy).
 """
 
@@ -22,11 +22,12 @@ import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
 
 from service.amqp.declare import declare_events, declare_own_queues, declare_queue
-from service.amqp.hooks import LinkHooks
+from service.amqp.hooks import PublishHooks
 from service.amqp.link import CONNECTION_ERRORS, Link
 from service.topology import Topology
 
 log = logging.getLogger(__name__)
+UNROUTABLE_WARNING_PERIOD = 300.0  # at most one warning per routing key in this many seconds
 
 
 class DeliveryGone(Exception):
@@ -78,11 +79,13 @@ class Publisher:
         self,
         link_urls: Sequence[str],
         topology: Topology,
-        hooks: LinkHooks,
+        hooks: PublishHooks,
         *,
         slow_confirm: float = 10.0,
     ) -> None:
         self.topology = topology
+        self._hooks = hooks
+        self._unroutable: dict[str, tuple[float, int]] = {}  # key: (last warned, since)
         self.link = Link(link_urls, "publish", on_open=self._open, hooks=hooks)
         self._slow_confirm = slow_confirm
         self._channel: AbstractChannel | None = None
@@ -126,8 +129,13 @@ class Publisher:
         return self.link.ready.is_set() and self.link.unblocked.is_set()
 
     async def event(self, key: str, message: aio_pika.Message, work: Tracked | None = None) -> None:
-        """Publish a result event and wait for its confirm."""
-        await self._publish(None, key, message, work=work, mandatory=False)
+        """Publish a result event and wait for its confirm.
+
+        Published ``mandatory``: an event that no queue is bound for comes back, and
+        is counted and warned about instead of vanishing unseen. It is not a failure
+        of the request: the event was taken by the broker, only nobody listens yet.
+        """
+        await self._publish(None, key, message, work=work, mandatory=True)
 
     async def to_queue(
         self, queue: str, message: aio_pika.Message, work: Tracked | None = None
@@ -207,6 +215,9 @@ class Publisher:
                 await target.publish(message, routing_key=key, mandatory=mandatory, timeout=None)
                 return
             except aio_pika.exceptions.DeliveryError as exc:
+                if exchange is None and isinstance(exc.frame, aiormq.spec.Basic.Return):
+                    self._event_unroutable(key)
+                    return
                 await self._refused(exc, key)
             except aio_pika.exceptions.ChannelNotFoundEntity:
                 log.warning("publishing to %s found an entity missing; declaring again", key)
@@ -223,6 +234,22 @@ class Publisher:
                     )
             finally:
                 slow.cancel()
+
+    def _event_unroutable(self, key: str) -> None:
+        self._hooks.event_unroutable(key)
+        now = asyncio.get_running_loop().time()
+        warned, since = self._unroutable.get(key, (None, 0))
+        if warned is not None and now - warned < UNROUTABLE_WARNING_PERIOD:
+            self._unroutable[key] = (warned, since + 1)
+            return
+        self._unroutable[key] = (now, 0)
+        log.warning(
+            "no queue is bound to exchange %s for routing key %s: the event was dropped by the "
+            "broker%s (bind a queue, or watch with `courier events`)",
+            self.topology.events_exchange,
+            key,
+            f"; {since} more since the last warning" if since else "",
+        )
 
     async def _refused(self, exc: aio_pika.exceptions.DeliveryError, key: str) -> None:
         frame = exc.frame

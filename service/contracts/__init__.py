@@ -10,6 +10,7 @@ from typing import Any
 
 from pydantic import TypeAdapter
 
+from service import schemas
 from service.contracts.event import (
     ErrorInfo,
     EventData,
@@ -45,11 +46,13 @@ from service.contracts.request import (
 
 def json_schemas() -> dict[str, Any]:
     """The JSON Schemas of the request and the event."""
-    request = REQUEST.json_schema()
-    request.update({"title": "Courier request", "$id": "urn:courier:schema:request"})
-    event: dict[str, Any] = TypeAdapter(ResultEvent | IngestionEvent).json_schema()
-    event.update({"title": "Courier event", "$id": "urn:courier:schema:event"})
-    return {"request": request, "event": event}
+    generator = schemas.CourierSchema
+    request = REQUEST.json_schema(schema_generator=generator)
+    events = TypeAdapter(ResultEvent | IngestionEvent).json_schema(schema_generator=generator)
+    return {
+        "request": {**request, "title": "Courier request", "$id": "urn:courier:schema:request"},
+        "event": {**events, "title": "Courier event", "$id": "urn:courier:schema:event"},
+    }
 
 
 __all__ = [

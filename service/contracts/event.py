@@ -6,7 +6,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from service import schemas
 from service.contracts.request import DeliveryMode, DestinationName
+from service.errors import ErrorCode
 
 
 class _Out(BaseModel):
@@ -25,7 +27,7 @@ class SourceInfo(_Out):
 class ErrorInfo(_Out):
     """Why a request failed."""
 
-    code: str
+    code: ErrorCode
     message: str
     retryable: bool
     httpStatus: int | None = None
@@ -74,12 +76,7 @@ class IngestionData(_Out):
 class ResultEvent(_Out):
     """A CloudEvents 1.0 structured-mode result event of an upload or a delete."""
 
-    model_config = ConfigDict(
-        extra="forbid",
-        frozen=True,
-        title="Courier result event",
-        json_schema_extra={"$id": "urn:courier:schema:event"},
-    )
+    model_config = ConfigDict(json_schema_extra=schemas.EVENT_EXTENSIONS)
 
     specversion: Literal["1.0"] = "1.0"
     id: str
@@ -102,6 +99,8 @@ class ResultEvent(_Out):
 
 class IngestionEvent(_Out):
     """A CloudEvents 1.0 structured-mode event of a file's final state at the destination."""
+
+    model_config = ConfigDict(json_schema_extra=schemas.EVENT_EXTENSIONS)
 
     specversion: Literal["1.0"] = "1.0"
     id: str

@@ -19,6 +19,7 @@ from pydantic import (
     model_validator,
 )
 
+from service import schemas
 from service.urls import check_http_url, parse_s3_url, scheme_of
 
 MindsetMimeType = Literal[
@@ -35,14 +36,15 @@ MINDSET_MIME_TYPES: tuple[str, ...] = get_args(MindsetMimeType)
 DeliveryMode = Literal["multipart", "sourceUrl", "documentContent"]
 DestinationName = Literal["inconvo", "mindset"]
 
-_IDENT = r"^[A-Za-z0-9_.@-]{1,256}$"
-_CONTEXT_KEY = r"^[A-Za-z0-9_.-]{1,256}$"
+IDENT_PATTERN = r"^[A-Za-z0-9_.@-]{1,256}$"
+CONTEXT_KEY_PATTERN = r"^[A-Za-z0-9_.-]{1,256}$"
+TENANT_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
 MAX_HTTP_URL = 2048
 _CONTROL = re.compile("[\x00-\x1f\x7f]")
 MINDSET_MAX_URL = 2048  # sourceUrl, externalUrl, thumbnailUrl
 MINDSET_MAX_NAME = 100  # the limit of `name` below
 
-Identifier = Annotated[str, StringConstraints(pattern=_IDENT)]
+Identifier = Annotated[str, StringConstraints(pattern=IDENT_PATTERN)]
 Text = Annotated[str, StringConstraints(min_length=1)]
 
 
@@ -98,10 +100,23 @@ class SourceSpec(_Strict):
     """Where the file comes from."""
 
     url: Annotated[str, StringConstraints(min_length=1, max_length=4096)] = Field(
-        description="s3://bucket/key[?versionId=v] or http(s)://... (<= 2048 chars)"
+        description="s3://bucket/key[?versionId=v] (the key percent-decoded) or http(s)://... "
+        "(at most 2048 characters). Other schemes fail as unsupported_source.",
+        json_schema_extra=schemas.SOURCE_URL,
     )
-    fileName: Annotated[str, StringConstraints(min_length=1, max_length=255)] | None = None
-    contentType: Annotated[str, StringConstraints(min_length=3, max_length=255)] | None = None
+    fileName: Annotated[str, StringConstraints(min_length=1, max_length=255)] | None = Field(
+        None,
+        description="The file's name; default the Content-Disposition name, else the URL's "
+        "last path segment.",
+        examples=["sales_report_q4.csv"],
+        json_schema_extra={"pattern": schemas.PRINTABLE},
+    )
+    contentType: Annotated[str, StringConstraints(min_length=3, max_length=255)] | None = Field(
+        None,
+        description="The file's content type; default the response's, then the extension's.",
+        examples=["text/csv"],
+        json_schema_extra={"pattern": schemas.PRINTABLE},
+    )
 
     @field_validator("url")
     @classmethod
@@ -130,11 +145,21 @@ FileName = Annotated[str, StringConstraints(min_length=1, max_length=255)]
 class _InconvoScope(_Strict):
     """An Inconvo dataset scope: a user, or a context key and value (optionally of an agent)."""
 
-    type: Literal["inconvo"]
-    userIdentifier: Identifier | None = None
-    contextKey: Annotated[str, StringConstraints(pattern=_CONTEXT_KEY)] | None = None
-    contextValue: Identifier | None = None
-    agentId: Annotated[str, StringConstraints(pattern=_IDENT)] | None = None
+    model_config = ConfigDict(json_schema_extra=schemas.INCONVO_SCOPES)
+
+    type: Literal["inconvo"] = Field(description="Inconvo: datasets of CSV and JSON files.")
+    userIdentifier: Identifier | None = Field(
+        None, description="The user scope.", examples=["user_123"]
+    )
+    contextKey: Annotated[str, StringConstraints(pattern=CONTEXT_KEY_PATTERN)] | None = Field(
+        None, description="The context scope's key, with contextValue.", examples=["orgId"]
+    )
+    contextValue: Identifier | None = Field(
+        None, description="The context scope's value, with contextKey.", examples=["org_456"]
+    )
+    agentId: Annotated[str, StringConstraints(pattern=IDENT_PATTERN)] | None = Field(
+        None, description="Use the agent-scoped routes (else COURIER_INCONVO_AGENT_ID)."
+    )
 
     @model_validator(mode="after")
     def _one_scope(self) -> Self:
@@ -148,10 +173,18 @@ class _InconvoScope(_Strict):
 
 
 class InconvoDestination(_InconvoScope):
-    """Upload to an Inconvo dataset, user- or context-scoped."""
+    """Upload to an Inconvo dataset; one scope: userIdentifier, or contextKey + contextValue."""
 
-    fileName: FileName | None = None
-    notes: Annotated[str, StringConstraints(max_length=10000)] | None = None
+    fileName: FileName | None = Field(
+        None,
+        description="The dataset file's name: ends .csv or .json; no '..', '/' or '\\'. "
+        "Default the source's file name (which must then end so).",
+        examples=["sales_q4.csv"],
+        json_schema_extra={"pattern": schemas.INCONVO_FILE_NAME},
+    )
+    notes: Annotated[str, StringConstraints(max_length=10000)] | None = Field(
+        None, description="Free text stored with the file.", examples=["Q4 2024 sales data"]
+    )
 
     @field_validator("fileName")
     @classmethod
@@ -163,7 +196,11 @@ class InconvoDestination(_InconvoScope):
 class InconvoDelete(_InconvoScope):
     """Delete one file of an Inconvo dataset scope, by its name."""
 
-    fileName: FileName
+    fileName: FileName = Field(
+        description="The dataset file's name, as it was uploaded: ends .csv or .json.",
+        examples=["sales_q4.csv"],
+        json_schema_extra={"pattern": schemas.INCONVO_FILE_NAME},
+    )
 
     @field_validator("fileName")
     @classmethod
@@ -174,26 +211,60 @@ class InconvoDelete(_InconvoScope):
         return name
 
 
+SOURCE_ONLY_TYPES = frozenset(
+    {
+        "video/mp4",
+        "audio/mpeg",
+        "application/vnd.openxmlformats-officedocument.presentationml.presentation",
+        "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
+        "application/zip",
+    }
+)
+
+
 class MindsetDestination(_Strict):
     """Ingest into a Mindset AI context, by URL or inline content."""
 
-    type: Literal["mindset"]
-    appUid: Text
-    contextUid: Text
+    model_config = ConfigDict(json_schema_extra=schemas.mindset_delivery(SOURCE_ONLY_TYPES))
+
+    type: Literal["mindset"] = Field(description="Mindset AI: a JSON ingest.")
+    appUid: Text = Field(description="The Mindset app.", examples=["app_demo"])
+    contextUid: Text = Field(description="The context in the app.", examples=["ctx_handbook"])
     name: (
         Annotated[str, StringConstraints(min_length=1, max_length=100), _api_max(MINDSET_MAX_NAME)]
         | None
-    ) = None
-    mimeType: MindsetMimeType | None = None
-    delivery: Literal["auto", "sourceUrl", "documentContent"] = "auto"
-    onExisting: Literal["replaceChanged", "keep", "replace"] = "replaceChanged"
-    externalId: Text | None = None
+    ) = Field(None, description="The file's name in Mindset; default the source's (cut to 100).")
+    mimeType: MindsetMimeType | None = Field(
+        None, description="The file's type; default inferred from the content type or extension."
+    )
+    delivery: Literal["auto", "sourceUrl", "documentContent"] = Field(
+        "auto",
+        description="sourceUrl: Mindset fetches the file (S3 by a presigned URL); "
+        "documentContent: Courier inlines it; auto: documentContent for text/plain, "
+        "else sourceUrl.",
+    )
+    onExisting: Literal["replaceChanged", "keep", "replace"] = Field(
+        "replaceChanged",
+        description="When a file with this externalId exists: replaceChanged keeps it if its "
+        "contentHash is the same and replaces it otherwise; keep always keeps it; replace "
+        "always replaces it.",
+    )
+    externalId: Text | None = Field(
+        None,
+        description="Your id of the file in Mindset; default courier:<request id>. One live "
+        "file per externalId.",
+        examples=["handbook-onboarding"],
+    )
     zipType: Annotated[str, StringConstraints(max_length=20), _api_max(20)] | None = None
     autoPublish: bool | None = None
     hideContentSegments: bool | None = None
     knownAs: Annotated[str, StringConstraints(max_length=200), _api_max(200)] | None = None
-    externalUrl: Annotated[str, StringConstraints(max_length=2048), _api_max(2048)] | None = None
-    thumbnailUrl: Annotated[str, StringConstraints(max_length=2048), _api_max(2048)] | None = None
+    externalUrl: Annotated[str, StringConstraints(max_length=2048), _api_max(2048)] | None = Field(
+        None, json_schema_extra={"pattern": schemas.HTTP_URL}
+    )
+    thumbnailUrl: Annotated[str, StringConstraints(max_length=2048), _api_max(2048)] | None = Field(
+        None, json_schema_extra={"pattern": schemas.HTTP_URL}
+    )
     thumbnail: Annotated[str, StringConstraints(max_length=65536), _api_max(65536)] | None = None
     viewOriginalSource: bool | None = None
     contentHash: Annotated[str, StringConstraints(max_length=200), _api_max(200)] | None = None
@@ -217,10 +288,13 @@ class MindsetDestination(_Strict):
 class MindsetDelete(_Strict):
     """Delete the Mindset context file a request made (or any file), by its ``externalId``."""
 
-    type: Literal["mindset"]
-    appUid: Text
-    contextUid: Text
-    externalId: Text
+    type: Literal["mindset"] = Field(description="Mindset AI.")
+    appUid: Text = Field(description="The Mindset app.", examples=["app_demo"])
+    contextUid: Text = Field(description="The context in the app.", examples=["ctx_handbook"])
+    externalId: Text = Field(
+        description="The file's externalId (courier:<request id> for one Courier named).",
+        examples=["handbook-onboarding"],
+    )
 
 
 Destination = Annotated[InconvoDestination | MindsetDestination, Field(discriminator="type")]
@@ -232,14 +306,27 @@ DESTINATIONS: tuple[str, ...] = tuple(
 )
 
 
-Tenant = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
+Tenant = Annotated[str, StringConstraints(pattern=TENANT_PATTERN)]
 DEFAULT_TENANT = "default"
 
 
 class _Request(_Strict):
-    id: Annotated[str, StringConstraints(min_length=1, max_length=200)] | None = None
-    tenant: Tenant = DEFAULT_TENANT
-    metadata: Annotated[dict[str, str], Field(max_length=50)] = Field(default_factory=dict)
+    id: Annotated[str, StringConstraints(min_length=1, max_length=200)] | None = Field(
+        None,
+        description="The request id and idempotency key; else the AMQP message_id, else one "
+        "derived from the body.",
+        examples=["req-2024-q4-0001"],
+    )
+    tenant: Tenant = Field(
+        DEFAULT_TENANT,
+        description="Whose work this is, for fair sharing between tenants.",
+        examples=["acme"],
+    )
+    metadata: Annotated[dict[str, str], Field(max_length=50)] = Field(
+        default_factory=dict,
+        description="Flat string values (at most 50 keys), echoed in every event.",
+        json_schema_extra=schemas.METADATA,
+    )
 
     @field_validator("metadata")
     @classmethod
@@ -253,16 +340,22 @@ class _Request(_Strict):
 class UploadRequest(_Request):
     """Upload one file to a destination."""
 
-    operation: Literal["upload"] = "upload"
-    source: SourceSpec
-    destination: Destination
+    model_config = ConfigDict(json_schema_extra=schemas.REQUEST_RULES)
+
+    operation: Literal["upload"] = Field("upload", description="Upload (the default).")
+    source: SourceSpec = Field(description="Where the file comes from.")
+    destination: Destination = Field(
+        description="Where it goes: `type` selects Inconvo or Mindset AI."
+    )
 
 
 class DeleteRequest(_Request):
     """Delete one file from a destination; there is no source."""
 
-    operation: Literal["delete"]
-    destination: DeleteDestination
+    operation: Literal["delete"] = Field(description="Delete a file.")
+    destination: DeleteDestination = Field(
+        description="The file to delete: `type` selects Inconvo or Mindset AI."
+    )
 
 
 def _operation(data: Any) -> str:
@@ -278,17 +371,6 @@ REQUEST: TypeAdapter[Request] = TypeAdapter(
         Annotated[UploadRequest, Tag("upload")] | Annotated[DeleteRequest, Tag("delete")],
         Discriminator(_operation),
     ]
-)
-
-
-SOURCE_ONLY_TYPES = frozenset(
-    {
-        "video/mp4",
-        "audio/mpeg",
-        "application/vnd.openxmlformats-officedocument.presentationml.presentation",
-        "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
-        "application/zip",
-    }
 )
 
 

@@ -72,6 +72,21 @@ def dataset_path(destination: InconvoDestination | InconvoDelete, agent_id: str 
     return f"{prefix}/datasets/context/{key}/{value}"
 
 
+def precheck(request: UploadRequest) -> None:
+    """Reject, before fetching, a file name that Inconvo would refuse (no I/O)."""
+    destination = request.destination
+    assert isinstance(destination, InconvoDestination)  # noqa: S101
+    name = destination.fileName or request.source.fileName
+    if name:
+        upload_name(name)
+        return
+    # The URL's name may still be replaced by Content-Disposition, but a name
+    # with another extension already tells the type: no need to fetch.
+    url_name = name_from_url(request.source.url)
+    if "." in url_name.strip(".") and not url_name.lower().endswith(INCONVO_EXTENSIONS):
+        upload_name(url_name)
+
+
 class Inconvo:
     """The Inconvo adapter; one instance per process, sharing one HTTP session."""
 
@@ -98,17 +113,7 @@ class Inconvo:
 
     def precheck(self, request: UploadRequest) -> None:
         """Reject, before fetching, a file name that Inconvo would refuse."""
-        destination = request.destination
-        assert isinstance(destination, InconvoDestination)  # noqa: S101
-        name = destination.fileName or request.source.fileName
-        if name:
-            upload_name(name)
-            return
-        # The URL's name may still be replaced by Content-Disposition, but a name
-        # with another extension already tells the type: no need to fetch.
-        url_name = name_from_url(request.source.url)
-        if "." in url_name.strip(".") and not url_name.lower().endswith(INCONVO_EXTENSIONS):
-            upload_name(url_name)
+        precheck(request)
 
     async def deliver(self, request: UploadRequest, source: Source, request_id: str) -> Uploaded:
         """Fetch the source (capped at 10 MiB) and upload it."""

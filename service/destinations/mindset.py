@@ -97,6 +97,22 @@ def _unsupported(name: str, content_type: str | None) -> PermanentError:
     )
 
 
+def precheck(request: UploadRequest) -> None:
+    """Fail early (no I/O) when neither the request nor the file name gives a usable type.
+
+    Only when no source can add facts without fetching (an http ``sourceUrl``).
+    """
+    destination = request.destination
+    assert isinstance(destination, MindsetDestination)  # noqa: S101 - routed by type
+    if destination.mimeType is not None or not request.source.url.lower().startswith("http"):
+        return
+    if destination.delivery == "documentContent":
+        return  # the response's Content-Type may still tell
+    name = pick_name(request.source, None, name_from_url(request.source.url))
+    if infer_mime_type(request.source.contentType, name) is None:
+        raise _unsupported(name, request.source.contentType)
+
+
 class Mindset:
     """The Mindset AI adapter; one instance per process, sharing one HTTP session."""
 
@@ -125,18 +141,8 @@ class Mindset:
         return self._api_key is not None
 
     def precheck(self, request: UploadRequest) -> None:
-        """Fail early when neither the request nor the file name gives a usable type.
-
-        Only when no source can add facts without fetching (an http ``sourceUrl``).
-        """
-        destination = self._destination(request)
-        if destination.mimeType is not None or not request.source.url.lower().startswith("http"):
-            return
-        if destination.delivery == "documentContent":
-            return  # the response's Content-Type may still tell
-        name = pick_name(request.source, None, name_from_url(request.source.url))
-        if infer_mime_type(request.source.contentType, name) is None:
-            raise _unsupported(name, request.source.contentType)
+        """Fail early when neither the request nor the file name gives a usable type."""
+        precheck(request)
 
     @staticmethod
     def _destination(request: UploadRequest) -> MindsetDestination:

@@ -22,6 +22,7 @@ __all__ = [
     "as_json",
     "broker_checks",
     "configuration_checks",
+    "destination_checks",
     "diagnose",
     "inconvo_check",
     "mindset_check",
@@ -55,7 +56,22 @@ async def diagnose(*, management_url: str | None = None, call_timeout: float = 5
     )
     for group in groups:
         checks += group
-    return checks + policy_checks(settings)
+    return checks + destination_checks(settings) + policy_checks(settings)
+
+
+def destination_checks(settings: Settings) -> list[Check]:
+    """A failure when no destination has a key: then every request would fail."""
+    if settings.inconvo_api_key is not None or settings.mindset_api_key is not None:
+        return []
+    return [
+        Check(
+            "config",
+            "fail",
+            "no destination has an API key: every request would fail as destination_not_configured",
+            "set COURIER_INCONVO_API_KEY (or INCONVO_API_KEY) or COURIER_MINDSET_API_KEY "
+            "(or MINDSET_API_KEY)",
+        )
+    ]
 
 
 def configuration_checks() -> list[Check]:

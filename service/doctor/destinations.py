@@ -80,7 +80,7 @@ async def inconvo_check(settings: Settings, *, call_timeout: float = 5.0) -> lis
             Check(
                 "inconvo",
                 "note",
-                "not configured (COURIER_INCONVO_API_KEY unset): "
+                "not configured (COURIER_INCONVO_API_KEY and INCONVO_API_KEY unset): "
                 "Inconvo requests fail as destination_not_configured",
             )
         ]
@@ -109,7 +109,7 @@ async def mindset_check(settings: Settings, *, call_timeout: float = 5.0) -> lis
             Check(
                 "mindset",
                 "note",
-                "not configured (COURIER_MINDSET_API_KEY unset): "
+                "not configured (COURIER_MINDSET_API_KEY and MINDSET_API_KEY unset): "
                 "Mindset requests fail as destination_not_configured",
             )
         ]

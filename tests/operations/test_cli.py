@@ -13,6 +13,7 @@ import orjson
 import pytest
 from aio_pika.abc import AbstractRobustConnection
 
+from service.amqp.declare import declare_queue
 from service.config import Settings
 from service.topology import Topology
 from testbed.fakes import FakeInconvo
@@ -201,6 +202,10 @@ async def test_submit_and_dead_commands(
 ) -> None:
     """`courier submit` validates and publishes; `courier dead list/replay` show and move dead letters."""
     env = courier_env(COURIER_QUEUE=names.queue)
+    # The queue as `courier run` declares it: submit itself only looks it up (passively).
+    channel = await amqp.channel()
+    await declare_queue(channel, Topology.from_settings(Settings(queue=names.queue)).requests)
+    await channel.close()
     bad = tmp_path / "bad.json"
     bad.write_text('{"source": {}}')
     code, _, err = await courier("submit", str(bad), env=env)

@@ -56,6 +56,7 @@ ALERTS = {
     "CourierBreakerOpen",
     "CourierBrokerBlocked",
     "CourierHeldRequestsGrowing",
+    "CourierMetricsAbsent",
 }
 # The flow-control metrics, used by the alerts and the dashboard before
 # service/metrics.py exports them: flow control (service/flow) is wired into the
@@ -382,9 +383,8 @@ def test_objects_refer_to_each_other_consistently() -> None:
 
     account = _one("serviceaccount.yaml", "ServiceAccount")
     assert _pod_spec()["serviceAccountName"] == account["metadata"]["name"]
-    assert account["metadata"]["annotations"]["eks.amazonaws.com/role-arn"].startswith(
-        "arn:aws:iam::"
-    )
+    # The role is the environment's: overlays add it (deploy/overlays/example), the base has none.
+    assert "eks.amazonaws.com/role-arn" not in account["metadata"].get("annotations", {})
 
     sources = _container()["envFrom"]
     config = _one("configmap.yaml", "ConfigMap")["metadata"]["name"]
@@ -576,6 +576,7 @@ def test_prometheus_rules_pass_promtool(tmp_path: Path) -> None:
         assert rule["labels"]["severity"] in {"warning", "critical"}, rule["alert"]
         assert rule["annotations"]["summary"].strip(), rule["alert"]
         assert rule["annotations"]["description"].strip(), rule["alert"]
+        assert rule["annotations"]["runbook_url"] == f"docs/operating.md#{rule['alert'].lower()}"
     by_name = {rule["alert"]: " ".join(rule["expr"].split()) for rule in alerts}
     assert "increase(courier_dead_lettered_total[15m])" in by_name["CourierDeadLettersGrowing"]
     assert 'courier_requests_total{outcome="failed"}' in by_name["CourierFailureRatioHigh"]
@@ -584,6 +585,7 @@ def test_prometheus_rules_pass_promtool(tmp_path: Path) -> None:
     assert "max_over_time(courier_breaker_state[2m])) == 2" in by_name["CourierBreakerOpen"]
     assert "courier_broker_blocked == 1" in by_name["CourierBrokerBlocked"]
     assert "deriv(courier_held_requests[10m])" in by_name["CourierHeldRequestsGrowing"]
+    assert by_name["CourierMetricsAbsent"] == "absent(courier_build_info)"
 
 
 def _promtool_case(
@@ -736,6 +738,13 @@ def test_alerts_fire_when_they_should_and_only_then(tmp_path: Path) -> None:
             {f'courier_held_requests{{{pod},destination="inconvo"}}': "0+5x10 50-5x10 0x10"},
             "CourierHeldRequestsGrowing",
             "30m",
+            [],
+        ),
+        _promtool_case({"up": "1x30"}, "CourierMetricsAbsent", "15m", [{"severity": "critical"}]),
+        _promtool_case(
+            {f'courier_build_info{{{pod},version="0.1.0"}}': "1x30"},
+            "CourierMetricsAbsent",
+            "15m",
             [],
         ),
     ]
