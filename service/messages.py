@@ -149,15 +149,6 @@ def _depth_ok(value: Any, limit: int) -> bool:
     return True
 
 
-def _summarise(exc: ValidationError) -> str:
-    parts = []
-    for error in exc.errors(include_input=False)[:3]:
-        where = ".".join(str(p) for p in error["loc"]) or "body"
-        parts.append(f"{where}: {error['msg']}")
-    more = exc.error_count() - len(parts)
-    return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
-
-
 def parse_body(body: bytes, max_bytes: int) -> Any:
     """Decode the JSON body, refusing oversized, non-UTF-8 or deeply nested input."""
     if len(body) > max_bytes:

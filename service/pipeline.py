@@ -12,6 +12,7 @@ from service.destinations.base import Destination
 from service.errors import CourierError, ErrorCode, PermanentError
 from service.flow import DeferReason, Deferred, FlowControl, calls_made, current_request
 from service.outcome import Held, Outcome
+from service.prechecks import check_scheme
 from service.redact import redact_url
 from service.sources.base import Source
 from service.urls import scheme_of
@@ -76,13 +77,8 @@ class Pipeline:
 
     async def _upload(self, request: UploadRequest, request_id: str, base: Outcome) -> Outcome:
         # Cheapest checks first; the first failure decides the error code.
-        scheme = scheme_of(request.source.url)
-        source = self._sources.get(scheme)
-        if source is None:
-            raise PermanentError(
-                ErrorCode.UNSUPPORTED_SOURCE,
-                f"unsupported source scheme {scheme!r}: use s3, http or https",
-            )
+        check_scheme(request.source.url)
+        source = self._sources[scheme_of(request.source.url)]
         destination = self._destination(request.destination.type)
         destination.precheck(request)
         source.check(request.source)
