@@ -132,6 +132,9 @@ class Settings(BaseSettings):
     inconvo_rate_limit: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     mindset_rate_limit: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     source_timeout: float = Field(default=300.0, gt=0)
+    # Following a file after its upload.
+    track_ingestion: bool = True
+    ingestion_timeout: float = Field(default=6 * 3600.0, gt=0)
 
     @field_validator("retry_delays", mode="before")
     @classmethod
@@ -179,7 +182,9 @@ class Settings(BaseSettings):
             return int(seconds)
         return value
 
-    @field_validator("breaker_cooldown", "hold_max", "source_timeout", mode="before")
+    @field_validator(
+        "breaker_cooldown", "hold_max", "source_timeout", "ingestion_timeout", mode="before"
+    )
     @classmethod
     def _parse_seconds(cls, value: Any) -> Any:
         return parse_duration(value) if isinstance(value, str) else value

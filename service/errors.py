@@ -25,6 +25,9 @@ class ErrorCode(StrEnum):
     DESTINATION_UNAVAILABLE = "destination_unavailable"
     POISON_MESSAGE = "poison_message"
     INTERNAL_ERROR = "internal_error"
+    # Of ingestion.failed events: the destination could not ingest the file, or not in time.
+    INGESTION_FAILED = "ingestion_failed"
+    INGESTION_TIMEOUT = "ingestion_timeout"
 
 
 RETRYABLE_CODES = frozenset({ErrorCode.SOURCE_UNAVAILABLE, ErrorCode.DESTINATION_UNAVAILABLE})

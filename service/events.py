@@ -1,4 +1,4 @@
-"""Building the CloudEvents result event from an Outcome."""
+"""Building the CloudEvents events: a request's terminal event, and a file's ingestion event."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from service.outcome import Outcome
+from service.outcome import Ingestion, Outcome
 
 CONTENT_TYPE = "application/cloudevents+json"
 
@@ -69,18 +69,54 @@ def build_event(
             info["httpStatus"] = error.http_status
         data["error"] = info
     data["metadata"] = metadata
-    return {
-        "specversion": "1.0",
-        "id": str(uuid.uuid4()),
-        "source": event_source,
-        "type": event_type(outcome),
-        "subject": request_id,
-        "time": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-        "datacontenttype": "application/json",
-        "data": data,
-    }
+    return _envelope(event_source, event_type(outcome), request_id, data)
 
 
 def event_type(outcome: Outcome) -> str:
     """``courier.upload.succeeded``, ``courier.delete.failed``, ...: the terminal event's type."""
     return f"courier.{outcome.operation}.{'failed' if outcome.error else 'succeeded'}"
+
+
+def build_ingestion_event(
+    *, event_source: str, request_id: str, metadata: dict[str, str], ingestion: Ingestion
+) -> Event:
+    """The event of a followed file's final state (``courier.ingestion.completed|failed``).
+
+    Built as the wire's JSON object, as :func:`build_event` is, and held by a test to the
+    IngestionEvent model's own output.
+    """
+    file, error = ingestion.file, ingestion.error
+    data: Event = {
+        "requestId": request_id,
+        "status": "completed" if error is None else "failed",
+        "destination": ingestion.destination,
+        "fileStatus": file.status if file is not None else None,
+        "result": file.result if file is not None else None,
+        "waitedMs": ingestion.waited_ms,
+        "checks": ingestion.checks,
+    }
+    if error is not None:
+        info: Event = {"code": error.code.value, "message": error.message, "retryable": False}
+        if error.http_status is not None:
+            info["httpStatus"] = error.http_status
+        data["error"] = info
+    data["metadata"] = metadata
+    return _envelope(
+        event_source,
+        "courier.ingestion." + ("completed" if error is None else "failed"),
+        request_id,
+        data,
+    )
+
+
+def _envelope(event_source: str, event_type: str, request_id: str, data: Event) -> Event:
+    return {
+        "specversion": "1.0",
+        "id": str(uuid.uuid4()),
+        "source": event_source,
+        "type": event_type,
+        "subject": request_id,
+        "time": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "datacontenttype": "application/json",
+        "data": data,
+    }

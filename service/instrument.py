@@ -17,8 +17,8 @@ from service.flow import BreakerState
 from service.logs import add_log_context, log_context
 from service.messages import Envelope
 from service.metrics import Metrics
-from service.outcome import Outcome
-from service.settle import Decision, Finish, Park, Retry
+from service.outcome import Ingestion, Outcome
+from service.settle import Decision, Finish, Follow, Ingested, Park, Retry
 from service.sources.base import FetchedFile, SizeLimit, Source, SourceFacts
 from service.tracing import (
     CallObserver,
@@ -94,19 +94,39 @@ class Instruments:
         m, child = self.metrics, self._child
         if envelope.held_since is not None:
             child(m.held, destination).dec()  # a held request came back
+        if envelope.follow_since is not None:
+            m.tracked.dec()  # a followed file's copy came back
         if isinstance(decision, Park):
             child(m.held, destination).inc()
-            return
-        if isinstance(decision, Retry):
+        elif isinstance(decision, Retry):
             child(m.retries, destination, decision.error.code.value).inc()
-            return
-        assert isinstance(decision, Finish)  # noqa: S101
+        elif isinstance(decision, Follow):
+            m.tracked.inc()
+            if decision.upload is not None:
+                self._finished(decision.upload, destination, seconds)
+        elif isinstance(decision, Ingested):
+            if decision.ingestion is not None:
+                self._ingested(decision.ingestion)
+        else:
+            self._finished(decision, destination, seconds)
+
+    def _finished(self, decision: Finish, destination: str, seconds: float) -> None:
+        m, child = self.metrics, self._child
         error = decision.outcome.error
         child(m.requests, destination, "failed" if error else "succeeded").inc()
         child(m.events, event_type(decision.outcome)).inc()
         if error is not None:
             child(m.dead_lettered, error.code.value).inc()
         child(m.request_duration, destination).observe(seconds)
+        if decision.ingestion is not None:
+            self._ingested(decision.ingestion)
+
+    def _ingested(self, ingestion: Ingestion) -> None:
+        m, child, destination = self.metrics, self._child, ingestion.destination
+        outcome = "completed" if ingestion.completed else "failed"
+        child(m.ingestions, destination, outcome).inc()
+        child(m.events, f"courier.ingestion.{outcome}").inc()
+        child(m.ingestion_duration, destination).observe(ingestion.waited_ms / 1000)
 
     def in_flight(self, delta: int) -> None:
         """Requests being processed now."""

@@ -19,8 +19,10 @@ from service.errors import CourierError, ErrorCode, PermanentError
 from service.redact import redact_url
 from service.topology import (
     ATTEMPT_HEADER,
+    CHECKS_HEADER,
     COPY_ID_HEADER,
     DELIVERY_COUNT_HEADER,
+    FOLLOW_SINCE_HEADER,
     HELD_SINCE_HEADER,
     REDELIVERIES_HEADER,
     TRACEPARENT_HEADER,
@@ -87,6 +89,8 @@ class Envelope:
     redeliveries: int = 0
     held_since: datetime | None = None  # when it was first held, while it is being held
     copy_id: str | None = None  # set on every copy Courier publishes
+    follow_since: datetime | None = None  # a copy following its uploaded file: since when
+    checks: int = 0  # the status reads made so far for such a copy
 
     @classmethod
     def read(cls, message: Properties) -> Envelope:
@@ -102,6 +106,8 @@ class Envelope:
             + header_int(headers.get(DELIVERY_COUNT_HEADER)),
             held_since=header_time(headers.get(HELD_SINCE_HEADER)),
             copy_id=header_text(headers.get(COPY_ID_HEADER)),
+            follow_since=header_time(headers.get(FOLLOW_SINCE_HEADER)),
+            checks=header_int(headers.get(CHECKS_HEADER)),
         )
 
 

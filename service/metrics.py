@@ -136,6 +136,25 @@ class Metrics:
             ["destination"],
             registry=r,
         )
+        self.ingestions = Counter(
+            "courier_ingestions_total",
+            "Uploaded files whose state at the destination became final: completed or failed.",
+            ["destination", "outcome"],
+            registry=r,
+        )
+        self.ingestion_duration = Histogram(
+            "courier_ingestion_seconds",
+            "From an upload's success to its file's final state at the destination.",
+            ["destination"],
+            buckets=(1, 5, 15, 30, 60, 120, 300, 900, 1800, 3600, 10800, 21600),
+            registry=r,
+        )
+        self.tracked = Gauge(
+            "courier_tracked_files",
+            "Uploaded files being followed (parked in a delay tier between reads); sum over "
+            "replicas.",
+            registry=r,
+        )
         self.build = Info("courier_build", "Build information.", registry=r)
         self.build.info({"version": __version__})
         if registry is None:

@@ -82,3 +82,19 @@ class Outcome:
             error.code, text, http_status=error.http_status, retry_after=error.retry_after
         )
         return dataclasses.replace(self, error=copy)
+
+
+@dataclass(frozen=True, slots=True)
+class Ingestion:
+    """Where a followed file ended up: usable (no error), or not going to be."""
+
+    destination: str
+    file: PlatformFile | None  # as last read
+    waited_ms: float  # since the upload succeeded
+    checks: int  # status reads made
+    error: CourierError | None = None
+
+    @property
+    def completed(self) -> bool:
+        """Whether the file is usable at the destination."""
+        return self.error is None

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import replace
+from typing import Any
 
 from service.contracts import DeleteRequest, Request, SourceInfo, UploadRequest
 from service.destinations.base import Destination
@@ -35,23 +36,33 @@ class Pipeline:
 
     async def process(self, request: Request, request_id: str) -> Outcome:
         """Run one attempt; never raises for a failed request, only reports it."""
-        started = time.perf_counter()
-        kind = request.destination.type
-        calls_made.set(0)
-        current_request.set(request_id)
         source = (
             SourceInfo(url=redact_url(request.source.url))
             if isinstance(request, UploadRequest)
             else None
         )
-        base = Outcome(0.0, kind, source=source, operation=request.operation)
+        base = Outcome(0.0, request.destination.type, source=source, operation=request.operation)
+        if isinstance(request, DeleteRequest):
+            return await self._guarded(request_id, base, self._delete(request, base))
+        return await self._guarded(request_id, base, self._upload(request, request_id, base))
+
+    async def follow(self, request: UploadRequest, request_id: str) -> Outcome:
+        """Read the state of the file an upload of ``request`` made; never raises."""
+        kind = request.destination.type
+        base = Outcome(0.0, kind, source=SourceInfo(url=redact_url(request.source.url)))
+        return await self._guarded(request_id, base, self._read(request, request_id, base))
+
+    async def _guarded(
+        self, request_id: str, base: Outcome, work: Coroutine[Any, Any, Outcome]
+    ) -> Outcome:
+        """Run ``work`` for ``request_id``: any failure becomes part of the outcome."""
+        started = time.perf_counter()
+        calls_made.set(0)
+        current_request.set(request_id)
         try:
-            if isinstance(request, DeleteRequest):
-                outcome = await self._delete(request, base)
-            else:
-                outcome = await self._upload(request, request_id, base)
+            outcome = await work
         except Deferred as hold:
-            reason = _HOLD_REASONS[hold.reason].format(kind)
+            reason = _HOLD_REASONS[hold.reason].format(base.destination)
             outcome = replace(base, held=Held(hold.seconds, reason, calls_made.get() > 0))
         except CourierError as exc:
             outcome = replace(base, error=exc)
@@ -93,6 +104,11 @@ class Pipeline:
             replaced_uid=uploaded.replaced_uid,
             file=uploaded.file,
         )
+
+    async def _read(self, request: UploadRequest, request_id: str, base: Outcome) -> Outcome:
+        destination = self._destination(request.destination.type)
+        self._admit(destination)
+        return replace(base, file=await destination.read(request, request_id))
 
     async def _delete(self, request: DeleteRequest, base: Outcome) -> Outcome:
         destination = self._destination(request.destination.type)

@@ -215,7 +215,7 @@ class Service:
                 self.consumer = Consumer(
                     self.settings,
                     topology,
-                    pipeline.process,
+                    pipeline,
                     publisher,
                     self.instruments,
                     self.instruments,

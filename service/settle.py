@@ -6,7 +6,12 @@ delivery's :class:`Envelope` to one :class:`Decision`:
 - ``Finish``: publish the terminal event (and, for a failure, the dead letter);
 - ``Retry``: republish to a delay tier with the next attempt number;
 - ``Park``: republish to a delay tier at the same attempt (a destination that cannot
-  take the request now: an open breaker, a rate limit).
+  take the request now: an open breaker, a rate limit);
+- ``Follow``: park a copy that reads the uploaded file's state after a delay (after a
+  fresh upload, its terminal event goes first);
+- ``Ingested``: the file's state is final: publish the ingestion event.
+
+A delivery that follows a file (:func:`decide_follow`) never spends an attempt.
 
 Each decision also names the headers its copies carry, and so do the other
 copies Courier makes of a delivery (:func:`give_back_headers`,
@@ -18,6 +23,7 @@ tested without one.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,22 +33,26 @@ from typing import Any
 from service.config import Settings
 from service.errors import CourierError, ErrorCode, PermanentError, RetryableError
 from service.messages import Envelope
-from service.outcome import Outcome
+from service.outcome import Ingestion, Outcome, PlatformFile
 from service.topology import (
     ATTEMPT_HEADER,
     ATTEMPTS_HEADER,
     BROKER_HEADERS,
+    CHECKS_HEADER,
     COPY_ID_HEADER,
     COURIER_HEADER_PREFIX,
     DELIVERY_COUNT_HEADER,
     ERROR_CODE_HEADER,
     ERROR_MESSAGE_HEADER,
     FAILED_AT_HEADER,
+    FOLLOW_SINCE_HEADER,
     HELD_SINCE_HEADER,
     REDELIVERIES_HEADER,
 )
 
 MAX_HEADER_MESSAGE = 1000
+# Between reads of a file's state, after 0, 1, 2, ... reads (the nearest delay tier each).
+FOLLOW_BACKOFF = (5, 15, 60, 300, 900)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +63,8 @@ class Policy:
     delays: tuple[int, ...]
     max_redeliveries: int
     hold_max: float = 3600.0
+    track_ingestion: bool = True
+    ingestion_timeout: float = 6 * 3600.0
 
     @classmethod
     def from_settings(cls, settings: Settings, delays: tuple[int, ...]) -> Policy:
@@ -62,6 +74,8 @@ class Policy:
             delays=delays,
             max_redeliveries=settings.max_redeliveries,
             hold_max=settings.hold_max,
+            track_ingestion=settings.track_ingestion,
+            ingestion_timeout=settings.ingestion_timeout,
         )
 
 
@@ -71,6 +85,7 @@ class Finish:
 
     outcome: Outcome
     attempts: int  # ``data.attempts``: real tries only
+    ingestion: Ingestion | None = None  # already final at the upload: its event goes next
 
     @property
     def failed(self) -> bool:
@@ -117,7 +132,34 @@ class Park(Republish):
     """A destination that cannot take the request now: the same attempt after ``delay``."""
 
 
-Decision = Finish | Retry | Park
+@dataclass(frozen=True, slots=True)
+class Follow:
+    """Copy the message to the delay tier of ``delay`` seconds to read its file's state
+    then, writing ``written``; after a fresh upload, ``upload``'s event goes first."""
+
+    delay: int
+    written: Mapping[str, Any]
+    upload: Finish | None = None
+
+    def headers(self, original: Mapping[str, Any] | None) -> dict[str, Any]:
+        """The copy's headers: the original's, less the marks of its own copy, plus ours."""
+        kept = {
+            k: v
+            for k, v in (original or {}).items()
+            if k not in (DELIVERY_COUNT_HEADER, HELD_SINCE_HEADER)
+        }
+        return kept | dict(self.written)
+
+
+@dataclass(frozen=True, slots=True)
+class Ingested:
+    """The followed file's state is final: publish its ingestion event (None: publish
+    nothing, ingestion is no longer followed)."""
+
+    ingestion: Ingestion | None
+
+
+Decision = Finish | Retry | Park | Follow | Ingested
 
 
 def poisoned(envelope: Envelope, policy: Policy) -> CourierError | None:
@@ -187,7 +229,101 @@ def decide(
             written=_copy_marks(envelope.attempt + 1, envelope),
             error=error,
         )
-    return Finish(outcome, attempts=envelope.attempt)
+    finish = Finish(outcome, attempts=envelope.attempt)
+    file = outcome.file
+    if not policy.track_ingestion or error is not None or file is None:
+        return finish
+    if file.final:
+        return Finish(outcome, envelope.attempt, _ingestion(outcome, file, 0.0, 0))
+    return Follow(
+        delay=_follow_delay(policy, 0),
+        written=_follow_marks(envelope, now, 0),
+        upload=finish,
+    )
+
+
+def decide_follow(
+    outcome: Outcome, envelope: Envelope, policy: Policy, *, now: datetime | None = None
+) -> Decision:
+    """The decision for a delivery that read its uploaded file's state (``outcome.file``).
+
+    Final states, a read that cannot succeed (401/403) or the ingestion timeout end the
+    following with an ingestion event; anything else reads again later, without
+    spending an attempt.
+    """
+    now = now or datetime.now(UTC)
+    since = envelope.follow_since or now
+    waited = max((now - since).total_seconds(), 0.0)
+    if not policy.track_ingestion:
+        return Ingested(None)
+    read = outcome.file is not None or outcome.error is not None
+    checks = envelope.checks + (1 if read else 0)
+    error, file = outcome.error, outcome.file
+    if error is not None and not error.retryable:
+        return Ingested(_ingestion(outcome, file, waited, checks, error))
+    if file is not None and file.final:
+        failure = None
+        if file.state == "failed":
+            failure = PermanentError(ErrorCode.INGESTION_FAILED, file.reason or file.status or "")
+        return Ingested(_ingestion(outcome, file, waited, checks, failure))
+    if waited >= policy.ingestion_timeout:
+        status = file.status if file is not None else None
+        timeout = PermanentError(
+            ErrorCode.INGESTION_TIMEOUT,
+            f"{outcome.destination or 'the destination'} gave no final state in "
+            f"{_duration(waited)} (COURIER_INGESTION_TIMEOUT); last status: {status}",
+        )
+        return Ingested(_ingestion(outcome, file, waited, checks, timeout))
+    held = outcome.held
+    delay = (
+        nearest_delay(policy.delays, held.seconds)
+        if held is not None
+        else _follow_delay(policy, checks)
+    )
+    return Follow(delay=delay, written=_follow_marks(envelope, since, checks))
+
+
+def _ingestion(
+    outcome: Outcome,
+    file: PlatformFile | None,
+    waited: float,
+    checks: int,
+    error: CourierError | None = None,
+) -> Ingestion:
+    return Ingestion(outcome.destination or "unknown", file, round(waited * 1000, 1), checks, error)
+
+
+def _follow_delay(policy: Policy, checks: int) -> int:
+    return nearest_delay(policy.delays, FOLLOW_BACKOFF[min(checks, len(FOLLOW_BACKOFF) - 1)])
+
+
+def _follow_marks(envelope: Envelope, since: datetime, checks: int) -> dict[str, Any]:
+    return {
+        FOLLOW_SINCE_HEADER: since.isoformat(timespec="milliseconds"),
+        CHECKS_HEADER: checks,
+        REDELIVERIES_HEADER: envelope.redeliveries,
+        COPY_ID_HEADER: str(uuid.uuid4()),
+    }
+
+
+def describe(decision: Decision, attempt: int) -> tuple[int, str, str | None]:
+    """How a decision is logged: its level, what happened, and the error code."""
+    if isinstance(decision, Retry | Park):
+        code = decision.error.code.value
+        kind = "held" if isinstance(decision, Park) else "retrying"
+        return logging.INFO, f"attempt {attempt} {kind} ({code}); back in {decision.delay}s", code
+    if isinstance(decision, Follow):
+        done = "succeeded; " if decision.upload is not None else ""
+        return logging.INFO, f"{done}its file's state is read again in {decision.delay}s", None
+    if isinstance(decision, Ingested):
+        ingestion = decision.ingestion
+        if ingestion is None or ingestion.error is None:
+            return logging.INFO, "ingestion completed", None
+        return logging.WARNING, "ingestion failed", ingestion.error.code.value
+    error = decision.outcome.error
+    if error is not None:
+        return logging.WARNING, "failed", error.code.value
+    return logging.INFO, "succeeded", None
 
 
 def carried_headers(original: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -20,6 +20,9 @@ HELD_SINCE_HEADER = "x-courier-held-since"  # when a held request was first held
 COPY_ID_HEADER = "x-courier-copy-id"  # identifies one copy Courier published
 # Crashes of earlier copies of this request, carried over when Courier republishes it.
 REDELIVERIES_HEADER = "x-courier-redeliveries"
+# A copy that follows an uploaded file (not an upload): since when, and the reads so far.
+FOLLOW_SINCE_HEADER = "x-courier-follow-since"
+CHECKS_HEADER = "x-courier-checks"
 COURIER_HEADER_PREFIX = "x-courier-"
 # The broker's own headers.
 DELIVERY_COUNT_HEADER = "x-delivery-count"

@@ -355,14 +355,28 @@ class Names:
         return f"{self.queue}.dead"
 
 
+# The terminal events of requests: what most tests and the benchmark count.
+TERMINAL_KEYS = ("upload.*", "delete.*")
+
+
 class EventCollector:
-    """Binds a private queue to the events exchange and gathers events by request id."""
+    """Binds a private queue to the events exchange and gathers events by request id.
+
+    By default it binds the terminal events (``TERMINAL_KEYS``); ``keys=("#",)`` takes
+    the ingestion events too.
+    """
 
     def __init__(
-        self, connection: AbstractRobustConnection, exchange: str, *, durable: bool = False
+        self,
+        connection: AbstractRobustConnection,
+        exchange: str,
+        *,
+        durable: bool = False,
+        keys: tuple[str, ...] = TERMINAL_KEYS,
     ) -> None:
         self._connection = connection
         self._exchange = exchange
+        self._keys = keys
         # A durable queue survives a broker restart, so no event is missed meanwhile.
         self._durable = durable
         self.events: list[dict[str, Any]] = []
@@ -372,7 +386,7 @@ class EventCollector:
         self._changed = asyncio.Condition()
 
     async def start(self) -> EventCollector:
-        """Declare the exchange and bind an exclusive queue to every routing key."""
+        """Declare the exchange and bind an exclusive queue to the collector's keys."""
         channel = await self._connection.channel()
         exchange = await channel.declare_exchange(
             self._exchange, aio_pika.ExchangeType.TOPIC, durable=True
@@ -384,7 +398,8 @@ class EventCollector:
             )
         else:
             queue = await channel.declare_queue(exclusive=True, auto_delete=True)
-        await queue.bind(exchange, routing_key="#")
+        for key in self._keys:
+            await queue.bind(exchange, routing_key=key)
         # A durable collector acks what it has recorded: an event delivered just as the
         # broker goes away is delivered again, and counted once (by its event id).
         await queue.consume(self._on_message, no_ack=not self._durable)

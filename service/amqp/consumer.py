@@ -22,7 +22,7 @@ from service.amqp.gate import AckGate
 from service.amqp.hooks import ConsumerHooks, SettlerHooks
 from service.amqp.link import CONNECTION_ERRORS, Link
 from service.amqp.publisher import Publisher
-from service.amqp.settler import Handler, Settler
+from service.amqp.settler import Settler, Work
 from service.config import Settings
 from service.topology import Topology
 
@@ -40,7 +40,7 @@ class Consumer:
         self,
         settings: Settings,
         topology: Topology,
-        handler: Handler,
+        work: Work,
         publisher: Publisher,
         hooks: ConsumerHooks,
         settler_hooks: SettlerHooks,
@@ -50,7 +50,7 @@ class Consumer:
         self._publisher = publisher
         self._hooks = hooks
         self._gate = AckGate()
-        self.settler = Settler(settings, topology, handler, publisher, settler_hooks, self._gate)
+        self.settler = Settler(settings, topology, work, publisher, settler_hooks, self._gate)
         self.link = Link(settings.amqp_urls, "consume", on_open=self._open, hooks=hooks)
         self._stopping = False
         self._channel: AbstractChannel | None = None

@@ -1,10 +1,9 @@
 """One delivery in progress, as the settler tracks it through its settle.
 
-Its life: taken, then (once the attempt ended) :meth:`InFlight.begin_settle`,
-then zero or more publishes, the last one announced by
-:meth:`InFlight.last_publish`, then :meth:`InFlight.acking`. Only these
-methods change it; the settler calls them, the publisher reports each publish
-with :meth:`InFlight.sent`.
+Its life: taken; then, once the attempt has ended, :meth:`InFlight.begin_settle`; then
+the settle's confirmed publishes, announced together by :meth:`InFlight.publishing`,
+each reporting through its :class:`Send` when it was handed to a connection; then
+:meth:`InFlight.acking`. Only these methods change it.
 """
 
 from __future__ import annotations
@@ -19,15 +18,14 @@ from service.amqp.publisher import Outbox
 class InFlight:
     """A delivery being worked on: its message, its channel, and how far its settle got."""
 
-    __slots__ = ("_acked", "_final", "_sent_on", "_settling", "channel", "message")
+    __slots__ = ("_acked", "_sends", "_settling", "channel", "message")
 
     def __init__(self, message: AbstractIncomingMessage, channel: Any) -> None:
         self.message = message
         # The (aiormq) channel it was delivered on: its delivery tag is only valid there.
         self.channel = channel
         self._settling = False
-        self._final = False
-        self._sent_on: int | None = None
+        self._sends: list[int | None] | None = None  # per publish: its connection generation
         self._acked = False
 
     @property
@@ -44,24 +42,47 @@ class InFlight:
         """The attempt ended: from now on the work is only carried out, never cancelled."""
         self._settling = True
 
-    def last_publish(self) -> None:
-        """The next publish is the settle's last: once it went out, the delivery is acked."""
-        self._settling = self._final = True
+    def publishing(self, count: int) -> list[Send]:
+        """The settle's ``count`` confirmed publishes go out now: one :class:`Send` each,
+        for the publisher to report on. After them, the delivery is acked."""
+        self._settling = True
+        self._sends = [None] * count
+        return [Send(self, i) for i in range(count)]
 
     def acking(self) -> None:
         """The ack goes out now."""
         self._acked = True
-
-    def sent(self, generation: int) -> None:
-        """The publisher handed a publish of this delivery to connection ``generation``."""
-        if self._final:
-            self._sent_on = generation
 
     def alive(self) -> bool:
         """Whether the delivery is still ours (its channel open)."""
         return not self.channel.is_closed
 
     def committed(self, publisher: Outbox) -> bool:
-        """The last publish went out on a connection the broker still reads: acking now
-        cannot lose it."""
-        return publisher.live(self._sent_on) and self.alive()
+        """Every publish of the settle went out on a connection the broker still reads:
+        acking now cannot lose one."""
+        sends = self._sends
+        return (
+            sends is not None
+            and all(publisher.live(generation) for generation in sends)
+            and self.alive()
+        )
+
+
+class Send:
+    """One publish of a settle, as the publisher reports on it (``Tracked``)."""
+
+    __slots__ = ("_index", "_work")
+
+    def __init__(self, work: InFlight, index: int) -> None:
+        self._work = work
+        self._index = index
+
+    def alive(self) -> bool:
+        """Whether the delivery it is for is still ours."""
+        return self._work.alive()
+
+    def sent(self, generation: int) -> None:
+        """The publish was handed to the publishing connection of ``generation``."""
+        sends = self._work._sends
+        assert sends is not None  # noqa: S101 - made by publishing()
+        sends[self._index] = generation

@@ -9,9 +9,10 @@ import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 
 from service.amqp.wire import copy_message, event_message
-from service.events import build_event
+from service.events import Event, build_event, build_ingestion_event
 from service.messages import Decoded, Envelope
-from service.settle import Decision, Republish
+from service.outcome import Ingestion
+from service.settle import Decision, Finish, Follow, Ingested, Republish
 from service.topology import Topology, event_routing_key
 
 
@@ -40,20 +41,67 @@ def publishes(
     decoded: Decoded,
     wiring: Wiring,
 ) -> list[Publish]:
-    """What carries ``decision`` out for the delivery ``message``: at least one confirmed
-    publish, the last of them the one after which the delivery is acked."""
-    topology, request_id = wiring.topology, decoded.request_id
+    """What carries ``decision`` out for the delivery ``message``, in order; the last
+    confirmed publish is the one after which the delivery is acked (none: ack at once)."""
+    topology = wiring.topology
     if isinstance(decision, Republish):
         copy = copy_message(message, decision.headers(message.headers))
         return [Publish(copy, queue=topology.tier(decision.delay).name)]
+    if isinstance(decision, Ingested):
+        if decision.ingestion is None:
+            return []
+        return _ingestion_event(decision.ingestion, envelope, decoded, wiring)
+    if isinstance(decision, Follow):
+        plan = (
+            []
+            if decision.upload is None
+            else _finish(decision.upload, message, envelope, decoded, wiring)
+        )
+        copy = copy_message(message, decision.headers(message.headers))
+        return [*plan, Publish(copy, queue=topology.tier(decision.delay).name)]
+    return _finish(decision, message, envelope, decoded, wiring)
+
+
+def _finish(
+    decision: Finish,
+    message: AbstractIncomingMessage,
+    envelope: Envelope,
+    decoded: Decoded,
+    wiring: Wiring,
+) -> list[Publish]:
+    """The terminal event; then a failure's dead letter, or an already final file's
+    ingestion event."""
     event = build_event(
         event_source=wiring.event_source,
-        request_id=request_id,
+        request_id=decoded.request_id,
         attempts=decision.attempts,
         metadata=decoded.metadata,
         outcome=decision.outcome,
     )
-    correlation = envelope.correlation_id or request_id
+    plan = _event(event, envelope, decoded)
+    if decision.failed:
+        headers = decision.dead_letter_headers(message.headers, datetime.now(UTC))
+        plan.append(Publish(copy_message(message, headers), queue=wiring.topology.dead.name))
+    elif decision.ingestion is not None:
+        plan += _ingestion_event(decision.ingestion, envelope, decoded, wiring)
+    return plan
+
+
+def _ingestion_event(
+    ingestion: Ingestion, envelope: Envelope, decoded: Decoded, wiring: Wiring
+) -> list[Publish]:
+    event = build_ingestion_event(
+        event_source=wiring.event_source,
+        request_id=decoded.request_id,
+        metadata=decoded.metadata,
+        ingestion=ingestion,
+    )
+    return _event(event, envelope, decoded)
+
+
+def _event(event: Event, envelope: Envelope, decoded: Decoded) -> list[Publish]:
+    """An event to the exchange, and (best effort) its copy to the request's reply_to."""
+    correlation = envelope.correlation_id or decoded.request_id
     key = event_routing_key(event["type"])
     plan = [Publish(event_message(event, correlation, envelope.traceparent), key=key)]
     if envelope.reply_to:
@@ -61,7 +109,4 @@ def publishes(
         # full reply queue must not make Courier upload the file again.
         reply = event_message(event, correlation, envelope.traceparent)
         plan.append(Publish(reply, queue=envelope.reply_to, best_effort=True))
-    if decision.failed:
-        headers = decision.dead_letter_headers(message.headers, datetime.now(UTC))
-        plan.append(Publish(copy_message(message, headers), queue=topology.dead.name))
     return plan

@@ -17,29 +17,30 @@ import functools
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 
 from service.amqp.gate import AckGate
 from service.amqp.hooks import SettlerHooks
-from service.amqp.inflight import InFlight
+from service.amqp.inflight import InFlight, Send
 from service.amqp.link import CONNECTION_ERRORS
 from service.amqp.plan import Publish, Wiring, publishes
 from service.amqp.publisher import DeliveryGone, Outbox
 from service.amqp.wire import copy_message
 from service.config import Settings
-from service.contracts import Request
+from service.contracts import Request, UploadRequest
 from service.messages import Decoded, Envelope, decode, refuse
 from service.outcome import Outcome
 from service.redact import mask_text
 from service.settle import (
     Decision,
-    Park,
     Policy,
-    Republish,
     decide,
+    decide_follow,
+    describe,
     give_back_headers,
     poisoned,
 )
@@ -47,7 +48,17 @@ from service.topology import Topology
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[Request, str], Awaitable[Outcome]]
+
+class Work(Protocol):
+    """The work a delivery is for (the pipeline): run a request, or read its file."""
+
+    async def process(self, request: Request, request_id: str) -> Outcome:
+        """Run one attempt at ``request``."""
+
+    async def follow(self, request: UploadRequest, request_id: str) -> Outcome:
+        """Read the state of the file an earlier upload of ``request`` made."""
+
+
 # Copies this replica has settled, remembered to drop a second copy of one (see README).
 SETTLED_COPIES = 10_000
 ACK_TIMEOUT = 5.0
@@ -64,7 +75,7 @@ class Settler:
         self,
         settings: Settings,
         topology: Topology,
-        handler: Handler,
+        work: Work,
         publisher: Outbox,
         hooks: SettlerHooks,
         gate: AckGate,
@@ -72,7 +83,7 @@ class Settler:
         self.settings = settings
         self.topology = topology
         self.policy = Policy.from_settings(settings, topology.delays)
-        self._handler = handler
+        self._work_for = work
         self._publisher = publisher
         self._hooks = hooks
         self._gate = gate
@@ -155,7 +166,8 @@ class Settler:
                     return
                 decoded, outcome = await self._attempt(message.body, envelope)
                 self._hooks.outcome(scope, decoded.request_id, outcome)
-                decision = decide(outcome.masked(self._mask), envelope, self.policy)
+                judge = decide if envelope.follow_since is None else decide_follow
+                decision = judge(outcome.masked(self._mask), envelope, self.policy)
                 work.begin_settle()
                 plan = publishes(decision, message, envelope, decoded, self._wiring)
                 await self._execute(work, plan)
@@ -185,8 +197,11 @@ class Settler:
             if error is not None
             else decode(body, envelope, max_bytes)
         )
-        if decoded.request is not None:
-            return decoded, await self._handler(decoded.request, decoded.request_id)
+        request, rid = decoded.request, decoded.request_id
+        if isinstance(request, UploadRequest) and envelope.follow_since is not None:
+            return decoded, await self._work_for.follow(request, rid)
+        if request is not None:
+            return decoded, await self._work_for.process(request, rid)
         assert decoded.error is not None  # noqa: S101 - a refused body always says why
         outcome = Outcome.refused(
             decoded.error, destination=decoded.destination, source_url=decoded.source_url
@@ -194,46 +209,39 @@ class Settler:
         return decoded, outcome
 
     async def _execute(self, work: InFlight, plan: Sequence[Publish]) -> None:
-        """Publish the plan in order, each confirmed one waited for; the last confirmed
-        publish is announced to ``work`` just before it goes out."""
-        last = max(i for i, step in enumerate(plan) if not step.best_effort)
-        publisher = self._publisher
-        for i, step in enumerate(plan):
+        """Hand every confirmed publish of the plan to the broker at once, in order (the
+        channel writes them in that order), wait for all their confirms, then make the
+        best-effort ones. Once all were handed to a live connection the settle counts as
+        done (:meth:`InFlight.committed`)."""
+        confirmed = [step for step in plan if not step.best_effort]
+        sends = work.publishing(len(confirmed))
+        tasks = [
+            asyncio.ensure_future(self._send(step, send))
+            for step, send in zip(confirmed, sends, strict=True)
+        ]
+        try:
+            await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            raise
+        for step in plan:
             if step.best_effort:
                 assert step.queue is not None  # noqa: S101 - best effort goes to a queue
-                sent = await publisher.best_effort(
-                    step.queue, step.message, self.settings.publish_timeout
-                )
-                if not sent:
+                timeout = self.settings.publish_timeout
+                if not await self._publisher.best_effort(step.queue, step.message, timeout):
                     self._hooks.reply_failed()
-                continue
-            if i == last:
-                work.last_publish()
-            if step.queue is None:
-                await publisher.event(step.key, step.message, work)
-            else:
-                await publisher.to_queue(step.queue, step.message, work)
+
+    async def _send(self, step: Publish, send: Send) -> None:
+        if step.queue is None:
+            await self._publisher.event(step.key, step.message, send)
+        else:
+            await self._publisher.to_queue(step.queue, step.message, send)
 
     def _log(self, envelope: Envelope, decision: Decision, decoded: Decoded) -> None:
-        if isinstance(decision, Republish):
-            code = decision.error.code.value
-            log.info(
-                "attempt %d %s (%s); back in %ds",
-                envelope.attempt,
-                "held" if isinstance(decision, Park) else "retrying",
-                code,
-                decision.delay,
-                extra={"errorCode": code},
-            )
-            return
-        error = decision.outcome.error
-        log.log(
-            logging.WARNING if error else logging.INFO,
-            "request %s %s",
-            decoded.request_id,
-            "failed" if error else "succeeded",
-            extra={"errorCode": error.code.value if error else None},
-        )
+        level, text, code = describe(decision, envelope.attempt)
+        extra = {"errorCode": code} if code else None
+        log.log(level, "request %s: %s", decoded.request_id, text, extra=extra)
 
     def _remember(self, envelope: Envelope) -> None:
         if envelope.copy_id is not None:
@@ -251,10 +259,10 @@ class Settler:
         if not work.alive() or not self._publisher.ready:
             return
         copy = copy_message(work.message, give_back_headers(work.message.headers, envelope))
-        work.last_publish()
+        [send] = work.publishing(1)
         try:
             await asyncio.wait_for(
-                self._publisher.to_queue(self.topology.requests.name, copy, work), self._left()
+                self._publisher.to_queue(self.topology.requests.name, copy, send), self._left()
             )
         except (TimeoutError, DeliveryGone):
             # Out of time: a copy that went out on a live connection still counts.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -14,14 +15,18 @@ import pytest
 
 from service.errors import CourierError, ErrorCode, PermanentError, RetryableError
 from service.messages import Envelope
-from service.outcome import Held, Outcome
+from service.outcome import Held, Outcome, PlatformFile
 from service.redact import mask_text
 from service.settle import (
+    FOLLOW_BACKOFF,
     Finish,
+    Follow,
+    Ingested,
     Park,
     Policy,
     Retry,
     decide,
+    decide_follow,
     give_back_headers,
     nearest_delay,
     pick_delay,
@@ -31,11 +36,13 @@ from service.settle import (
 from service.topology import (
     ATTEMPT_HEADER,
     ATTEMPTS_HEADER,
+    CHECKS_HEADER,
     COPY_ID_HEADER,
     DELIVERY_COUNT_HEADER,
     ERROR_CODE_HEADER,
     ERROR_MESSAGE_HEADER,
     FAILED_AT_HEADER,
+    FOLLOW_SINCE_HEADER,
     HELD_SINCE_HEADER,
     REDELIVERIES_HEADER,
 )
@@ -265,6 +272,7 @@ def test_messages_are_masked(message: str, leaked: str) -> None:
                 headers = decision.dead_letter_headers({}, NOW)
                 assert leaked not in str(headers) and leaked not in repr(decision.outcome)
             else:
+                assert isinstance(decision, Retry)
                 assert leaked not in decision.error.message
 
 
@@ -395,3 +403,142 @@ def test_decide_imports_no_amqp_client() -> None:
         for alias in node.names
     } | {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert not any(name.startswith(("aio_pika", "aiormq", "pamqp")) for name in imported)
+
+
+# -- following a file after its upload ----------------------------------------------------
+
+PENDING = PlatformFile("accepted", "pending", {"uid": "f1"}, uid="f1", external_id="x")
+PUBLISHED = PlatformFile("published", "completed", {"uid": "f1"}, uid="f1", external_id="x")
+FAILED_FILE = PlatformFile("fail", "failed", {"uid": "f1"}, reason="could not ingest")
+STORED = PlatformFile("stored", "completed", {"file": {"name": "a.csv"}})
+
+
+def uploaded(file: PlatformFile) -> Outcome:
+    return Outcome(duration_ms=1.0, destination="mindset", file=file)
+
+
+def following(checks: int = 0, since: timedelta = timedelta(0)) -> Envelope:
+    return Envelope(follow_since=NOW - since, checks=checks)
+
+
+def test_an_upload_whose_file_is_final_at_once_ends_with_both_events() -> None:
+    """Inconvo (stored, final): the upload's event and ingestion.completed, nothing parked."""
+    decision = decide(uploaded(STORED), facts(), POLICY, now=NOW)
+    assert isinstance(decision, Finish) and decision.ingestion is not None
+    assert decision.ingestion.completed
+    assert (decision.ingestion.waited_ms, decision.ingestion.checks) == (0.0, 0)
+
+
+def test_an_upload_whose_file_is_still_ingesting_is_followed() -> None:
+    """Mindset accepted: the upload's event first, then a copy parked to read the state."""
+    decision = decide(uploaded(PENDING), facts(2), POLICY, now=NOW)
+    assert isinstance(decision, Follow) and decision.upload is not None
+    assert decision.upload.attempts == 2 and not decision.upload.failed
+    assert decision.delay == 10, "the first read comes after about 5 s: the nearest tier"
+    headers = decision.headers({DELIVERY_COUNT_HEADER: 1, HELD_SINCE_HEADER: "x"})
+    assert headers[FOLLOW_SINCE_HEADER] == NOW.isoformat(timespec="milliseconds")
+    assert headers[CHECKS_HEADER] == 0
+    assert DELIVERY_COUNT_HEADER not in headers and HELD_SINCE_HEADER not in headers
+
+
+def test_nothing_is_followed_when_tracking_is_off() -> None:
+    """COURIER_TRACK_INGESTION=false: an upload ends with its own event only."""
+    off = dataclasses.replace(POLICY, track_ingestion=False)
+    for file in (STORED, PENDING):
+        decision = decide(uploaded(file), facts(), off, now=NOW)
+        assert isinstance(decision, Finish) and decision.ingestion is None
+    assert decide_follow(uploaded(PUBLISHED), following(), off, now=NOW) == Ingested(None)
+
+
+def test_a_failed_upload_is_never_followed() -> None:
+    """Only a success is followed: a failure ends as it always did."""
+    failed = dataclasses.replace(uploaded(PENDING), error=rejected())
+    assert isinstance(decide(failed, facts(), POLICY, now=NOW), Finish)
+
+
+@dataclass(frozen=True)
+class Read:
+    name: str
+    outcome: Outcome
+    envelope: Envelope
+    code: ErrorCode | None  # the ingestion event's error code; None: completed
+    delay: int | None = None  # for a read again later: the tier
+    checks: int | None = None
+
+
+HELD = Outcome(0.0, "mindset", held=Held(40.0, "breaker open"))
+READS = [
+    Read("published", uploaded(PUBLISHED), following(2), None, checks=3),
+    Read(
+        "readyForPublication",
+        uploaded(dataclasses.replace(PUBLISHED, status="readyForPublication")),
+        following(),
+        None,
+        checks=1,
+    ),
+    Read("fail", uploaded(FAILED_FILE), following(), ErrorCode.INGESTION_FAILED, checks=1),
+    Read("still accepted", uploaded(PENDING), following(1), None, delay=60, checks=2),
+    Read("still accepted, later", uploaded(PENDING), following(3), None, delay=300, checks=4),
+    Read("held by the breaker: no read made", HELD, following(2), None, delay=60, checks=2),
+    Read(
+        "a read that failed transiently: read again",
+        Outcome(0.0, "mindset", error=unavailable()),
+        following(4),
+        None,
+        delay=300,
+        checks=5,
+    ),
+    Read(
+        "a read refused (401/403)",
+        Outcome(0.0, "mindset", error=rejected()),
+        following(),
+        ErrorCode.DESTINATION_REJECTED,
+        checks=1,
+    ),
+    Read(
+        "past COURIER_INGESTION_TIMEOUT, still accepted",
+        uploaded(PENDING),
+        following(9, since=timedelta(hours=6)),
+        ErrorCode.INGESTION_TIMEOUT,
+        checks=10,
+    ),
+    Read(
+        "past the timeout, held",
+        HELD,
+        following(9, since=timedelta(hours=7)),
+        ErrorCode.INGESTION_TIMEOUT,
+        checks=9,
+    ),
+]
+
+
+@pytest.mark.parametrize("read", READS, ids=[r.name for r in READS])
+def test_decide_follow(read: Read) -> None:
+    """Each read of a followed file ends the following with one event or reads again later."""
+    decision = decide_follow(read.outcome, read.envelope, POLICY, now=NOW)
+    if read.delay is not None:
+        assert isinstance(decision, Follow) and decision.upload is None
+        assert decision.delay == read.delay
+        assert decision.written[CHECKS_HEADER] == read.checks
+        since = read.envelope.follow_since
+        assert since is not None
+        assert decision.written[FOLLOW_SINCE_HEADER] == since.isoformat(timespec="milliseconds")
+        return
+    assert isinstance(decision, Ingested) and decision.ingestion is not None
+    ingestion = decision.ingestion
+    assert ingestion.checks == read.checks
+    assert (ingestion.error.code if ingestion.error else None) == read.code
+    assert ingestion.completed == (read.code is None)
+    assert ingestion.waited_ms == (NOW - (read.envelope.follow_since or NOW)).total_seconds() * 1000
+
+
+def test_reads_back_off() -> None:
+    """About 5 s, 15 s, 1 m, 5 m, then every 15 m, each the nearest delay tier."""
+    delays = (1, 5, 15, 60, 300, 900)
+    policy = dataclasses.replace(POLICY, delays=delays)
+    seen = [
+        decide_follow(uploaded(PENDING), following(n), policy, now=NOW).delay  # type: ignore[union-attr]
+        for n in range(7)
+    ]
+    assert seen == [15, 60, 300, 900, 900, 900, 900], "after n reads, the n+1-th wait"
+    assert FOLLOW_BACKOFF == (5, 15, 60, 300, 900)

@@ -8,7 +8,10 @@ this folder prove the same under faults.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import orjson
@@ -18,15 +21,17 @@ from aio_pika.abc import AbstractIncomingMessage
 from service.amqp.gate import AckGate
 from service.amqp.settler import Settler
 from service.config import Settings
-from service.contracts import Request
+from service.contracts import Request, UploadRequest
 from service.errors import ErrorCode, PermanentError, RetryableError
 from service.instrument import Instruments
 from service.metrics import Metrics
-from service.outcome import Held, Outcome
+from service.outcome import Held, Outcome, PlatformFile
 from service.topology import (
     ATTEMPT_HEADER,
+    CHECKS_HEADER,
     COPY_ID_HEADER,
     ERROR_CODE_HEADER,
+    FOLLOW_SINCE_HEADER,
     HELD_SINCE_HEADER,
     REDELIVERIES_HEADER,
     Topology,
@@ -69,10 +74,25 @@ def returning(outcome: Outcome) -> Handler:
 SUCCEEDED = Outcome(12.0, "inconvo", delivery="multipart", result={"file": {"name": "a.csv"}})
 
 
+@dataclass
+class Script:
+    """The work, as scripted: what an attempt and a status read each return."""
+
+    attempt: Handler
+    read: Handler | None = None
+
+    async def process(self, request: Request, request_id: str) -> Outcome:
+        return await self.attempt(request, request_id)
+
+    async def follow(self, request: UploadRequest, request_id: str) -> Outcome:
+        assert self.read is not None, "this test reads no file"
+        return await self.read(request, request_id)
+
+
 class Rig:
     """One settler over a stub outbox."""
 
-    def __init__(self, handler: Handler, **overrides: Any) -> None:
+    def __init__(self, handler: Handler, read: Handler | None = None, **overrides: Any) -> None:
         self.settings = settings(**overrides)
         self.topology = Topology.from_settings(self.settings)
         self.outbox = StubOutbox()
@@ -80,7 +100,7 @@ class Rig:
         self.settler = Settler(
             self.settings,
             self.topology,
-            handler,
+            Script(handler, read),
             self.outbox,
             Instruments(self.metrics),
             AckGate(),
@@ -176,20 +196,38 @@ async def test_the_ack_waits_for_the_confirm() -> None:
     assert delivery.acks == 1
 
 
-async def test_a_channel_lost_mid_settle_publishes_nothing_more_and_acks_nothing() -> None:
-    """The event went out, the channel died before the dead letter: no dead letter, no ack;
-    the broker's redelivery is the copy that carries on."""
+async def test_a_settle_s_publishes_go_out_together_and_in_order() -> None:
+    """A failure's event and dead letter are both handed over before either is confirmed,
+    event first; the ack waits for both confirms."""
+    failed = Outcome(3.0, "inconvo", error=PermanentError(ErrorCode.DESTINATION_REJECTED, "422"))
+    rig = Rig(returning(failed))
+    with rig.outbox.hold():
+        delivery = rig.deliver()
+        while rig.outbox.waiting < 2:
+            await asyncio.sleep(0)
+        assert [e.target for e in rig.outbox.entries("sent")] == [
+            "exchange:upload.failed",
+            f"queue:{rig.topology.dead.name}",
+        ]
+        assert delivery.acks == 0
+    await rig.settled()
+    assert delivery.acks == 1
+
+
+async def test_a_channel_lost_mid_settle_acks_nothing() -> None:
+    """The channel died while the settle's confirms were outstanding: no ack (the tag means
+    nothing now); the broker's redelivery is the copy that carries on."""
     failed = Outcome(3.0, "inconvo", error=PermanentError(ErrorCode.DESTINATION_REJECTED, "422"))
     rig = Rig(returning(failed))
     with rig.outbox.hold():
         delivery = rig.deliver()
         while not rig.outbox.waiting:
             await asyncio.sleep(0)
-        delivery.channel.close()  # while the event's confirm is outstanding
-        rig.settler.channel_lost(delivery.channel)
+        delivery.channel.close()
+        assert rig.settler.channel_lost(delivery.channel) == 0, "a settle is never cancelled"
     await rig.settled()
-    assert [e.target for e in rig.outbox.entries("sent")] == ["exchange:upload.failed"]
     assert delivery.acks == 0
+    assert rig.outbox.entries("ack") == []
 
 
 async def test_a_channel_lost_while_working_cancels_the_attempt() -> None:
@@ -315,3 +353,72 @@ def test_shutdown_acks_a_settle_whose_last_publish_went_out() -> None:
             assert delivery.acks == 0, "its publish may be lost: the broker redelivers it"
 
     run_virtual(scenario())
+
+
+STORED = PlatformFile("stored", "completed", {"file": {"name": "a.csv"}})
+ACCEPTED = PlatformFile("accepted", "pending", {"uid": "f1", "status": "accepted"}, uid="f1")
+
+
+async def test_a_file_final_at_once_gets_its_ingestion_event_after_the_upload_s() -> None:
+    """Inconvo's upload is final: upload.succeeded, then ingestion.completed, then the ack."""
+    rig = Rig(returning(dataclasses.replace(SUCCEEDED, file=STORED)))
+    delivery = rig.deliver()
+    await rig.settled()
+    assert [e.target for e in rig.outbox.entries("sent")] == [
+        "exchange:upload.succeeded",
+        "exchange:ingestion.completed",
+    ]
+    ingestion = rig.outbox.entries("sent")[1].body
+    assert ingestion["type"] == "courier.ingestion.completed"
+    assert ingestion["subject"] == "r-1"
+    assert ingestion["data"]["fileStatus"] == "stored"
+    assert (ingestion["data"]["checks"], ingestion["data"]["waitedMs"]) == (0, 0.0)
+    assert rig.outbox.kinds()[-1] == f"ack {delivery.delivery_tag}"
+
+
+async def test_a_file_still_ingesting_is_parked_to_be_read_again() -> None:
+    """Mindset accepted the file: upload.succeeded, then a copy in a delay tier that will
+    read the file's state; nothing is kept in memory."""
+    rig = Rig(returning(dataclasses.replace(SUCCEEDED, destination="mindset", file=ACCEPTED)))
+    rig.deliver()
+    await rig.settled()
+    event, copy = rig.outbox.entries("confirmed")
+    assert event.target == "exchange:upload.succeeded"
+    assert copy.target == f"queue:{rig.topology.tier(2).name}", "about 5 s: the nearest tier"
+    assert copy.message is not None and copy.message.body == BODY
+    assert copy.headers[CHECKS_HEADER] == 0 and copy.headers[FOLLOW_SINCE_HEADER]
+    assert rig.metrics.tracked._value.get() == 1
+
+
+async def test_a_read_copy_ends_with_the_ingestion_event_alone() -> None:
+    """A copy that follows its file reads the state: published ends the following with
+    ingestion.completed (no upload runs, no second upload event)."""
+    published = dataclasses.replace(ACCEPTED, status="published", state="completed")
+
+    async def never(request: Request, request_id: str) -> Outcome:
+        raise AssertionError("a follow-up never uploads")
+
+    read = returning(Outcome(2.0, "mindset", file=published))
+    rig = Rig(never, read)
+    since = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
+    rig.deliver(headers={FOLLOW_SINCE_HEADER: since, CHECKS_HEADER: 2})
+    await rig.settled()
+    [event] = rig.outbox.entries("confirmed")
+    assert event.body["type"] == "courier.ingestion.completed"
+    assert event.body["data"]["checks"] == 3
+    assert event.body["data"]["fileStatus"] == "published"
+    assert rig.metrics.tracked._value.get() == -1, "this replica saw one followed file return"
+
+
+async def test_a_read_copy_still_pending_is_parked_again_without_an_event() -> None:
+    """Still accepted: a new copy to a delay tier, the reads so far counted, no event."""
+
+    async def never(request: Request, request_id: str) -> Outcome:
+        raise AssertionError("a follow-up never uploads")
+
+    rig = Rig(never, returning(Outcome(2.0, "mindset", file=ACCEPTED)))
+    since = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
+    rig.deliver(headers={FOLLOW_SINCE_HEADER: since, CHECKS_HEADER: 0})
+    await rig.settled()
+    [copy] = rig.outbox.entries("confirmed")
+    assert copy.target.startswith("queue:") and copy.headers[CHECKS_HEADER] == 1
