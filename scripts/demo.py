@@ -4,8 +4,9 @@ Starts the local stack (the fake Inconvo and Mindset, the example files over
 HTTP, moto's S3 with bucket ``courier-examples``), runs `courier run` on queues
 of its own, submits every request in examples/ with `courier submit`, and one
 that fails (examples/failures/) and ends in the dead-letter queue; prints a
-table of the outcomes and `courier dead list`. Courier's own logs go to a file,
-named at the end; the peers log nothing.
+table of the outcomes and `courier dead list`; then the whole life of one file in
+Mindset: its upload and ingestion, a changed version that replaces it, and its
+delete. Courier's own logs go to a file, named at the end; the peers log nothing.
 """
 
 from __future__ import annotations
@@ -92,9 +93,12 @@ async def main() -> int:
             "COURIER_HTTP_HOST": "127.0.0.1",
             "COURIER_HTTP_PORT": str(http_port),
             "COURIER_LOG_FORMAT": "console",
+            # Short delay tiers: a file's state is read again within seconds.
+            "COURIER_RETRY_DELAYS": "1s,5s,30s",
         }
         connection = await aio_pika.connect_robust(amqp_url)
         collector = await EventCollector(connection, names.events_exchange).start()
+        everything = await EventCollector(connection, names.events_exchange, keys=("#",)).start()
         with log_file.open("wb") as logs:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "service", "run", env=env, cwd=ROOT, stderr=logs
@@ -123,7 +127,7 @@ async def main() -> int:
                 **{_request_id(p): "succeeded" for p in EXAMPLES},
                 **{_request_id(p): "failed" for p in FAILURES},
             }
-            ok = by_status == expected
+            ok = by_status == expected and await _life(env, everything, stack.files.url)
             print(
                 f"\n{sum(s == 'succeeded' for s in by_status.values())} succeeded, "
                 f"{sum(s == 'failed' for s in by_status.values())} failed"
@@ -136,6 +140,65 @@ async def main() -> int:
             await proc.wait()
             await delete_topology(names, (10, 60, 300, 1800), amqp_url)
             await connection.close()
+
+
+def _life_requests(files_url: str) -> list[tuple[str, dict[str, Any]]]:
+    """One Mindset file's life: uploaded, replaced by a changed version, deleted."""
+    where = {"type": "mindset", "appUid": "app_demo", "contextUid": "ctx_handbook"}
+    upload = {**where, "externalId": "handbook"}
+    return [
+        (
+            "upload the handbook",
+            {
+                "id": "life-v1",
+                "source": {"url": f"{files_url}/handbook/v1.txt"},
+                "destination": upload,
+            },
+        ),
+        (
+            "upload a changed version under the same externalId",
+            {
+                "id": "life-v2",
+                "source": {"url": f"{files_url}/handbook/v2.txt"},
+                "destination": upload,
+            },
+        ),
+        (
+            "delete it",
+            {
+                "id": "life-del",
+                "operation": "delete",
+                "destination": {**where, "externalId": "handbook"},
+            },
+        ),
+    ]
+
+
+def _life_line(event: dict[str, Any]) -> str:
+    data, kind = event["data"], event["type"].removeprefix("courier.")
+    notes = [f"{k}={data[k]}" for k in ("fileStatus", "checks", "replaced", "existed") if k in data]
+    if "error" in data:
+        notes.append(data["error"]["code"])
+    return f"    {kind:<20} {data['requestId']:<9} {' '.join(notes)}"
+
+
+async def _life(env: dict[str, str], everything: EventCollector, files_url: str) -> bool:
+    """Submit each step with `courier submit`, wait for its final event, print the events."""
+    print("\nThe life of one file in Mindset:")
+    finals = {"life-v1": "courier.ingestion.completed", "life-v2": "courier.ingestion.completed"}
+    finals["life-del"] = "courier.delete.succeeded"
+    for what, body in _life_requests(files_url):
+        print(f"  {what}: courier submit")
+        code, out = await _courier("submit", "-", env=env, stdin=orjson.dumps(body))
+        if code != 0:
+            print(out)
+            return False
+        rid = str(body["id"])
+        await everything.wait_for_event(rid, finals[rid], timeout=60)
+        for event in everything.events:
+            if event["data"]["requestId"] == rid:
+                print(_life_line(event))
+    return True
 
 
 def _request_id(path: Path) -> str:

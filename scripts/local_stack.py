@@ -16,13 +16,14 @@ from pathlib import Path
 
 from aiohttp import web
 
-from testbed.fakes import FakeInconvo, FakeMindset
+from testbed.fakes import FakeInconvo, FakeMindset, IngestionRule
 from testbed.loopback import Loopback, serve
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_FILES = ROOT / "examples" / "files"
 FILES_PORT = 8765  # examples/*.json name http://127.0.0.1:8765/...
 BUCKET = "courier-examples"  # and s3://courier-examples/...
+INGESTION_SECONDS = 1.0
 LOCAL_KEYS = {"inconvo": "local-inconvo-key", "mindset": "local-mindset-key"}
 # Variables that give a real destination key: any of them switches the fakes off.
 KEY_VARIABLES = (
@@ -117,6 +118,8 @@ async def local_stack(files_port: int = FILES_PORT) -> AsyncIterator[Stack]:
         FakeMindset(api_key=LOCAL_KEYS["mindset"]) as mindset,
         _moto() as aws,
     ):
+        # As the real Mindset does: a file is accepted, and ingested a little later.
+        mindset.ingestion = IngestionRule("ingested", after_seconds=INGESTION_SECONDS)
         files = await serve(_files_app(), port=files_port)
         try:
             stack = Stack(inconvo, mindset, files, aws["AWS_ENDPOINT_URL_S3"] if aws else None)

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import aio_pika
@@ -44,7 +44,7 @@ from service.messages import Envelope, decode, parse_request, request_id
 from service.prechecks import offline_checks
 from service.redact import SecretFilter, mask_text, redact_url
 from service.topology import Topology
-from service.watch import FINAL_EVENTS, ExchangeMissing, events, line, request_of, watching
+from service.watch import ExchangeMissing, events, final_events, line, request_of, watching
 
 EXIT_CONFIG = EXIT_USAGE  # the name older callers know
 log = logging.getLogger(__name__)
@@ -171,7 +171,8 @@ async def _submit(settings: Settings, body: bytes, wait: bool, patience: float) 
             async with watching(connection, settings.events_exchange) as watch:
                 await _publish(channel, settings, message)
                 _say(f"submitted {rid} to {settings.queue}; waiting for its events")
-                return await _follow(watch, rid, patience, settings.secret_values())
+                final = final_events(settings.track_ingestion)
+                return await _follow(watch, rid, patience, final, settings.secret_values())
         except ExchangeMissing:
             raise UserError(
                 f"exchange {settings.events_exchange} does not exist: start `courier run` once "
@@ -191,14 +192,16 @@ async def _publish(channel: Any, settings: Settings, message: aio_pika.Message) 
         ) from None
 
 
-async def _follow(watch: Any, rid: str, patience: float, secrets: list[str]) -> int:
+async def _follow(
+    watch: Any, rid: str, patience: float, final: Mapping[str, int], secrets: list[str]
+) -> int:
     try:
         async with asyncio.timeout(patience):
             async for _, event in events(watch):
                 if request_of(event) != rid:
                     continue
                 _print_json(event, secrets)
-                status = FINAL_EVENTS.get(str(event.get("type")))
+                status = final.get(str(event.get("type")))
                 if status is not None:
                     return status
     except TimeoutError:

@@ -18,12 +18,21 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractQueue
 
 from service.topology import EVENT_TYPE_PREFIX
 
-# The event that ends a request's story, and the exit status it stands for.
-# (Further kinds of event join here as the service publishes them.)
+# The events that end a request's story, and the exit status each stands for. While
+# the service follows uploaded files, a succeeded upload's story ends with its ingestion.
 FINAL_EVENTS: Mapping[str, int] = {
-    "courier.upload.succeeded": 0,
     "courier.upload.failed": 1,
+    "courier.delete.succeeded": 0,
+    "courier.delete.failed": 1,
+    "courier.ingestion.completed": 0,
+    "courier.ingestion.failed": 1,
 }
+UNFOLLOWED_FINAL_EVENTS: Mapping[str, int] = {**FINAL_EVENTS, "courier.upload.succeeded": 0}
+
+
+def final_events(track_ingestion: bool) -> Mapping[str, int]:
+    """The final events of a request, when ingestion is (or is not) followed."""
+    return FINAL_EVENTS if track_ingestion else UNFOLLOWED_FINAL_EVENTS
 
 
 class ExchangeMissing(Exception):

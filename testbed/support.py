@@ -434,6 +434,18 @@ class EventCollector:
         async with asyncio.timeout(timeout), self._changed:
             await self._changed.wait_for(lambda: ids <= self.request_ids())
 
+    async def wait_for_event(self, request_id: str, event_type: str, timeout: float = 60.0) -> None:
+        """Wait until the request has an event of ``event_type``."""
+
+        def seen() -> bool:
+            return any(
+                e.get("type") == event_type and (e.get("data") or {}).get("requestId") == request_id
+                for e in self.events
+            )
+
+        async with asyncio.timeout(timeout), self._changed:
+            await self._changed.wait_for(seen)
+
     async def for_correlation(
         self, correlation_id: str, timeout: float = 20.0
     ) -> list[dict[str, Any]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +13,8 @@ import orjson
 import pytest
 
 from service.contracts import (
+    DeleteRequest,
+    IngestionEvent,
     MindsetDestination,
     ResultEvent,
     SourceInfo,
@@ -19,9 +22,9 @@ from service.contracts import (
     json_schemas,
 )
 from service.errors import ErrorCode, PermanentError, RetryableError
-from service.events import build_event
-from service.messages import Envelope, parse_request
-from service.outcome import Outcome
+from service.events import build_event, build_ingestion_event
+from service.messages import Envelope, decode, parse_request
+from service.outcome import Ingestion, Outcome, PlatformFile
 from service.urls import parse_s3_url
 from tests.regen_schemas import SCHEMA_DIR, rendered
 
@@ -365,3 +368,127 @@ def test_built_events_are_what_the_event_model_publishes(outcome: Outcome) -> No
     model = ResultEvent.model_validate(event)
     assert orjson.dumps(event) == orjson.dumps(model.to_json_dict())
     jsonschema.Draft202012Validator(json_schemas()["event"]).validate(event)
+
+
+@pytest.mark.parametrize(
+    "outcome",
+    [
+        Outcome(4.0, "inconvo", operation="delete", result={"file": "a.csv"}, existed=True),
+        Outcome(4.0, "mindset", operation="delete", existed=False),
+        Outcome(
+            4.0,
+            "mindset",
+            operation="delete",
+            error=RetryableError(ErrorCode.DESTINATION_UNAVAILABLE, "503"),
+        ),
+        Outcome(3.0, "mindset", "documentContent", _SOURCE, result={"uid": "n"}, replaced_uid="o"),
+    ],
+)
+def test_delete_and_replace_events_are_what_the_model_publishes(outcome: Outcome) -> None:
+    """A delete's events (courier.delete.*, operation, existed) and a replacing upload's
+    (replaced, replacedUid) are the model's JSON too, and valid by the event schema."""
+    event = build_event(
+        event_source="urn:courier:test",
+        request_id="req-1",
+        attempts=1,
+        metadata={},
+        outcome=outcome,
+    )
+    assert event["type"].startswith(f"courier.{outcome.operation}.")
+    model = ResultEvent.model_validate(event)
+    assert orjson.dumps(event) == orjson.dumps(model.to_json_dict())
+    jsonschema.Draft202012Validator(json_schemas()["event"]).validate(event)
+
+
+@pytest.mark.parametrize(
+    "ingestion",
+    [
+        Ingestion("inconvo", PlatformFile("stored", "completed", {"file": {}}), 0.0, 0),
+        Ingestion(
+            "mindset",
+            PlatformFile("fail", "failed", {"uid": "f"}, uid="f"),
+            1234.5,
+            3,
+            PermanentError(ErrorCode.INGESTION_FAILED, "Mindset could not ingest the file"),
+        ),
+        Ingestion(
+            "mindset",
+            None,
+            9.0,
+            1,
+            PermanentError(ErrorCode.DESTINATION_REJECTED, "403", http_status=403),
+        ),
+    ],
+)
+def test_ingestion_events_are_what_the_model_publishes(ingestion: Ingestion) -> None:
+    """The ingestion event's JSON is the IngestionEvent model's, and valid by the schema."""
+    event = build_ingestion_event(
+        event_source="urn:courier:test", request_id="req-1", metadata={}, ingestion=ingestion
+    )
+    model = IngestionEvent.model_validate(event)
+    assert orjson.dumps(event) == orjson.dumps(model.to_json_dict())
+    jsonschema.Draft202012Validator(json_schemas()["event"]).validate(event)
+
+
+INCONVO_DELETE: dict[str, Any] = {
+    "operation": "delete",
+    "destination": {
+        "type": "inconvo",
+        "contextKey": "orgId",
+        "contextValue": "o1",
+        "fileName": "q.csv",
+    },
+}
+MINDSET_DELETE: dict[str, Any] = {
+    "operation": "delete",
+    "destination": {"type": "mindset", "appUid": "a", "contextUid": "c", "externalId": "x"},
+}
+
+
+def test_a_request_is_an_upload_or_a_delete() -> None:
+    """operation picks the kind (upload when absent or null); every request has a tenant."""
+    assert isinstance(parse_request(orjson.dumps(INCONVO), 1 << 20), UploadRequest)
+    nulled = _with(INCONVO, "operation", None)
+    assert isinstance(parse_request(orjson.dumps(nulled), 1 << 20), UploadRequest)
+    for body in (INCONVO_DELETE, MINDSET_DELETE):
+        request = parse_request(orjson.dumps(body), 1 << 20)
+        assert isinstance(request, DeleteRequest) and request.tenant == "default"
+    assert (
+        parse_request(orjson.dumps({**INCONVO, "tenant": "acme:web"}), 1 << 20).tenant == "acme:web"
+    )
+
+
+@pytest.mark.parametrize(
+    ("doc", "mentions"),
+    [
+        ({**INCONVO, "operation": "move"}, "operation"),
+        ({**INCONVO, "tenant": "has space"}, "tenant"),
+        ({**INCONVO, "tenant": "t" * 65}, "tenant"),
+        ({**INCONVO_DELETE, "source": {"url": "https://x.example/q.csv"}}, "source"),
+        (_with(INCONVO_DELETE, "destination.notes", "n"), "notes"),
+        (_with(INCONVO_DELETE, "destination.fileName", _DELETE), "fileName"),
+        (_with(INCONVO_DELETE, "destination.fileName", "q.xlsx"), "fileName"),
+        (_with(INCONVO_DELETE, "destination.userIdentifier", "u"), "scope"),
+        (_with(MINDSET_DELETE, "destination.externalId", _DELETE), "externalId"),
+        (_with(MINDSET_DELETE, "destination.delivery", "auto"), "delivery"),
+        (_with(MINDSET, "destination.onExisting", "overwrite"), "onExisting"),
+    ],
+)
+def test_delete_and_new_field_rules(doc: dict[str, Any], mentions: str) -> None:
+    """Deletes take no source and none of an upload's fields; tenants and onExisting are
+    checked; each message names the field."""
+    assert mentions in _invalid(doc)
+
+
+def test_a_request_without_any_id_gets_one_derived_from_its_body() -> None:
+    """Neither id nor message_id: the same body always gets the same id, another body
+    another (so a redelivery finds the file it made)."""
+    body = orjson.dumps(MINDSET)
+    first = decode(body, Envelope(), 1 << 20).request_id
+    assert first == decode(body, Envelope(), 1 << 20).request_id
+    assert (
+        first
+        != decode(orjson.dumps({**MINDSET, "metadata": {"k": "v"}}), Envelope(), 1 << 20).request_id
+    )
+    assert str(uuid.UUID(first)) == first and uuid.UUID(first).version == 5
+    assert decode(body, Envelope(message_id="m-1"), 1 << 20).request_id == "m-1"

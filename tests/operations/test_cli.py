@@ -112,6 +112,35 @@ async def test_process_runs_one_request_locally(files: FileServer, inconvo: Fake
     assert orjson.loads(out)["data"]["error"]["code"] == "unsupported_type"
 
 
+async def test_process_prints_the_event_of_an_invalid_request() -> None:
+    """An invalid request read by `courier process` gets the invalid_request event `courier run`
+    would publish, on stdout, and exit 1; never only a line on stderr."""
+    body = b'{"id": "bad-1", "source": {"url": "https://x.example/a.csv"}, "destination": {"type": "inconvo"}}'
+    code, out, _ = await courier("process", "-", env=courier_env(), stdin=body)
+    assert code == 1
+    event = orjson.loads(out)
+    assert event["type"] == "courier.upload.failed" and event["subject"] == "bad-1"
+    assert event["data"]["error"]["code"] == "invalid_request"
+    assert event["data"]["destination"] == "inconvo"
+
+
+async def test_process_runs_a_delete(inconvo: FakeInconvo) -> None:
+    """`courier process` takes a delete too: a file that is not there is existed: false."""
+    env = courier_env(
+        COURIER_INCONVO_API_KEY=INCONVO_KEY, COURIER_INCONVO_BASE_URL=inconvo.base_url
+    )
+    body = {
+        "id": "del-1",
+        "operation": "delete",
+        "destination": {"type": "inconvo", "userIdentifier": "u1", "fileName": "gone.csv"},
+    }
+    code, out, _ = await courier("process", "-", env=env, stdin=orjson.dumps(body))
+    assert code == 0
+    event = orjson.loads(out)
+    assert event["type"] == "courier.delete.succeeded"
+    assert event["data"]["existed"] is False and event["data"]["operation"] == "delete"
+
+
 async def test_process_masks_secrets_in_the_printed_event(
     files: FileServer, inconvo: FakeInconvo
 ) -> None:
