@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gzip
+import json
 import logging
 import os
 import re
@@ -93,6 +94,16 @@ class LedgerHandler(logging.Handler):
         if record.name.startswith(("werkzeug", "moto")):
             return  # the S3 server's own access log: a test peer, not Courier
         LEDGER.add(f"log {record.name}", logging.Formatter().format(record) + repr(record.__dict__))
+
+
+def json_documents(text: bytes) -> list[Any]:
+    """The JSON documents printed one after another (as `courier submit --wait` does)."""
+    decoder, body = json.JSONDecoder(), text.decode()
+    found, at = [], 0
+    while (at := len(body) - len(body[at:].lstrip())) < len(body):
+        value, at = decoder.raw_decode(body, at)
+        found.append(value)
+    return found
 
 
 def free_port() -> int:

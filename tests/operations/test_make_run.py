@@ -13,7 +13,16 @@ import orjson
 import pytest
 
 from scripts.local_stack import real_keys_configured
-from testbed.support import LEDGER, ROOT, Names, courier, courier_env, free_port, wait_status
+from testbed.support import (
+    LEDGER,
+    ROOT,
+    Names,
+    courier,
+    courier_env,
+    free_port,
+    json_documents,
+    wait_status,
+)
 
 
 @pytest.fixture
@@ -70,7 +79,8 @@ async def test_make_run_then_submit_wait_shows_the_event(
     logs = lines[lines.index(banner[0]) + 1 :]
     code, out, err = await courier("submit", "--wait", "examples/inconvo-http.json", env=env)
     assert code == 0, err.decode()
-    event = orjson.loads(out)
+    event, ingestion = json_documents(out)
+    assert ingestion["type"] == "courier.ingestion.completed"
     assert event["type"] == "courier.upload.succeeded"
     assert event["data"]["requestId"] == "example-inconvo-http"
     assert event["data"]["result"]["file"]["name"] == "sales_report_q4.csv"
@@ -78,7 +88,8 @@ async def test_make_run_then_submit_wait_shows_the_event(
         "submit", "--wait", "examples/failures/source-not-found.json", env=env
     )
     assert code == 1
-    assert orjson.loads(out)["data"]["error"]["code"] == "source_not_found"
+    [failed] = json_documents(out)
+    assert failed["data"]["error"]["code"] == "source_not_found"
     # Not a terminal: the service logs JSON lines, as the contract's default says.
     assert logs and all(orjson.loads(line)["level"] for line in logs)
 

@@ -14,7 +14,16 @@ from aio_pika.abc import AbstractRobustConnection
 
 from service.runtime import Service
 from testbed.fakes import FakeInconvo
-from testbed.support import LEDGER, ROOT, FileServer, Names, courier, courier_env, inconvo_request
+from testbed.support import (
+    LEDGER,
+    ROOT,
+    FileServer,
+    Names,
+    courier,
+    courier_env,
+    inconvo_request,
+    json_documents,
+)
 from testbed.support import publish as publish_request
 
 
@@ -30,15 +39,16 @@ async def test_submit_wait_prints_the_event_and_exits_by_it(
     good.write_bytes(orjson.dumps(inconvo_request(files.add("/a.csv", b"x,y\n"), "wait-ok")))
     code, out, err = await courier("submit", "--wait", str(good), env=_env(names))
     assert code == 0, err.decode()
-    event = orjson.loads(out)
-    assert event["type"] == "courier.upload.succeeded" and event["subject"] == "wait-ok"
+    upload, ingestion = json_documents(out)
+    assert upload["type"] == "courier.upload.succeeded" and upload["subject"] == "wait-ok"
+    assert ingestion["type"] == "courier.ingestion.completed", "it waits for the file's state"
     assert f"submitted wait-ok to {names.queue}" in err.decode()
 
     bad = tmp_path / "bad.json"
     bad.write_bytes(orjson.dumps(inconvo_request(files.url("/missing.csv"), "wait-bad")))
     code, out, _ = await courier("submit", "--wait", str(bad), env=_env(names))
     assert code == 1
-    event = orjson.loads(out)
+    [event] = json_documents(out)
     assert event["type"] == "courier.upload.failed"
     assert event["data"]["error"]["code"] == "source_not_found"
 
