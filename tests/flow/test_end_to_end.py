@@ -180,7 +180,7 @@ async def rate_limited_run(
     return rate, inconvo.throttled
 
 
-@pytest.mark.alone
+@pytest.mark.timing
 @pytest.mark.timeout(180)
 async def test_an_adaptive_rate_finds_an_unconfigured_limit(
     process_env: Callable[..., dict[str, str]],
@@ -199,7 +199,7 @@ async def test_an_adaptive_rate_finds_an_unconfigured_limit(
     assert rate >= 0.7 * 20
 
 
-@pytest.mark.alone
+@pytest.mark.timing
 @pytest.mark.timeout(180)
 async def test_a_configured_rate_keeps_under_the_limit(
     process_env: Callable[..., dict[str, str]],
