@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
@@ -313,6 +314,31 @@ class CourierProcess:
                 f"{pattern!r} x{count} not in `courier run`'s output within {timeout}s "
                 f"(seen {self.count(pattern)})"
             ) from None
+
+    def records(self) -> list[dict[str, Any]]:
+        """Its log lines (JSON, `courier run`'s default format), parsed; other lines skipped."""
+        found = []
+        for line in self.stderr.splitlines():
+            with contextlib.suppress(orjson.JSONDecodeError):
+                record = orjson.loads(line)
+                if isinstance(record, dict):
+                    found.append(record)
+        return found
+
+    def logged_seconds(self, first: str, last: str) -> float | None:
+        """Seconds from its first log line containing ``first`` to its last containing
+        ``last``, by the lines' own time stamps: how long the process itself took,
+        whatever the test process was doing meanwhile."""
+        stamps = [
+            (r["message"], datetime.strptime(r["time"], "%Y-%m-%d %H:%M:%S,%f"))
+            for r in self.records()
+            if "message" in r and "time" in r
+        ]
+        starts = [t for m, t in stamps if first in m]
+        ends = [t for m, t in stamps if last in m]
+        if not starts or not ends:
+            return None
+        return (ends[-1] - starts[0]).total_seconds()
 
     async def signal(self, sig: int, timeout: float = 60) -> int:
         """Send ``sig`` and wait for the exit status."""
