@@ -315,6 +315,19 @@ class CourierProcess:
                 f"(seen {self.count(pattern)})"
             ) from None
 
+    async def metric(self, name: str) -> float:
+        """The sum of metric ``name``'s samples on its /metrics (0 when absent)."""
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{self.port}/metrics") as answer,
+        ):
+            text = await answer.text()
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith(name) and line[len(name) : len(name) + 1] in (" ", "{")
+        )
+
     def records(self) -> list[dict[str, Any]]:
         """Its log lines (JSON, `courier run`'s default format), parsed; other lines skipped."""
         found = []

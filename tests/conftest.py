@@ -443,17 +443,17 @@ def process_env(
     """
 
     def make(**extra: str) -> dict[str, str]:
-        return courier_env(
-            COURIER_AMQP_URL=broker_url,
-            COURIER_QUEUE=names.queue,
-            COURIER_EVENTS_EXCHANGE=names.events_exchange,
-            COURIER_HTTP_PORT="0",
-            COURIER_INCONVO_API_KEY=INCONVO_KEY,
-            COURIER_INCONVO_BASE_URL=inconvo.base_url,
-            COURIER_SOURCE_ALLOWED_HOSTS=f"127.0.0.1:{files.port}",
-            COURIER_RETRY_DELAYS="1s,2s",
-            **extra,
-        )
+        values = {
+            "COURIER_AMQP_URL": broker_url,
+            "COURIER_QUEUE": names.queue,
+            "COURIER_EVENTS_EXCHANGE": names.events_exchange,
+            "COURIER_HTTP_PORT": "0",
+            "COURIER_INCONVO_API_KEY": INCONVO_KEY,
+            "COURIER_INCONVO_BASE_URL": inconvo.base_url,
+            "COURIER_SOURCE_ALLOWED_HOSTS": f"127.0.0.1:{files.port}",
+            "COURIER_RETRY_DELAYS": "1s,2s",
+        }
+        return courier_env(**(values | extra))
 
     return make
 
