@@ -21,6 +21,7 @@ import contextlib
 import itertools
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -268,6 +269,27 @@ class RabbitNode:
         """``rabbitmqctl -n <node> ARGS``."""
         return await run("rabbitmqctl", "-q", "-n", self.name, *args, timeout=timeout, check=check)
 
+    async def wait_not_quorum_critical(self, timeout: float = 60.0) -> None:
+        """Wait until stopping this node leaves every quorum queue with a majority
+        (a node just started again may still be catching up)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            proc = await asyncio.create_subprocess_exec(
+                "rabbitmq-diagnostics",
+                "-q",
+                "-n",
+                self.name,
+                "check_if_node_is_quorum_critical",
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+            )
+            out, _ = await proc.communicate()
+            if proc.returncode == 0:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.name} stayed quorum critical: {out.decode()[-2000:]}")
+            await asyncio.sleep(0.5)
+
     async def stop_app(self) -> None:
         """Stop the RabbitMQ application (the node stays up): clients are disconnected."""
         await self.ctl("stop_app")
@@ -372,12 +394,11 @@ class RabbitCluster:
 
     async def connected_to(self, connection_name: str) -> RabbitNode | None:
         """The node a client connection of that name is on (e.g. ``courier-consume``)."""
-        text = await self._ask(
-            "list_connections", "node", "client_properties", "--no-table-headers"
-        )
+        text = await self._ask("list_connections", "pid", "client_properties", "--no-table-headers")
         for line in text.splitlines():
-            if f'"{connection_name}"' in line or connection_name in line:
-                return self.node(line.split()[0])
+            # A connection's pid names its node: <courier-1a2b3c-0@localhost.1660.0>
+            if connection_name in line and (found := re.match(r"\s*<([^.>]+@[^.>]+)\.", line)):
+                return self.node(found.group(1))
         return None
 
     async def leader(self, queue: str) -> RabbitNode:
