@@ -16,9 +16,15 @@ from testbed.support import ROOT
 SCENARIOS = ("small", "big", "presign", "inline", "caps", "flow")
 
 
+@pytest.mark.timing
 @pytest.mark.timeout(300)
 async def test_bench_runs_every_scenario(tmp_path: Path) -> None:
-    """`python -m bench.run` with a tiny N prints the table, a JSON report and a profile for every scenario."""
+    """`python -m bench.run` with a tiny N prints the table, a JSON report and a profile for every scenario.
+
+    In the timing tier, though it asserts no time: it runs the whole benchmark (some
+    twenty processes, the machine's broker at full tilt) and would take the two cores
+    and the broker from every test running beside it.
+    """
     report_path = tmp_path / "results.json"
     proc = await asyncio.create_subprocess_exec(
         sys.executable,

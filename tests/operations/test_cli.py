@@ -20,10 +20,10 @@ from testbed.support import (
     EventCollector,
     FileServer,
     Names,
+    closed_port,
     courier,
     courier_env,
     drain,
-    free_port,
     inconvo_request,
     publish,
     wait_status,
@@ -137,11 +137,10 @@ async def test_run_serves_readiness_and_stops_on_sigterm(
     collector: EventCollector,
 ) -> None:
     """`courier run` consumes, answers /readyz 200, logs JSON lines, and exits 0 on SIGTERM."""
-    port = free_port()
     env = courier_env(
         COURIER_QUEUE=names.queue,
         COURIER_EVENTS_EXCHANGE=names.events_exchange,
-        COURIER_HTTP_PORT=str(port),
+        COURIER_HTTP_PORT="0",  # it logs the port it bound: CourierProcess reads it
         COURIER_INCONVO_API_KEY=INCONVO_KEY,
         COURIER_INCONVO_BASE_URL=inconvo.base_url,
         COURIER_SOURCE_ALLOWED_HOSTS=f"127.0.0.1:{files.port}",
@@ -149,7 +148,7 @@ async def test_run_serves_readiness_and_stops_on_sigterm(
     )
     courier_run = await CourierProcess(env).start()
     try:
-        await wait_status(f"http://127.0.0.1:{port}/healthz", 200)
+        await wait_status(f"http://127.0.0.1:{courier_run.port}/healthz", 200)
         request = inconvo_request(files.add("/a.csv", b"1\n"), "sub-1")
         await publish(amqp, names.queue, request)
         [event] = await collector.wait_for(1)
@@ -173,20 +172,22 @@ async def test_run_serves_readiness_and_stops_on_sigterm(
 async def test_unreachable_broker_is_reported_and_retried(
     make_settings: Callable[..., Settings],
 ) -> None:
-    """With no broker, `courier run` says which URL and how to start one; /readyz stays 503."""
-    http_port, amqp_port = free_port(), free_port()
-    env = courier_env(
-        COURIER_AMQP_URL=f"amqp://guest:hunter2@127.0.0.1:{amqp_port}/",
-        COURIER_HTTP_PORT=str(http_port),
-        COURIER_LOG_FORMAT="console",
-    )
-    courier_run = await CourierProcess(env).start(wait_ready=False)
-    try:
-        await wait_status(f"http://127.0.0.1:{http_port}/readyz", 503)
-        await asyncio.sleep(1.5)  # let it retry at least once
-        await wait_status(f"http://127.0.0.1:{http_port}/readyz", 503)
-    finally:
-        code = await courier_run.signal(signal.SIGTERM, timeout=30)
+    """With no broker, `courier run` says which URL and how to start one, and goes on trying; /readyz stays 503."""
+    with closed_port() as amqp_port:  # refuses connections; nobody can take it meanwhile
+        env = courier_env(
+            COURIER_AMQP_URL=f"amqp://guest:hunter2@127.0.0.1:{amqp_port}/",
+            COURIER_HTTP_PORT="0",
+            COURIER_LOG_FORMAT="console",
+        )
+        courier_run = await CourierProcess(env).start(wait_ready=False)
+        readyz = f"http://127.0.0.1:{courier_run.port}/readyz"
+        try:
+            await wait_status(readyz, 503)
+            # Both links tried twice each: it retried, and was never ready meanwhile.
+            await courier_run.wait_output(b"cannot reach RabbitMQ", count=4, timeout=60)
+            await wait_status(readyz, 503)
+        finally:
+            code = await courier_run.signal(signal.SIGTERM, timeout=30)
     assert code == 0
     text = courier_run.stderr.decode()
     assert f"cannot reach RabbitMQ at amqp://127.0.0.1:{amqp_port}/" in text
