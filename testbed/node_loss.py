@@ -182,6 +182,19 @@ async def lose_node(
     await node.start_app()
 
 
+async def collector_drained(cluster: RabbitCluster, queue: str, timeout: float = 60) -> None:
+    """Wait until ``queue`` holds no message, ready or unacked."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = await cluster.queues_report()
+        depths = [line.split() for line in text.splitlines() if line.startswith(queue)]
+        if depths and all(d[-3:-1] == ["0", "0"] for d in depths):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the collector's queue did not drain: {depths}")
+        await asyncio.sleep(0.2)
+
+
 async def node_loss_run(
     cluster: RabbitCluster,
     env: Mapping[str, str],
@@ -211,11 +224,14 @@ async def node_loss_run(
         leader = await cluster.leader(queue)
         await lose_node(leader, "the request queue's leader", collector, result)
         await collector.wait(lambda: ids <= set(collector.counts()), timeout=120)
-        await asyncio.sleep(1)  # a late duplicate would show by now
     except TimeoutError as exc:
         stalled = exc
     finally:
         code = await courier.signal(signal.SIGTERM, timeout=30)
+        if stalled is None:
+            # Courier has exited: every event it will publish is out. A late duplicate
+            # is in the collector once its queue holds nothing more.
+            await collector_drained(cluster, f"{exchange}.collector")
         await collector.close()
     if stalled is not None:
         queues = await cluster.queues_report()

@@ -15,9 +15,9 @@ from aio_pika.abc import AbstractRobustConnection
 
 from service.config import Settings
 from testbed.fakes import FakeInconvo
+from testbed.stage import Stage
 from testbed.support import (
     CourierProcess,
-    EventCollector,
     FileServer,
     Names,
     closed_port,
@@ -129,29 +129,16 @@ async def test_process_masks_secrets_in_the_printed_event(
     assert INCONVO_KEY not in out.decode()
 
 
-async def test_run_serves_readiness_and_stops_on_sigterm(
-    amqp: AbstractRobustConnection,
-    names: Names,
-    files: FileServer,
-    inconvo: FakeInconvo,
-    collector: EventCollector,
-) -> None:
+async def test_run_serves_readiness_and_stops_on_sigterm(stage: Stage) -> None:
     """`courier run` consumes, answers /readyz 200, logs JSON lines, and exits 0 on SIGTERM."""
-    env = courier_env(
-        COURIER_QUEUE=names.queue,
-        COURIER_EVENTS_EXCHANGE=names.events_exchange,
-        COURIER_HTTP_PORT="0",  # it logs the port it bound: CourierProcess reads it
-        COURIER_INCONVO_API_KEY=INCONVO_KEY,
-        COURIER_INCONVO_BASE_URL=inconvo.base_url,
-        COURIER_SOURCE_ALLOWED_HOSTS=f"127.0.0.1:{files.port}",
-        COURIER_CONCURENCY="4",  # a typo: warned about, not silently ignored
-    )
-    courier_run = await CourierProcess(env).start()
+    # It binds port 0 and logs the port it got: CourierProcess reads it from there.
+    courier_run = stage.process(COURIER_CONCURENCY="4")  # a typo: warned about, not ignored
+    await courier_run.start()
     try:
         await wait_status(f"http://127.0.0.1:{courier_run.port}/healthz", 200)
-        request = inconvo_request(files.add("/a.csv", b"1\n"), "sub-1")
-        await publish(amqp, names.queue, request)
-        [event] = await collector.wait_for(1)
+        request = inconvo_request(stage.files.add("/a.csv", b"1\n"), "sub-1")
+        await stage.publish(request)
+        [event] = await stage.collector.wait_for(1)
         assert event["data"]["status"] == "succeeded"
     finally:
         code = await courier_run.signal(signal.SIGTERM, timeout=30)
