@@ -64,7 +64,14 @@ def cpu_stress(load: float, nice: int) -> Iterator[str]:
             str(round(load * 100)),
             "--quiet",
         ]
-        procs = [subprocess.Popen(command, start_new_session=True)]  # noqa: S603
+        procs = [
+            subprocess.Popen(  # noqa: S603
+                command,
+                start_new_session=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,  # its "finished prematurely" when stopped
+            )
+        ]
         what = f"stress-ng --cpu {cores} --cpu-load {round(load * 100)}"
     else:
         command = ["nice", "-n", str(nice), sys.executable, "-c", _BUSY, str(load)]

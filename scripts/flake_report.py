@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 TIMING = "timing:"
+FLOOR = "floor:"
 THIN = 0.5  # a p95 margin above this is flagged
 MESSAGE_CHARS = 160
 
@@ -38,6 +39,7 @@ class TestStats:
     durations: list[float] = field(default_factory=list)
     messages: dict[str, int] = field(default_factory=dict)  # normalised message: how often
     margins: dict[str, list[float]] = field(default_factory=dict)  # bound: one per run
+    floors: dict[str, list[float]] = field(default_factory=dict)  # floor: one per run
 
     @property
     def rate(self) -> float:
@@ -113,12 +115,13 @@ def read(directory: Path) -> Report:
                 stats.messages[key] = stats.messages.get(key, 0) + 1
             for prop in case.iter("property"):
                 name = prop.get("name", "")
-                if name.startswith(TIMING):
-                    try:
-                        value = float(prop.get("value", "nan"))
-                    except ValueError:
-                        continue
-                    stats.margins.setdefault(name[len(TIMING) :], []).append(value)
+                for prefix, into in ((TIMING, stats.margins), (FLOOR, stats.floors)):
+                    if name.startswith(prefix):
+                        try:
+                            value = float(prop.get("value", "nan"))
+                        except ValueError:
+                            continue
+                        into.setdefault(name[len(prefix) :], []).append(value)
     runs: list[dict[str, object]] = []
     if (directory / "runs.json").exists():
         runs = json.loads((directory / "runs.json").read_text())
@@ -167,6 +170,15 @@ def render(report: Report, *, show_all: bool = False, slowest: int = 20) -> str:
             )
     else:
         lines.append("  (none recorded)")
+    floors = sorted((t, name, v) for t in tests for name, v in t.floors.items())
+    if floors:
+        lines += [
+            "",
+            "Floors (must take at least so long; floor/measured, load cannot break them):",
+        ]
+        lines.append(f"{'runs':>5} {'worst':>6}  floor / test")
+        for t, name, values in floors:
+            lines.append(f"{len(values):>5} {max(values):>6.2f}  {name} / {t.test_id}")
     if show_all:
         lines += ["", "Every test:", header]
         lines += [_row(t) for t in sorted(tests, key=lambda t: t.test_id)]

@@ -10,7 +10,8 @@ An upper bound (something must happen within so long) fails when the machine is
 slow, so a test holding one belongs to the ``timing`` tier: serial, on a quiet
 broker node. A lower bound (``assert_at_least``: something must take at least so
 long, a pacing or a Retry-After honoured) can only be broken by the code, never by
-load, so it may stay in the default tier; its margin is ``floor / measured``.
+load, so it may stay in the default tier; it is recorded as ``floor:<name>`` with
+``floor / measured`` (near 1 is normal: the code waits what it must, no longer).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 PREFIX = "timing:"
+FLOOR_PREFIX = "floor:"
 
 # Set by the test suite (tests/conftest.py) to the running test's record_property;
 # outside pytest (benchmarks, the demo) bounds are asserted and nothing is recorded.
@@ -32,19 +34,19 @@ def set_recorder(record: Callable[[str, object], None] | None) -> None:
     _worst.clear()
 
 
-def _note(name: str, margin: float) -> None:
+def _note(key: str, margin: float) -> None:
     # One value per bound and test: the worst of the calls (a bound checked in a loop).
-    worst = max(margin, _worst.get(name, 0.0))
-    _worst[name] = worst
+    worst = max(margin, _worst.get(key, 0.0))
+    _worst[key] = worst
     if _record is not None:
-        _record(PREFIX + name, round(worst, 4))
+        _record(key, round(worst, 4))
 
 
 def assert_within(name: str, measured: float, bound: float) -> None:
     """Assert that ``measured`` seconds is at most ``bound``; record the margin used."""
     if bound <= 0:
         raise ValueError(f"{name}: the bound must be positive, not {bound}")
-    _note(name, measured / bound)
+    _note(PREFIX + name, measured / bound)
     assert measured <= bound, f"{name}: {measured:.3f}s, over the bound of {bound:.3f}s"
 
 
@@ -52,5 +54,5 @@ def assert_at_least(name: str, measured: float, floor: float) -> None:
     """Assert that ``measured`` seconds is at least ``floor``; record ``floor / measured``."""
     if floor <= 0:
         raise ValueError(f"{name}: the floor must be positive, not {floor}")
-    _note(name, floor / measured if measured > 0 else float("inf"))
+    _note(FLOOR_PREFIX + name, floor / measured if measured > 0 else float("inf"))
     assert measured >= floor, f"{name}: {measured:.3f}s, under the floor of {floor:.3f}s"

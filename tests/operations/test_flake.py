@@ -36,7 +36,9 @@ RUN_2 = """<?xml version="1.0" encoding="utf-8"?>
   <testcase classname="tests.broker.test_gate" name="test_probe[x]" time="3.0">
     <failure message="AssertionError: took 8.9s, over the bound">trace</failure>
   </testcase>
-  <testcase classname="tests.sources.test_spool" name="test_fd" time="0.2"/>
+  <testcase classname="tests.sources.test_spool" name="test_fd" time="0.2">
+    <properties><property name="floor:paced" value="0.98"/></properties>
+  </testcase>
 </testsuite></testsuites>
 """
 
@@ -61,6 +63,9 @@ def test_the_report_counts_each_test_over_the_runs(tmp_path: Path) -> None:
     assert "    2     2 100.0%    1.00    3.00  tests/broker/test_gate.py::test_probe[x]" in text
     assert "2x AssertionError: took #s, over the bound" in text
     assert "    2   0.70   0.70  cancel / tests/broker/test_gate.py::test_probe  THIN" in text
+    assert spool.floors == {"paced": [0.98]}
+    assert "    1   0.98  paced / tests/sources/test_spool.py::test_fd" in text
+    assert "THIN" not in text.split("Floors")[1]
     assert flake_report.main([str(tmp_path)]) == 1
     rows = (tmp_path / "report.tsv").read_text().splitlines()
     assert rows[0].startswith("test\truns\tfailures")
@@ -87,7 +92,7 @@ def test_a_bound_records_its_margin(request: pytest.FixtureRequest) -> None:
     assert_within("ready", 1.0, 10.0)
     assert_at_least("paced", 2.0, 1.5)
     assert ("timing:ready", 0.5) in request.node.user_properties
-    assert ("timing:paced", 0.75) in request.node.user_properties
+    assert ("floor:paced", 0.75) in request.node.user_properties
     assert [k for k, _ in request.node.user_properties].count("timing:ready") == 1
 
 
