@@ -170,7 +170,10 @@ def render(report: Report, *, show_all: bool = False, slowest: int = 20) -> str:
             )
     else:
         lines.append("  (none recorded)")
-    floors = sorted((t, name, v) for t in tests for name, v in t.floors.items())
+    floors = sorted(
+        ((t, name, v) for t in tests for name, v in t.floors.items()),
+        key=lambda item: (item[0].test_id, item[1]),
+    )
     if floors:
         lines += [
             "",

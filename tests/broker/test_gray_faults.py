@@ -155,10 +155,10 @@ async def test_a_stalled_confirm_does_not_fork_a_request(
 
 
 async def rolling_restarts(
-    stage: Stage, *, rounds: int, requests: int, max_redeliveries: int
+    stage: Stage, *, replicas: int, rounds: int, requests: int, max_redeliveries: int
 ) -> dict[str, int]:
-    """SIGTERM and restart each of three replicas, ``rounds`` times over, while requests run;
-    every SIGTERM finds work in flight. Returns the events per request."""
+    """SIGTERM and restart each replica, ``rounds`` times over, while requests run; every
+    SIGTERM finds work in flight. Returns the events per request."""
     stage.inconvo.delay = 0.5  # the run outlasts the restarts
     url = stage.files.add("/a.csv", b"1\n")
 
@@ -170,18 +170,18 @@ async def rolling_restarts(
             COURIER_EVENT_SOURCE=f"urn:courier:replica-{i}",
         )
 
-    replicas = [await replica(i).start() for i in range(3)]
+    running = [await replica(i).start() for i in range(replicas)]
     ids = await stage.publish_many(url, requests, "rolling")
     codes = []
     try:
         for _ in range(rounds):  # rolling deploys
-            for i in range(3):
-                await _working(replicas[i])
-                codes.append(await replicas[i].signal(signal.SIGTERM, timeout=30))
-                replicas[i] = await replica(i).start()
+            for i in range(replicas):
+                await _working(running[i])
+                codes.append(await running[i].signal(signal.SIGTERM, timeout=30))
+                running[i] = await replica(i).start()
         await stage.collector.wait_for_ids(ids, timeout=120)
     finally:
-        codes += [await r.signal(signal.SIGTERM, timeout=30) for r in replicas]
+        codes += [await r.signal(signal.SIGTERM, timeout=30) for r in running]
     assert set(codes) == {0}
     counts = counts_of(stage.collector, ids)
     failures = {e["data"].get("error", {}).get("code") for e in stage.collector.events} - {None}
@@ -200,9 +200,9 @@ async def _working(replica: CourierProcess) -> None:
 
 @pytest.mark.timeout(120)
 async def test_a_rolling_restart_loses_nothing(stage: Stage) -> None:
-    """SIGTERM + restart of each of three replicas during 200 requests: graceful give-backs are not crashes, so none is lost or fails (the soak probe below runs the strictest setting)."""
-    counts = await rolling_restarts(stage, rounds=1, requests=200, max_redeliveries=5)
-    print(f"\nrolling restart: 200 requests, {sum(counts.values()) - 200} duplicates")
+    """SIGTERM + restart of each of two replicas during 150 requests: graceful give-backs are not crashes, so none is lost or fails (the soak probe below: three replicas, three rounds, the strictest setting)."""
+    counts = await rolling_restarts(stage, replicas=2, rounds=1, requests=150, max_redeliveries=5)
+    print(f"\nrolling restart: 150 requests, {sum(counts.values()) - 150} duplicates")
 
 
 @pytest.mark.soak
@@ -214,5 +214,5 @@ async def test_rolling_restarts_push_no_request_to_poison(stage: Stage) -> None:
     tests/broker/test_gate.py) would be poison_message, and whether it happens depends
     on how the broker's and the replicas' work interleave.
     """
-    counts = await rolling_restarts(stage, rounds=3, requests=600, max_redeliveries=1)
+    counts = await rolling_restarts(stage, replicas=3, rounds=3, requests=600, max_redeliveries=1)
     print(f"\nrolling restarts: 600 requests, {sum(counts.values()) - 600} duplicates")

@@ -16,14 +16,15 @@ from testbed.support import ROOT
 SCENARIOS = ("small", "big", "presign", "inline", "caps", "flow")
 
 
-@pytest.mark.timing
+@pytest.mark.soak
 @pytest.mark.timeout(300)
 async def test_bench_runs_every_scenario(tmp_path: Path) -> None:
     """`python -m bench.run` with a tiny N prints the table, a JSON report and a profile for every scenario.
 
-    In the timing tier, though it asserts no time: it runs the whole benchmark (some
-    twenty processes, the machine's broker at full tilt) and would take the two cores
-    and the broker from every test running beside it.
+    In the soak tier (`make soak`), though it probes no race: it runs the whole
+    benchmark (some twenty processes, the machine's broker at full tilt, 45-55 s), so
+    in the parallel phase it would take the two cores and the broker from every test
+    beside it, and in the serial phase it would make `make test` a third slower.
     """
     report_path = tmp_path / "results.json"
     proc = await asyncio.create_subprocess_exec(

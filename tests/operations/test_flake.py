@@ -21,7 +21,9 @@ RUN_1 = """<?xml version="1.0" encoding="utf-8"?>
   <testcase classname="tests.flow.test_flow.TestBreaker" name="test_opens" time="0.5">
     <skipped message="why"/>
   </testcase>
-  <testcase classname="tests.sources.test_spool" name="test_fd" time="0.1"/>
+  <testcase classname="tests.sources.test_spool" name="test_fd" time="0.1">
+    <properties><property name="floor:paced" value="0.97"/></properties>
+  </testcase>
   <testcase classname="tests.sources.test_spool" name="test_fd" time="0.0">
     <error message="failed on teardown with ResourceWarning">trace</error>
   </testcase>
@@ -63,8 +65,10 @@ def test_the_report_counts_each_test_over_the_runs(tmp_path: Path) -> None:
     assert "    2     2 100.0%    1.00    3.00  tests/broker/test_gate.py::test_probe[x]" in text
     assert "2x AssertionError: took #s, over the bound" in text
     assert "    2   0.70   0.70  cancel / tests/broker/test_gate.py::test_probe  THIN" in text
-    assert spool.floors == {"paced": [0.98]}
-    assert "    1   0.98  paced / tests/sources/test_spool.py::test_fd" in text
+    assert spool.floors == {"paced": [0.97, 0.98]}
+    assert "    2   0.98  paced / tests/sources/test_spool.py::test_fd" in text
+    probe.floors["slept"] = [0.5]  # two tests with floors: ordered by test id
+    assert "slept / tests/broker/test_gate.py::test_probe" in flake_report.render(report)
     assert "THIN" not in text.split("Floors")[1]
     assert flake_report.main([str(tmp_path)]) == 1
     rows = (tmp_path / "report.tsv").read_text().splitlines()
