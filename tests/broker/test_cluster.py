@@ -13,6 +13,7 @@ from testbed.stage import Stage
 from testbed.timing import assert_within
 
 
+@pytest.mark.timeout(180)  # its waits, added up, are longer than the default 60 s
 async def test_losing_the_node_courier_is_on_fails_over_to_the_next(stage: Stage) -> None:
     """The soak probe's deterministic twin: two broker addresses (proxies in front of one
     broker), the one Courier consumes and publishes through lost mid-run and kept away:

@@ -80,6 +80,7 @@ async def _no_consumer(stage: Stage) -> bool:
     return (await queue_counts(stage.amqp, stage.queue))[1] == 0
 
 
+@pytest.mark.timeout(150)  # its waits, added up, are longer than the default 60 s
 async def test_a_cut_with_work_in_flight_repeats_no_event(stage: Stage) -> None:
     """Both connections cut with 32 uploads in flight: the lost deliveries' work is cancelled, so only the broker's redeliveries publish events."""
     proxy = await TcpProxy(target_port=_port(stage.broker_url)).start()
@@ -115,6 +116,7 @@ async def test_a_cut_with_work_in_flight_repeats_no_event(stage: Stage) -> None:
 
 
 @pytest.mark.usefixtures("fast_retries")
+@pytest.mark.timeout(150)  # its waits, added up, are longer than the default 60 s
 async def test_a_stalled_confirm_does_not_fork_a_request(
     stage: Stage, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -130,6 +130,7 @@ async def test_transient_failures_then_success(stage: Stage) -> None:
 
 
 @pytest.mark.usefixtures("fast_retries")
+@pytest.mark.timeout(120)  # its waits, added up, are longer than the default 60 s
 async def test_exhausted_retries_dead_letter_then_replay(stage: Stage) -> None:
     """Always 500: one failed event after COURIER_MAX_ATTEMPTS, the message dead-lettered; replay after healing succeeds."""
     url = stage.files.add("/a.csv", b"1\n")
@@ -237,6 +238,7 @@ async def test_connection_cut_during_a_run(stage: Stage) -> None:
     assert_within("events again after the restore", resumed_after, 10)
 
 
+@pytest.mark.timeout(180)  # its waits, added up, are longer than the default 60 s
 async def test_sigkill_mid_run_then_restart(stage: Stage) -> None:
     """SIGKILL during a run, then a new process: every request ends, none lost; only the work in flight at the kill repeats."""
     inconvo, collector = stage.inconvo, stage.collector
@@ -303,6 +305,7 @@ async def test_sigterm_finishes_in_flight_and_requeues_the_rest(stage: Stage) ->
     assert_within("exit at SIGTERM, work in flight", took, 10 + 2)
 
 
+@pytest.mark.timeout(120)  # its waits, added up, are longer than the default 60 s
 async def test_consumer_cancelled_by_the_server_is_restored(
     stage: Stage, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -125,6 +125,7 @@ async def test_an_outage_holds_work_without_spending_attempts(stage: Stage) -> N
     )
 
 
+@pytest.mark.timeout(120)  # its waits, added up, are longer than the default 60 s
 async def test_an_outage_longer_than_the_hold_limit_fails_counting_real_tries(
     stage: Stage,
 ) -> None:
@@ -192,6 +193,7 @@ async def test_a_configured_rate_keeps_under_the_limit(stage: Stage) -> None:
     assert_within("300 requests at 80% of 20/s", seconds, 300 / (0.8 * 20))
 
 
+@pytest.mark.timeout(120)  # its waits, added up, are longer than the default 60 s
 async def test_trickling_sources_time_out_and_do_not_starve_the_rest(stage: Stage) -> None:
     """16 sources that trickle a byte now and then, concurrency 8, COURIER_SOURCE_TIMEOUT 1 s: the requests behind them finish, and the trickling ones end source_unavailable."""
     files, collector = stage.files, stage.collector
