@@ -170,7 +170,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"run {run}/{args.runs} {phase} ({shown}; {stress}): {verdict}", flush=True)
     (out / "runs.json").write_text(json.dumps(runs, indent=1))
     print()
-    status = flake_report.main([str(out), *(["--all"] if args.all else [])])
+    # A soak run has few tests, each a probe: every one's failure rate is shown.
+    show_all = args.all or args.tier == "soak"
+    status = flake_report.main([str(out), *(["--all"] if show_all else [])])
     broken = [r for r in runs if r["code"] not in (0, 1, NO_TESTS)]
     if broken:
         print(f"\n{len(broken)} phases ended abnormally (interrupted, internal error): {broken}")
