@@ -14,6 +14,7 @@ import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
@@ -73,6 +74,11 @@ class Stage:
     def queue(self) -> str:
         """The request queue."""
         return self.names.queue
+
+    @property
+    def broker_port(self) -> int:
+        """The AMQP port of this test's broker (for a proxy in front of it)."""
+        return int(urlsplit(self.broker_url).port or 5672)
 
     def running(self, **overrides: Any) -> contextlib.AbstractAsyncContextManager[Service]:
         """The service in-process with this stage's settings (and ``overrides``)."""

@@ -37,7 +37,7 @@ def counts_of(collector: EventCollector, ids: set[str]) -> dict[str, int]:
 @pytest.mark.timeout(120)
 async def test_a_shutdown_deadline_during_slow_confirms_repeats_no_event(stage: Stage) -> None:
     """The shutdown deadline passes while the broker's confirms are held: no delivery is requeued behind a published event, so no event repeats, and the process exits within the timeout + 5 s."""
-    proxy = await TcpProxy(target_port=_port(stage.broker_url)).start()
+    proxy = await TcpProxy(target_port=stage.broker_port).start()
     stage.inconvo.delay = 1.0
     url = stage.files.add("/a.csv", b"1\n")
     try:
@@ -72,10 +72,6 @@ async def test_a_shutdown_deadline_during_slow_confirms_repeats_no_event(stage: 
     assert_within("exit at SIGTERM, confirms held", took, 1 + 5)
 
 
-def _port(url: str) -> int:
-    return int(url.rsplit(":", 1)[1].strip("/"))
-
-
 async def _no_consumer(stage: Stage) -> bool:
     return (await queue_counts(stage.amqp, stage.queue))[1] == 0
 
@@ -83,7 +79,7 @@ async def _no_consumer(stage: Stage) -> bool:
 @pytest.mark.timeout(150)  # its waits, added up, are longer than the default 60 s
 async def test_a_cut_with_work_in_flight_repeats_no_event(stage: Stage) -> None:
     """Both connections cut with 32 uploads in flight: the lost deliveries' work is cancelled, so only the broker's redeliveries publish events."""
-    proxy = await TcpProxy(target_port=_port(stage.broker_url)).start()
+    proxy = await TcpProxy(target_port=stage.broker_port).start()
     inconvo = stage.inconvo
     # The fake drops a request whose client left during this delay (it is never
     # uploaded), so work the cut failed to cancel would show as a second upload.
@@ -121,7 +117,7 @@ async def test_a_stalled_confirm_does_not_fork_a_request(
     stage: Stage, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A retry's confirm is held far past COURIER_PUBLISH_TIMEOUT: Courier waits for it instead of returning the delivery, so one copy runs on, not two."""
-    proxy = await TcpProxy(target_port=_port(stage.broker_url)).start()
+    proxy = await TcpProxy(target_port=stage.broker_port).start()
     inconvo = stage.inconvo
     inconvo.delay = 0.5
     inconvo.fail_next(503, count=3)  # the first attempt's three tries

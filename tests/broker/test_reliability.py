@@ -196,7 +196,7 @@ async def test_poison_message(stage: Stage) -> None:
 @pytest.mark.timeout(180)
 async def test_connection_cut_during_a_run(stage: Stage) -> None:
     """A cut of both broker connections mid-run, held until Courier has retried each a few times, loses nothing; /readyz drops, and events flow again within 10 s of the restore."""
-    proxy = await TcpProxy(target_port=int(stage.broker_url.rsplit(":", 1)[1].strip("/"))).start()
+    proxy = await TcpProxy(target_port=stage.broker_port).start()
     url = stage.files.add("/a.csv", b"1\n")
     stage.inconvo.delay = 0.005
     collector = stage.collector
