@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import socket
+import sys
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -213,17 +214,31 @@ async def _remove_stale_test_queues(connection: aiormq.abc.AbstractConnection) -
 
 @pytest.hookimpl(trylast=True)
 def pytest_runtest_teardown(item: pytest.Item) -> None:
-    """Collect the garbage the test left, within its own teardown.
+    """Collect the garbage the test left, after its fixtures are torn down, and fail the
+    test itself for what it leaked.
 
-    With ``filterwarnings = error`` a ResourceWarning (an unclosed socket, transport
-    or session) is raised from ``__del__`` when the collector gets to the object,
-    which would otherwise be during whichever test runs next: collected here, it
-    fails the test that leaked it (pytest reports unraisable exceptions right after
-    this hook). What survives is frozen, so the next test's collection only looks
-    at objects made since (a full collection of this process takes 70 ms).
+    With ``filterwarnings = error`` a ResourceWarning (an unclosed socket, transport or
+    session) is raised from ``__del__`` when the collector gets to the object: left to
+    the collector's own timing, during whichever test runs next. Here the collection
+    runs as the last step of this test's teardown, what ``__del__`` raises is caught and
+    raised again as this test's teardown error. What survives is frozen, so the next
+    test's collection only looks at objects made since (a full collection of this
+    process takes 70 ms).
     """
-    gc.collect()
+    caught: list[Any] = []
+    previous, sys.unraisablehook = sys.unraisablehook, caught.append
+    try:
+        gc.collect()
+    finally:
+        sys.unraisablehook = previous
     gc.freeze()
+    if caught:
+        leaked = "; ".join(
+            f"{u.err_msg or 'Exception ignored in'}: {u.object!r}: {u.exc_value!r}" for u in caught
+        )
+        raise AssertionError(f"{item.nodeid} left garbage that complained: {leaked}") from caught[
+            0
+        ].exc_value
 
 
 @pytest.fixture(autouse=True)
