@@ -236,9 +236,8 @@ def pytest_runtest_teardown(item: pytest.Item) -> None:
         leaked = "; ".join(
             f"{u.err_msg or 'Exception ignored in'}: {u.object!r}: {u.exc_value!r}" for u in caught
         )
-        raise AssertionError(f"{item.nodeid} left garbage that complained: {leaked}") from caught[
-            0
-        ].exc_value
+        first = caught[0].exc_value
+        raise AssertionError(f"{item.nodeid} left garbage that complained: {leaked}") from first
 
 
 @pytest.fixture(autouse=True)
