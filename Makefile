@@ -7,7 +7,7 @@ RUN_STAMP := $(VENV)/.run-stamp
 COURIER_AMQP_URL ?= amqp://guest:guest@127.0.0.1:5672/
 export COURIER_AMQP_URL
 
-.PHONY: install run broker tools lint format test schemas clean demo bench chaos node-deps
+.PHONY: install run broker tools lint format test flake soak schemas clean demo bench chaos node-deps
 
 define check_python
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -57,20 +57,40 @@ format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-# Four workers, each test file on one of them: most tests wait on the broker, the
-# fakes or a fault's timeline, so they overlap well even on two cores. The few
-# timing-sensitive tests (marked `alone`) run afterwards, on an idle machine.
+# Three tiers (pyproject.toml's markers; README, Development). The default tier is
+# deterministic: it waits on conditions, never on durations, so it runs in parallel
+# (four workers, each test file on one: most tests wait on the broker, the fakes or
+# a fault's timeline, so they overlap well even on two cores). The `timing` tier holds
+# wall-clock bounds: it runs afterwards, one test at a time, on a quiet RabbitMQ node
+# of its own. The `soak` tier (statistical probes, long chaos) is `make soak`'s.
 PYTEST_WORKERS ?= 4
+DEFAULT_TIER := not timing and not soak
 
 test: install broker tools node-deps lint
-	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadfile -m "not alone"
-	$(BIN)/pytest -m alone
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadfile -m "$(DEFAULT_TIER)"
+	$(BIN)/pytest -p no:xdist -m timing
+
+# The blocking tiers N times under CPU stress, with shuffled workers and distribution;
+# then a report per test (failures, messages, durations, timing margins).
+#   make flake N=20                       make flake N=2 TESTS=tests/broker/test_settle.py
+# The soak tier N times, one probe at a time, with each probe's failure rate:
+#   make soak N=50                        make soak N=5 TESTS=tests/broker/test_gate.py
+N ?= 10
+TESTS ?= tests
+STRESS ?= 0.6
+FLAKE_ARGS ?=
+
+flake: install broker node-deps
+	$(BIN)/python -m scripts.flake --runs $(N) --stress $(STRESS) $(FLAKE_ARGS) $(TESTS)
+
+soak: install broker
+	$(BIN)/python -m scripts.flake --tier soak --runs $(N) --stress $(STRESS) $(FLAKE_ARGS) $(TESTS)
 
 schemas: install
 	$(BIN)/python -m tests.regen_schemas
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .flake .soak
 
 demo: install broker
 	$(BIN)/python -m scripts.demo

@@ -18,6 +18,7 @@ class TcpProxy:
         self.is_cut = False
         self.port = 0
         self.connections = 0
+        self.refused = 0  # connections turned away while cut: a client retrying
         self._flowing = asyncio.Event()
         self._flowing.set()
 
@@ -34,6 +35,7 @@ class TcpProxy:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.is_cut:
+            self.refused += 1
             writer.transport.abort()
             return
         try:

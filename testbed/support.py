@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gzip
+import inspect
 import json
 import logging
 import os
@@ -13,10 +14,11 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
 import aio_pika
@@ -107,10 +109,79 @@ def json_documents(text: bytes) -> list[Any]:
 
 
 def free_port() -> int:
-    """A loopback port nobody listens on (right now)."""
+    """A loopback port nobody listens on (right now).
+
+    For a server of the caller's own that binds it at once. A child process should
+    bind port 0 and report its port instead (``CourierProcess`` reads it from the
+    log), and a port that must stay unanswered is :func:`closed_port`'s.
+    """
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def closed_port() -> Iterator[int]:
+    """A loopback port that refuses connections for as long as the block runs.
+
+    It is bound but never listened on, so a connection to it is refused and no other
+    process can take it meanwhile (a port merely found free could be taken a moment
+    later, and then answer).
+    """
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield int(sock.getsockname()[1])
+
+
+async def wait_until(
+    predicate: Callable[[], bool | Awaitable[bool]], timeout: float = 10.0, what: str = ""
+) -> None:
+    """Poll ``predicate`` (plain or async) until it holds; TimeoutError after ``timeout`` s.
+
+    For a condition nothing signals (a log line, a metric, a queue's depth): the test
+    waits for the evidence, however long the machine takes, never for a duration.
+    """
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                result = predicate()
+                if await result if inspect.isawaitable(result) else result:
+                    return
+                await asyncio.sleep(0.02)
+    except TimeoutError:
+        raise TimeoutError(f"not within {timeout}s: {what or predicate}") from None
+
+
+class _HasMetrics(Protocol):
+    @property
+    def metrics(self) -> Any: ...
+
+
+def in_flight(service: _HasMetrics) -> float:
+    """The service's ``courier_inflight_requests``."""
+    value = service.metrics.registry.get_sample_value("courier_inflight_requests")
+    return float(value or 0.0)
+
+
+async def quiesce(service: _HasMetrics, timeout: float = 20.0) -> None:
+    """Wait until an in-process service has no request in flight.
+
+    Call it once the events a test waits for have arrived: a request counts as in
+    flight until everything Courier does for it after its event (the reply, the
+    dead letter, the ack, the metrics) is done, so what those left is in place.
+    """
+    await wait_until(lambda: in_flight(service) == 0, timeout, "no request in flight")
+
+
+async def queue_counts(connection: AbstractConnection, queue: str) -> tuple[int, int]:
+    """(messages ready, consumers) of ``queue``, as the broker reports them now."""
+    channel = await connection.channel()
+    try:
+        declared = await channel.declare_queue(queue, passive=True)
+        result = declared.declaration_result
+        return int(result.message_count or 0), int(result.consumer_count or 0)
+    finally:
+        await channel.close()
 
 
 def courier_env(**extra: str) -> dict[str, str]:
@@ -160,18 +231,38 @@ async def wait_status(url: str, status: int, timeout: float = 20) -> None:
             await asyncio.sleep(0.1)
 
 
+# `courier run` names the port it serves on (it binds the one configured, 0: any).
+_HTTP_PORT_LINE = re.compile(rb"HTTP endpoints on port (\d+)")
+
+
 class CourierProcess:
-    """`courier run` as a subprocess, as a user runs it; its output is kept."""
+    """`courier run` as a subprocess, as a user runs it; its output is kept as it comes.
+
+    With ``COURIER_HTTP_PORT=0`` (``process_env``'s default) it binds a port of the
+    kernel's choosing and logs it; :attr:`port` is read from that line, so no port
+    is picked here and bound there seconds later.
+    """
 
     def __init__(self, env: Mapping[str, str]) -> None:
         self.env = dict(env)
-        self.port = int(self.env["COURIER_HTTP_PORT"])
+        self.port = int(self.env.get("COURIER_HTTP_PORT", "0"))
         self.proc: asyncio.subprocess.Process | None = None
-        self.stdout = b""
-        self.stderr = b""
+        self._out = bytearray()
+        self._err = bytearray()
+        self._changed = asyncio.Condition()
+
+    @property
+    def stdout(self) -> bytes:
+        """Everything it wrote to stdout so far."""
+        return bytes(self._out)
+
+    @property
+    def stderr(self) -> bytes:
+        """Everything it wrote to stderr (its log) so far."""
+        return bytes(self._err)
 
     async def start(self, wait_ready: bool = True) -> CourierProcess:
-        """Start it and (by default) wait until /readyz answers 200."""
+        """Start it, learn its HTTP port and (by default) wait until /readyz answers 200."""
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -182,18 +273,96 @@ class CourierProcess:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
-        self._reader = asyncio.create_task(self._read_output())
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        self._reader = asyncio.gather(
+            self._read(self.proc.stdout, self._out), self._read(self.proc.stderr, self._err)
+        )
+        if self.port == 0:
+            await self.wait_output(_HTTP_PORT_LINE, timeout=30)
+            found = _HTTP_PORT_LINE.search(self._err + self._out)
+            assert found is not None
+            self.port = int(found.group(1))
         if wait_ready:
             await wait_status(f"http://127.0.0.1:{self.port}/readyz", 200)
         return self
 
-    async def _read_output(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        assert self.proc.stderr is not None
-        self.stdout, self.stderr = await asyncio.gather(
-            self.proc.stdout.read(), self.proc.stderr.read()
+    async def _read(self, stream: asyncio.StreamReader, into: bytearray) -> None:
+        while line := await stream.readline():
+            async with self._changed:
+                into += line
+                self._changed.notify_all()
+        async with self._changed:  # the end of output: waiters learn the process is gone
+            self._changed.notify_all()
+
+    def count(self, pattern: bytes | re.Pattern[bytes]) -> int:
+        """How often ``pattern`` occurs in its output so far."""
+        text = self._err + self._out
+        if isinstance(pattern, bytes):
+            return text.count(pattern)
+        return len(pattern.findall(text))
+
+    async def wait_output(
+        self, pattern: bytes | re.Pattern[bytes], count: int = 1, timeout: float = 20.0
+    ) -> None:
+        """Wait until ``pattern`` occurred ``count`` times in its output (a log line)."""
+        assert self.proc is not None
+
+        def seen() -> bool:
+            if self.count(pattern) >= count:
+                return True
+            if self._reader.done():
+                raise AssertionError(
+                    f"`courier run` exited ({self.proc and self.proc.returncode}) before "
+                    f"{pattern!r} x{count}:\n{self.stderr.decode(errors='replace')[-3000:]}"
+                )
+            return False
+
+        try:
+            async with asyncio.timeout(timeout), self._changed:
+                await self._changed.wait_for(seen)
+        except TimeoutError:
+            raise TimeoutError(
+                f"{pattern!r} x{count} not in `courier run`'s output within {timeout}s "
+                f"(seen {self.count(pattern)})"
+            ) from None
+
+    async def metric(self, name: str) -> float:
+        """The sum of metric ``name``'s samples on its /metrics (0 when absent)."""
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{self.port}/metrics") as answer,
+        ):
+            text = await answer.text()
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith(name) and line[len(name) : len(name) + 1] in (" ", "{")
         )
-        LEDGER.add("courier run output", self.stdout + self.stderr)
+
+    def records(self) -> list[dict[str, Any]]:
+        """Its log lines (JSON, `courier run`'s default format), parsed; other lines skipped."""
+        found = []
+        for line in self.stderr.splitlines():
+            with contextlib.suppress(orjson.JSONDecodeError):
+                record = orjson.loads(line)
+                if isinstance(record, dict):
+                    found.append(record)
+        return found
+
+    def logged_seconds(self, first: str, last: str) -> float | None:
+        """Seconds from its first log line containing ``first`` to its last containing
+        ``last``, by the lines' own time stamps: how long the process itself took,
+        whatever the test process was doing meanwhile."""
+        stamps = [
+            (r["message"], datetime.strptime(r["time"], "%Y-%m-%d %H:%M:%S,%f"))
+            for r in self.records()
+            if "message" in r and "time" in r
+        ]
+        starts = [t for m, t in stamps if first in m]
+        ends = [t for m, t in stamps if last in m]
+        if not starts or not ends:
+            return None
+        return (ends[-1] - starts[0]).total_seconds()
 
     async def signal(self, sig: int, timeout: float = 60) -> int:
         """Send ``sig`` and wait for the exit status."""
@@ -202,6 +371,7 @@ class CourierProcess:
             self.proc.send_signal(sig)
         code = await asyncio.wait_for(self.proc.wait(), timeout)
         await self._reader
+        LEDGER.add("courier run output", self.stdout + self.stderr)
         return code
 
 
@@ -347,6 +517,13 @@ class FileServer:
             await self._runner.close()
 
 
+# A test's names start with "t-" and the hour they were made (UTC, hex seconds);
+# the session check removes queues of this form older than this, left by a killed run.
+TEST_PREFIX = "t-"
+STALE_AFTER = 3 * 3600.0
+_STAMPED = re.compile(r"t-([0-9a-f]{8})-[0-9a-f]{6}\.")
+
+
 @dataclass
 class Names:
     """Per-test queue and exchange names, so tests never share state."""
@@ -356,14 +533,27 @@ class Names:
 
     @classmethod
     def fresh(cls) -> Names:
-        """New unique names."""
-        tag = f"t-{uuid.uuid4().hex[:10]}"
+        """New unique names, stamped with the time they were made."""
+        tag = f"{TEST_PREFIX}{int(time.time()):08x}-{uuid.uuid4().hex[:6]}"
         return cls(queue=f"{tag}.uploads", events_exchange=f"{tag}.events")
 
     @property
     def dead_queue(self) -> str:
         """The dead-letter queue."""
         return f"{self.queue}.dead"
+
+
+def stale_test_queue(name: str, now: float | None = None) -> bool:
+    """Whether ``name`` is a test's queue made more than :data:`STALE_AFTER` ago.
+
+    Queues of other checkouts' runs (unstamped names) are never judged stale: a
+    run of theirs may be using them right now on the same broker.
+    """
+    found = _STAMPED.match(name)
+    if found is None:
+        return False
+    made = int(found.group(1), 16)
+    return (time.time() if now is None else now) - made > STALE_AFTER
 
 
 # The terminal events of requests: what most tests and the benchmark count.

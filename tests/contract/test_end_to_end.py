@@ -4,26 +4,21 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Callable
 
 import aio_pika
 import orjson
 import pytest
 from aio_pika.abc import AbstractRobustConnection
 
-from service.config import Settings
 from service.runtime import Service
 from testbed.fakes import FakeInconvo
+from testbed.stage import Stage
 from testbed.support import (
-    EventCollector,
     FileServer,
-    Names,
-    drain,
     inconvo_request,
     next_message,
-    publish,
+    quiesce,
 )
-from tests.conftest import running
 
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
@@ -32,10 +27,16 @@ pytestmark = pytest.mark.usefixtures("fast_retries")
 
 
 async def dead_letters(
-    amqp: AbstractRobustConnection, names: Names
+    stage: Stage, service: Service | None = None
 ) -> list[aio_pika.abc.AbstractIncomingMessage]:
-    """Everything in the test's dead-letter queue."""
-    return [m async for m in drain(amqp, names.dead_queue)]
+    """Everything in the test's dead-letter queue, once nothing more can be on its way.
+
+    Courier publishes a dead letter after the event is confirmed: with the service
+    still running, its requests must be out of flight first.
+    """
+    if service is not None:
+        await quiesce(service)
+    return await stage.dead_letters()
 
 
 async def queue_depth(amqp: AbstractRobustConnection, queue: str) -> int:
@@ -49,27 +50,21 @@ async def queue_depth(amqp: AbstractRobustConnection, queue: str) -> int:
 
 
 async def test_http_source_to_inconvo_succeeds(
+    stage: Stage,
     service: Service,
-    amqp: AbstractRobustConnection,
-    names: Names,
-    files: FileServer,
-    inconvo: FakeInconvo,
-    collector: EventCollector,
 ) -> None:
     """A request is fetched, uploaded, and answered with a complete CloudEvent (also to reply_to)."""
     body = b"region,total\neu,10\nus,12\n"
-    url = files.add("/exports/sales_q4.csv?token=s3cr3t", body)
-    reply = await (await amqp.channel()).declare_queue(exclusive=True)
-    await publish(
-        amqp,
-        names.queue,
+    url = stage.files.add("/exports/sales_q4.csv?token=s3cr3t", body)
+    reply = await (await stage.amqp.channel()).declare_queue(exclusive=True)
+    await stage.publish(
         {**inconvo_request(url, "req-ok-1", notes="Q4"), "metadata": {"tenant": "acme"}},
         correlation_id="corr-7",
         reply_to=reply.name,
         headers={"traceparent": TRACEPARENT},
     )
-    [event] = await collector.wait_for(1)
-    [message] = collector.messages
+    [event] = await stage.collector.wait_for(1)
+    [message] = stage.collector.messages
     assert event["specversion"] == "1.0"
     assert event["type"] == "courier.upload.succeeded"
     assert event["source"] == "urn:courier:test"
@@ -89,11 +84,11 @@ async def test_http_source_to_inconvo_succeeds(
     assert (data["destination"], data["delivery"], data["attempts"]) == ("inconvo", "multipart", 1)
     assert data["metadata"] == {"tenant": "acme"}
     assert data["durationMs"] >= 0
-    assert data["source"]["url"] == files.url("/exports/sales_q4.csv")  # query dropped
+    assert data["source"]["url"] == stage.files.url("/exports/sales_q4.csv")  # query dropped
     assert data["source"]["bytes"] == len(body)
     assert data["source"]["contentType"] == "text/csv"
     assert len(data["source"]["sha256"]) == 64
-    [upload] = inconvo.uploads
+    [upload] = stage.inconvo.uploads
     assert upload.content == body and upload.notes == "Q4"
     assert data["result"] == {
         "file": {"name": "sales_q4.csv", "path": upload.path, "size": len(body)}
@@ -101,47 +96,38 @@ async def test_http_source_to_inconvo_succeeds(
     assert "error" not in data
     replied = await next_message(reply)  # published just after the event
     assert orjson.loads(replied.body)["data"]["requestId"] == "req-ok-1"
-    assert await queue_depth(amqp, names.queue) == 0
-    assert await dead_letters(amqp, names) == []
+    assert await queue_depth(stage.amqp, stage.queue) == 0
+    assert await dead_letters(stage, service) == []
 
 
 async def test_request_id_falls_back_to_message_id(
+    stage: Stage,
     service: Service,
-    amqp: AbstractRobustConnection,
-    names: Names,
-    files: FileServer,
-    collector: EventCollector,
 ) -> None:
     """Without a body id, the AMQP message_id is the request id and the correlation id."""
-    await publish(
-        amqp, names.queue, inconvo_request(files.add("/a.csv", b"1\n")), message_id="mid-42"
-    )
-    [event] = await collector.wait_for(1)
+    await stage.publish(inconvo_request(stage.files.add("/a.csv", b"1\n")), message_id="mid-42")
+    [event] = await stage.collector.wait_for(1)
     assert event["subject"] == event["data"]["requestId"] == "mid-42"
-    assert collector.messages[0].correlation_id == "mid-42"
+    assert stage.collector.messages[0].correlation_id == "mid-42"
 
 
 async def test_failed_request_is_dead_lettered_with_headers(
+    stage: Stage,
     service: Service,
-    amqp: AbstractRobustConnection,
-    names: Names,
-    files: FileServer,
-    inconvo: FakeInconvo,
-    collector: EventCollector,
 ) -> None:
     """A non-CSV file fails unsupported_type before fetching; the original goes to the dead queue."""
-    url = files.add("/report.xlsx", b"PK")
+    url = stage.files.add("/report.xlsx", b"PK")
     raw = orjson.dumps(inconvo_request(url, "req-bad-type"))
-    await publish(amqp, names.queue, raw, headers={"x-custom": "kept"})
-    [event] = await collector.wait_for(1)
-    assert collector.messages[0].routing_key == "upload.failed"
+    await stage.publish(raw, headers={"x-custom": "kept"})
+    [event] = await stage.collector.wait_for(1)
+    assert stage.collector.messages[0].routing_key == "upload.failed"
     data = event["data"]
     assert data["status"] == "failed"
     assert data["error"]["code"] == "unsupported_type"
     assert data["error"]["retryable"] is False
     assert "result" not in data
-    assert files.hits == [] and inconvo.requests == []
-    [dead] = await dead_letters(amqp, names)
+    assert stage.files.hits == [] and stage.inconvo.requests == []
+    [dead] = await dead_letters(stage, service)
     assert dead.body == raw
     headers = dead.headers or {}
     assert headers["x-courier-error-code"] == "unsupported_type"
@@ -162,39 +148,34 @@ async def test_failed_request_is_dead_lettered_with_headers(
     ],
 )
 async def test_unparseable_bodies_get_a_failed_event(
+    stage: Stage,
     service: Service,
-    amqp: AbstractRobustConnection,
-    names: Names,
-    collector: EventCollector,
     body: bytes,
     message_id: str,
 ) -> None:
     """A body that is not a valid request ends in one invalid_request event and the dead queue."""
-    await publish(amqp, names.queue, body, message_id=message_id)
-    [event] = await collector.wait_for(1)
+    await stage.publish(body, message_id=message_id)
+    [event] = await stage.collector.wait_for(1)
     data = event["data"]
     assert event["subject"] == data["requestId"] == message_id
     assert data["error"]["code"] == "invalid_request"
     assert data["attempts"] == 1 and data["metadata"] == {}
     assert data["delivery"] is None
-    [dead] = await dead_letters(amqp, names)
+    [dead] = await dead_letters(stage, service)
     assert dead.body == body
 
 
 async def test_oversized_message_is_invalid(
-    make_settings: Callable[..., Settings],
-    amqp: AbstractRobustConnection,
-    names: Names,
-    collector: EventCollector,
+    stage: Stage,
 ) -> None:
     """A body over COURIER_MAX_MESSAGE_BYTES is invalid_request, dead-lettered whole."""
-    async with running(make_settings(max_message_bytes=2048)):
+    async with stage.running(max_message_bytes=2048):
         body = orjson.dumps({"pad": "x" * 4096})
-        await publish(amqp, names.queue, body, message_id="mid-big")
-        [event] = await collector.wait_for(1)
+        await stage.publish(body, message_id="mid-big")
+        [event] = await stage.collector.wait_for(1)
     assert event["data"]["error"]["code"] == "invalid_request"
     assert "limit" in event["data"]["error"]["message"]
-    [dead] = await dead_letters(amqp, names)
+    [dead] = await dead_letters(stage)
     assert dead.body == body
 
 
@@ -206,64 +187,52 @@ async def test_oversized_message_is_invalid(
     ],
 )
 async def test_source_errors(
+    stage: Stage,
     service: Service,
-    amqp: AbstractRobustConnection,
-    names: Names,
-    files: FileServer,
-    collector: EventCollector,
     url_path: str,
     status: int,
     code: str,
 ) -> None:
     """Source HTTP errors end as failed events with the contract code and httpStatus."""
-    url = files.add(url_path, b"no", status=status)
-    await publish(amqp, names.queue, inconvo_request(url, f"req-{status}"))
-    [event] = await collector.wait_for(1)
+    url = stage.files.add(url_path, b"no", status=status)
+    await stage.publish(inconvo_request(url, f"req-{status}"))
+    [event] = await stage.collector.wait_for(1)
     assert event["data"]["error"]["code"] == code
     assert event["data"]["error"]["httpStatus"] == status
-    assert len(await dead_letters(amqp, names)) == 1
+    assert len(await dead_letters(stage, service)) == 1
 
 
 async def test_unsupported_scheme_and_missing_key(
-    make_settings: Callable[..., Settings],
-    amqp: AbstractRobustConnection,
-    names: Names,
-    files: FileServer,
-    collector: EventCollector,
+    stage: Stage,
 ) -> None:
     """ftp:// is unsupported_source; no Inconvo key is destination_not_configured."""
-    async with running(make_settings(inconvo_api_key=None)):
-        await publish(amqp, names.queue, inconvo_request("ftp://host/a.csv", "req-ftp"))
-        await publish(amqp, names.queue, inconvo_request(files.add("/a.csv", b"1\n"), "req-nokey"))
-        events = await collector.wait_for(2)
+    async with stage.running(inconvo_api_key=None):
+        await stage.publish(inconvo_request("ftp://host/a.csv", "req-ftp"))
+        await stage.publish(inconvo_request(stage.files.add("/a.csv", b"1\n"), "req-nokey"))
+        events = await stage.collector.wait_for(2)
     codes = {e["data"]["requestId"]: e["data"]["error"]["code"] for e in events}
     assert codes == {"req-ftp": "unsupported_source", "req-nokey": "destination_not_configured"}
-    assert files.hits == []
+    assert stage.files.hits == []
 
 
 async def test_retryable_failure_goes_through_delay_tiers_then_dead(
-    make_settings: Callable[..., Settings],
-    amqp: AbstractRobustConnection,
-    names: Names,
-    files: FileServer,
-    inconvo: FakeInconvo,
-    collector: EventCollector,
+    stage: Stage,
 ) -> None:
     """A destination that keeps failing is retried via the tiers, then fails once with attempts = max."""
-    inconvo.fail_next(500, count=100)
+    stage.inconvo.fail_next(500, count=100)
     # The breaker would hold the last tries (tests/flow/test_end_to_end.py); here, the tiers alone.
-    async with running(make_settings(max_attempts=2, breaker_threshold=100)):
-        await publish(amqp, names.queue, inconvo_request(files.add("/a.csv", b"1\n"), "req-500"))
-        [event] = await collector.wait_for(1, timeout=30)
+    async with stage.running(max_attempts=2, breaker_threshold=100):
+        await stage.publish(inconvo_request(stage.files.add("/a.csv", b"1\n"), "req-500"))
+        [event] = await stage.collector.wait_for(1, timeout=30)
     data = event["data"]
     assert data["attempts"] == 2
     assert data["error"]["code"] == "destination_unavailable"
     assert data["error"]["retryable"] is True
     assert data["error"]["httpStatus"] == 500
-    assert len(inconvo.requests) == 6  # 3 in-process tries per attempt
-    [dead] = await dead_letters(amqp, names)
+    assert len(stage.inconvo.requests) == 6  # 3 in-process tries per attempt
+    [dead] = await dead_letters(stage)
     assert (dead.headers or {})["x-courier-attempts"] == 2
-    assert len(collector.events) == 1
+    assert len(stage.collector.events) == 1
 
 
 MIB = 1024 * 1024
@@ -308,12 +277,7 @@ def failing_body(case: str, files: FileServer, inconvo: FakeInconvo) -> bytes:
     ("case", "code", "http_status", "fetches", "uploads"), FAILURES, ids=[f[0] for f in FAILURES]
 )
 async def test_each_failure_ends_in_one_event_and_the_dead_queue(
-    make_settings: Callable[..., Settings],
-    amqp: AbstractRobustConnection,
-    names: Names,
-    files: FileServer,
-    inconvo: FakeInconvo,
-    collector: EventCollector,
+    stage: Stage,
     case: str,
     code: str,
     http_status: int | None,
@@ -321,19 +285,19 @@ async def test_each_failure_ends_in_one_event_and_the_dead_queue(
     uploads: bool,
 ) -> None:
     """Each failure of the list gets exactly one failed event with its code, the original in the dead queue, and no call it could have avoided."""
-    settings = make_settings(inconvo_api_key=None) if case == "no-key" else make_settings()
-    body = failing_body(case, files, inconvo)
-    async with running(settings):
-        await publish(amqp, names.queue, body, message_id=f"mid-{case}")
-        [event] = await collector.wait_for(1)
-        assert await queue_depth(amqp, names.queue) == 0
+    overrides = {"inconvo_api_key": None} if case == "no-key" else {}
+    body = failing_body(case, stage.files, stage.inconvo)
+    async with stage.running(**overrides):
+        await stage.publish(body, message_id=f"mid-{case}")
+        [event] = await stage.collector.wait_for(1)
+        assert await queue_depth(stage.amqp, stage.queue) == 0
     error = event["data"]["error"]
     assert (event["data"]["status"], error["code"]) == ("failed", code)
     assert error.get("httpStatus") == http_status
-    assert len(collector.events) == 1
-    [dead] = await dead_letters(amqp, names)
+    assert len(stage.collector.events) == 1
+    [dead] = await dead_letters(stage)
     assert dead.body == body
     assert (dead.headers or {})["x-courier-error-code"] == code
-    assert bool(files.hits) is fetches
-    assert bool(inconvo.requests) is uploads
-    assert inconvo.uploads == []
+    assert bool(stage.files.hits) is fetches
+    assert bool(stage.inconvo.requests) is uploads
+    assert stage.inconvo.uploads == []

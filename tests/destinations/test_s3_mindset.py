@@ -13,24 +13,21 @@ from urllib.parse import parse_qs, quote, urlsplit
 
 import aiohttp
 import pytest
-from aio_pika.abc import AbstractRobustConnection
 from aiobotocore.config import AioConfig
 from aiobotocore.credentials import AioRefreshableCredentials
 from aiobotocore.session import get_session
 from aiohttp import web
 from botocore.exceptions import ParamValidationError
 
-from service.config import Settings
 from service.contracts import SourceSpec, api_length
 from service.destinations.mindset import infer_mime_type
 from service.errors import CourierError, ErrorCode, RetryableError
 from service.sources.base import SizeLimit
 from service.sources.s3 import S3Source, env_proxy
 from service.sources.s3_errors import S3Location, map_error
-from testbed.fakes import FakeInconvo, FakeMindset
 from testbed.loopback import serve
-from testbed.support import EventCollector, FileServer, Names, drain, publish
-from tests.conftest import AWS_SECRET, running
+from testbed.stage import Stage
+from tests.conftest import AWS_SECRET
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
@@ -64,13 +61,9 @@ def mindset_request(url: str, rid: str, **destination: Any) -> dict[str, Any]:
 
 
 async def test_s3_to_inconvo_with_version_and_errors(
+    stage: Stage,
     s3: S3Client,
     bucket: str,
-    make_settings: Callable[..., Settings],
-    amqp: AbstractRobustConnection,
-    names: Names,
-    inconvo: FakeInconvo,
-    collector: EventCollector,
 ) -> None:
     """An S3 object (latest and by versionId) reaches Inconvo; NoSuchKey is source_not_found."""
     old = await s3.put_object(
@@ -80,24 +73,22 @@ async def test_s3_to_inconvo_with_version_and_errors(
         Bucket=bucket, Key="2024/q4 sales.csv", Body=b"v,2\n", ContentType="text/csv"
     )
     base = f"s3://{bucket}/2024/q4%20sales.csv"
-    async with running(make_settings()):
+    async with stage.running():
         for rid, url in (
             ("latest", base),
             ("v1", f"{base}?versionId={old['VersionId']}"),
             ("missing", f"s3://{bucket}/nope.csv"),
         ):
-            await publish(
-                amqp,
-                names.queue,
+            await stage.publish(
                 {
                     "id": rid,
                     "source": {"url": url},
                     "destination": {"type": "inconvo", "userIdentifier": "u"},
                 },
             )
-        events = {e["data"]["requestId"]: e["data"] for e in await collector.wait_for(3)}
-    assert [u.content for u in inconvo.uploads if u.file_name == "q4_sales.csv"] != []
-    contents = sorted(u.content for u in inconvo.uploads)
+        events = {e["data"]["requestId"]: e["data"] for e in await stage.collector.wait_for(3)}
+    assert [u.content for u in stage.inconvo.uploads if u.file_name == "q4_sales.csv"] != []
+    contents = sorted(u.content for u in stage.inconvo.uploads)
     assert contents == [b"v,1\n", b"v,2\n"]
     assert events["latest"]["status"] == events["v1"]["status"] == "succeeded"
     assert events["v1"]["source"]["url"] == f"{base}?versionId={old['VersionId']}"
@@ -413,24 +404,20 @@ async def test_presign_report(s3_endpoint: str) -> None:
 
 
 async def test_presigned_url_over_mindset_limit(
+    stage: Stage,
     s3: S3Client,
     bucket: str,
-    make_settings: Callable[..., Settings],
-    amqp: AbstractRobustConnection,
-    names: Names,
-    mindset: FakeMindset,
-    collector: EventCollector,
 ) -> None:
     """A presigned URL over Mindset's 2048 characters is a permanent destination_rejected, not invalid_request."""
     key = "\u00e9" * 500 + ".mp4"  # 1004 bytes, three characters each when percent-encoded
     await s3.put_object(Bucket=bucket, Key=key, Body=b"0" * 10)
-    async with running(make_settings()):
-        await publish(amqp, names.queue, mindset_request(f"s3://{bucket}/{quote(key)}", "long"))
-        [event] = await collector.wait_for(1)
+    async with stage.running():
+        await stage.publish(mindset_request(f"s3://{bucket}/{quote(key)}", "long"))
+        [event] = await stage.collector.wait_for(1)
     error = event["data"]["error"]
     assert (error["code"], error["retryable"]) == ("destination_rejected", False)
     assert "2048" in error["message"]
-    assert mindset.requests == []
+    assert stage.mindset.requests == []
 
 
 def test_env_proxy_follows_https_proxy_and_no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -452,31 +439,24 @@ def test_env_proxy_follows_https_proxy_and_no_proxy(monkeypatch: pytest.MonkeyPa
 
 
 async def test_mindset_source_url_from_http_and_s3(
+    stage: Stage,
     s3: S3Client,
     bucket: str,
-    make_settings: Callable[..., Settings],
-    amqp: AbstractRobustConnection,
-    names: Names,
-    files: FileServer,
-    mindset: FakeMindset,
-    collector: EventCollector,
 ) -> None:
     """http sources pass as given (mimeType inferred); S3 sources become presigned URLs that serve the object."""
     video = b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 40
     await s3.put_object(Bucket=bucket, Key="media/talk.mp4", Body=video)
-    http_url = files.add("/decks/intro.pptx?sig=abc", b"PK\x03\x04")
-    async with running(make_settings()):
-        await publish(
-            amqp,
-            names.queue,
+    http_url = stage.files.add("/decks/intro.pptx?sig=abc", b"PK\x03\x04")
+    async with stage.running():
+        await stage.publish(
             mindset_request(http_url, "http-1", externalId="ext-1", labels=["l1"]),
         )
-        await publish(amqp, names.queue, mindset_request(f"s3://{bucket}/media/talk.mp4", "s3-1"))
-        events = {e["data"]["requestId"]: e["data"] for e in await collector.wait_for(2)}
+        await stage.publish(mindset_request(f"s3://{bucket}/media/talk.mp4", "s3-1"))
+        events = {e["data"]["requestId"]: e["data"] for e in await stage.collector.wait_for(2)}
     assert events["http-1"]["status"] == "succeeded", events["http-1"]
     assert events["s3-1"]["status"] == "succeeded", events["s3-1"]
     assert events["http-1"]["delivery"] == events["s3-1"]["delivery"] == "sourceUrl"
-    bodies = {i.body["name"]: i.body for i in mindset.ingests}
+    bodies = {i.body["name"]: i.body for i in stage.mindset.ingests}
     pptx = bodies["intro.pptx"]
     assert pptx["sourceUrl"] == http_url
     assert (
@@ -485,7 +465,7 @@ async def test_mindset_source_url_from_http_and_s3(
     )
     assert pptx["externalId"] == "ext-1" and pptx["labels"] == ["l1"]
     assert "documentContent" not in pptx
-    assert files.hits == []  # no bytes passed through Courier
+    assert stage.files.hits == []  # no bytes passed through Courier
     mp4 = bodies["talk.mp4"]
     assert mp4["mimeType"] == "video/mp4"
     presigned = mp4["sourceUrl"]
@@ -498,18 +478,13 @@ async def test_mindset_source_url_from_http_and_s3(
         assert await response.read() == video
     assert events["s3-1"]["source"]["url"] == f"s3://{bucket}/media/talk.mp4"
     assert events["s3-1"]["source"]["bytes"] == len(video)
-    assert events["s3-1"]["result"]["uid"] in {f["uid"] for f in mindset.files}
+    assert events["s3-1"]["result"]["uid"] in {f["uid"] for f in stage.mindset.files}
 
 
 async def test_mindset_document_content(
+    stage: Stage,
     s3: S3Client,
     bucket: str,
-    make_settings: Callable[..., Settings],
-    amqp: AbstractRobustConnection,
-    names: Names,
-    files: FileServer,
-    mindset: FakeMindset,
-    collector: EventCollector,
 ) -> None:
     """text/plain is inlined exactly, text/html as text, a PDF as base64; >65,536 characters is too_large."""
     text = "Grüße — a plain note\nline two 🚀\n"
@@ -517,20 +492,18 @@ async def test_mindset_document_content(
     await s3.put_object(
         Bucket=bucket, Key="notes.txt", Body=text.encode(), ContentType="text/plain; charset=utf-8"
     )
-    page = files.add("/page.html", html.encode(), content_type="text/html")
-    pdf = files.add("/small.pdf", PDF, content_type="application/pdf")
-    huge = files.add("/huge.txt", ("x" * 65537).encode(), content_type="text/plain")
-    async with running(make_settings()):
-        await publish(amqp, names.queue, mindset_request(f"s3://{bucket}/notes.txt", "txt"))
-        await publish(amqp, names.queue, mindset_request(page, "html", delivery="documentContent"))
-        await publish(
-            amqp,
-            names.queue,
+    page = stage.files.add("/page.html", html.encode(), content_type="text/html")
+    pdf = stage.files.add("/small.pdf", PDF, content_type="application/pdf")
+    huge = stage.files.add("/huge.txt", ("x" * 65537).encode(), content_type="text/plain")
+    async with stage.running():
+        await stage.publish(mindset_request(f"s3://{bucket}/notes.txt", "txt"))
+        await stage.publish(mindset_request(page, "html", delivery="documentContent"))
+        await stage.publish(
             mindset_request(pdf, "pdf", delivery="documentContent", name="Small PDF"),
         )
-        await publish(amqp, names.queue, mindset_request(huge, "huge"))
-        events = {e["data"]["requestId"]: e["data"] for e in await collector.wait_for(4)}
-    by_name = {i.body["name"]: i.body for i in mindset.ingests}
+        await stage.publish(mindset_request(huge, "huge"))
+        events = {e["data"]["requestId"]: e["data"] for e in await stage.collector.wait_for(4)}
+    by_name = {i.body["name"]: i.body for i in stage.mindset.ingests}
     assert by_name["notes.txt"]["documentContent"] == text
     assert by_name["notes.txt"]["mimeType"] == "text/plain"
     assert by_name["page.html"]["documentContent"] == html
@@ -540,64 +513,53 @@ async def test_mindset_document_content(
     for rid in ("txt", "html", "pdf"):
         assert events[rid]["delivery"] == "documentContent", events[rid]
     assert events["huge"]["error"]["code"] == "too_large"
-    assert len(mindset.ingests) == 3  # nothing sent for the huge one
+    assert len(stage.mindset.ingests) == 3  # nothing sent for the huge one
     assert all("sourceUrl" not in body for body in by_name.values())
 
 
 async def test_mindset_unsupported_and_invalid_send_nothing(
-    make_settings: Callable[..., Settings],
-    amqp: AbstractRobustConnection,
-    names: Names,
-    files: FileServer,
-    mindset: FakeMindset,
-    collector: EventCollector,
+    stage: Stage,
 ) -> None:
     """An unknown extension without mimeType is unsupported_type; 11 labels are invalid_request."""
-    async with running(make_settings()):
-        await publish(amqp, names.queue, mindset_request(files.add("/data.xyz", b"?"), "xyz"))
-        await publish(
-            amqp,
-            names.queue,
+    async with stage.running():
+        await stage.publish(mindset_request(stage.files.add("/data.xyz", b"?"), "xyz"))
+        await stage.publish(
             mindset_request(
-                files.add("/a.pdf", PDF), "labels", labels=[f"l{i}" for i in range(11)]
+                stage.files.add("/a.pdf", PDF), "labels", labels=[f"l{i}" for i in range(11)]
             ),
         )
-        await publish(
-            amqp,
-            names.queue,
+        await stage.publish(
             mindset_request(
-                files.add("/b.txt", b"t"), "plain-url", delivery="sourceUrl", mimeType="text/plain"
+                stage.files.add("/b.txt", b"t"),
+                "plain-url",
+                delivery="sourceUrl",
+                mimeType="text/plain",
             ),
         )
-        events = {e["data"]["requestId"]: e["data"] for e in await collector.wait_for(3)}
+        events = {e["data"]["requestId"]: e["data"] for e in await stage.collector.wait_for(3)}
     assert events["xyz"]["error"]["code"] == "unsupported_type"
     assert events["labels"]["error"]["code"] == "invalid_request"
     assert "labels" in events["labels"]["error"]["message"]
     assert events["plain-url"]["error"]["code"] == "invalid_request"
-    assert mindset.requests == [] and files.hits == []
-    assert len([m async for m in drain(amqp, names.dead_queue)]) == 3
+    assert stage.mindset.requests == [] and stage.files.hits == []
+    assert len(await stage.dead_letters()) == 3
 
 
 async def test_mindset_externalid_deduplicates(
-    make_settings: Callable[..., Settings],
-    amqp: AbstractRobustConnection,
-    names: Names,
-    files: FileServer,
-    mindset: FakeMindset,
-    collector: EventCollector,
+    stage: Stage,
 ) -> None:
     """A second request with the same externalId succeeds with deduplicated: true and the existing file."""
-    url = files.add("/doc.pdf", PDF)
-    async with running(make_settings()):
-        await publish(amqp, names.queue, mindset_request(url, "first", externalId="ext-42"))
-        await collector.wait_for(1)
-        await publish(amqp, names.queue, mindset_request(url, "second", externalId="ext-42"))
-        events = {e["data"]["requestId"]: e["data"] for e in await collector.wait_for(2)}
+    url = stage.files.add("/doc.pdf", PDF)
+    async with stage.running():
+        await stage.publish(mindset_request(url, "first", externalId="ext-42"))
+        await stage.collector.wait_for(1)
+        await stage.publish(mindset_request(url, "second", externalId="ext-42"))
+        events = {e["data"]["requestId"]: e["data"] for e in await stage.collector.wait_for(2)}
     assert events["first"]["status"] == events["second"]["status"] == "succeeded"
     assert "deduplicated" not in events["first"]
     assert events["second"]["deduplicated"] is True
     assert events["second"]["result"]["uid"] == events["first"]["result"]["uid"]
-    assert len(mindset.ingests) == 1
+    assert len(stage.mindset.ingests) == 1
 
 
 @pytest.mark.parametrize(
@@ -625,21 +587,16 @@ def test_api_length_counts_utf16_units() -> None:
 
 
 async def test_default_name_is_cut_as_the_api_counts(
-    make_settings: Callable[..., Settings],
-    amqp: AbstractRobustConnection,
-    names: Names,
-    files: FileServer,
-    mindset: FakeMindset,
-    collector: EventCollector,
+    stage: Stage,
 ) -> None:
     """A file name over 100 UTF-16 code units becomes a name of at most 100, never half a character."""
     name = "🚀" * 60 + ".pdf"  # 64 code points, 124 code units
-    url = files.add("/" + quote(name), PDF, content_type="application/pdf")
-    async with running(make_settings()):
-        await publish(amqp, names.queue, mindset_request(url, "rockets"))
-        [event] = await collector.wait_for(1)
+    url = stage.files.add("/" + quote(name), PDF, content_type="application/pdf")
+    async with stage.running():
+        await stage.publish(mindset_request(url, "rockets"))
+        [event] = await stage.collector.wait_for(1)
     assert event["data"]["status"] == "succeeded", event["data"]
-    [ingest] = mindset.ingests
+    [ingest] = stage.mindset.ingests
     assert ingest.body["name"] == "🚀" * 50
     assert api_length(ingest.body["name"]) == 100
 

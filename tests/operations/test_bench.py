@@ -16,9 +16,16 @@ from testbed.support import ROOT
 SCENARIOS = ("small", "big", "presign", "inline", "caps", "flow")
 
 
+@pytest.mark.soak
 @pytest.mark.timeout(300)
 async def test_bench_runs_every_scenario(tmp_path: Path) -> None:
-    """`python -m bench.run` with a tiny N prints the table, a JSON report and a profile for every scenario."""
+    """`python -m bench.run` with a tiny N prints the table, a JSON report and a profile for every scenario.
+
+    In the soak tier (`make soak`), though it probes no race: it runs the whole
+    benchmark (some twenty processes, the machine's broker at full tilt, 45-55 s), so
+    in the parallel phase it would take the two cores and the broker from every test
+    beside it, and in the serial phase it would make `make test` a third slower.
+    """
     report_path = tmp_path / "results.json"
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -117,6 +124,49 @@ async def test_bench_runs_every_scenario(tmp_path: Path) -> None:
     assert rows["big"]["ratio_to_copy"] == round(
         rows["big"]["mb_per_s"] / report["copy_baseline"]["mb_per_s"], 3
     )
+
+
+@pytest.mark.timing
+@pytest.mark.timeout(120)
+async def test_bench_runs_small_against_its_floor(tmp_path: Path) -> None:
+    """The soak run's twin in `make test`: `python -m bench.run` for `small` alone (one floor/Courier pair, tiny N) prints its table and a JSON report whose ratios are its own figures.
+
+    In the timing tier, though it asserts no time: a benchmark run takes the machine
+    (a dozen seconds of it), so it runs after the parallel phase, alone.
+    """
+    report_path = tmp_path / "results.json"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bench.run",
+        "--n",
+        "4",
+        "--bare-n",
+        "20",
+        "--scenarios",
+        "small",
+        "--pairs",
+        "1",
+        "--json",
+        str(report_path),
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 100)
+    assert proc.returncode == 0, err.decode()[-3000:]
+    text = out.decode()
+    assert "| scenario | N | req/s |" in text and "| small | 4 |" in text
+    report = orjson.loads(report_path.read_bytes())
+    order = [r["scenario"] for r in report["results"]]
+    assert order == ["bare-loop", "floor-small", "small", "floor-small", "bare-loop-after-small"]
+    small = next(r for r in report["results"] if r["scenario"] == "small" and r["pairs"])
+    best_bare = max(
+        r["requests_per_s"] for r in report["results"] if r["scenario"].startswith("bare")
+    )
+    assert small["n"] == 4 and small["outcomes"] == {"succeeded": 4}
+    assert small["ratio_to_bare"] == round(small["requests_per_s"] / best_bare, 3)
+    assert len(small["pairs"]) == 1 and small["ratio_to_floor"] > 0
 
 
 async def test_s3_head_bench_reports_both_checks() -> None:

@@ -17,15 +17,15 @@ from service.amqp.declare import declare_queue
 from service.config import Settings
 from service.topology import Topology
 from testbed.fakes import FakeInconvo
+from testbed.stage import Stage
 from testbed.support import (
     CourierProcess,
-    EventCollector,
     FileServer,
     Names,
+    closed_port,
     courier,
     courier_env,
     drain,
-    free_port,
     inconvo_request,
     publish,
     wait_status,
@@ -160,30 +160,16 @@ async def test_process_masks_secrets_in_the_printed_event(
     assert INCONVO_KEY not in out.decode()
 
 
-async def test_run_serves_readiness_and_stops_on_sigterm(
-    amqp: AbstractRobustConnection,
-    names: Names,
-    files: FileServer,
-    inconvo: FakeInconvo,
-    collector: EventCollector,
-) -> None:
+async def test_run_serves_readiness_and_stops_on_sigterm(stage: Stage) -> None:
     """`courier run` consumes, answers /readyz 200, logs JSON lines, and exits 0 on SIGTERM."""
-    port = free_port()
-    env = courier_env(
-        COURIER_QUEUE=names.queue,
-        COURIER_EVENTS_EXCHANGE=names.events_exchange,
-        COURIER_HTTP_PORT=str(port),
-        COURIER_INCONVO_API_KEY=INCONVO_KEY,
-        COURIER_INCONVO_BASE_URL=inconvo.base_url,
-        COURIER_SOURCE_ALLOWED_HOSTS=f"127.0.0.1:{files.port}",
-        COURIER_CONCURENCY="4",  # a typo: warned about, not silently ignored
-    )
-    courier_run = await CourierProcess(env).start()
+    # It binds port 0 and logs the port it got: CourierProcess reads it from there.
+    courier_run = stage.process(COURIER_CONCURENCY="4")  # a typo: warned about, not ignored
+    await courier_run.start()
     try:
-        await wait_status(f"http://127.0.0.1:{port}/healthz", 200)
-        request = inconvo_request(files.add("/a.csv", b"1\n"), "sub-1")
-        await publish(amqp, names.queue, request)
-        [event] = await collector.wait_for(1)
+        await wait_status(f"http://127.0.0.1:{courier_run.port}/healthz", 200)
+        request = inconvo_request(stage.files.add("/a.csv", b"1\n"), "sub-1")
+        await stage.publish(request)
+        [event] = await stage.collector.wait_for(1)
         assert event["data"]["status"] == "succeeded"
     finally:
         code = await courier_run.signal(signal.SIGTERM, timeout=30)
@@ -204,20 +190,22 @@ async def test_run_serves_readiness_and_stops_on_sigterm(
 async def test_unreachable_broker_is_reported_and_retried(
     make_settings: Callable[..., Settings],
 ) -> None:
-    """With no broker, `courier run` says which URL and how to start one; /readyz stays 503."""
-    http_port, amqp_port = free_port(), free_port()
-    env = courier_env(
-        COURIER_AMQP_URL=f"amqp://guest:hunter2@127.0.0.1:{amqp_port}/",
-        COURIER_HTTP_PORT=str(http_port),
-        COURIER_LOG_FORMAT="console",
-    )
-    courier_run = await CourierProcess(env).start(wait_ready=False)
-    try:
-        await wait_status(f"http://127.0.0.1:{http_port}/readyz", 503)
-        await asyncio.sleep(1.5)  # let it retry at least once
-        await wait_status(f"http://127.0.0.1:{http_port}/readyz", 503)
-    finally:
-        code = await courier_run.signal(signal.SIGTERM, timeout=30)
+    """With no broker, `courier run` says which URL and how to start one, and goes on trying; /readyz stays 503."""
+    with closed_port() as amqp_port:  # refuses connections; nobody can take it meanwhile
+        env = courier_env(
+            COURIER_AMQP_URL=f"amqp://guest:hunter2@127.0.0.1:{amqp_port}/",
+            COURIER_HTTP_PORT="0",
+            COURIER_LOG_FORMAT="console",
+        )
+        courier_run = await CourierProcess(env).start(wait_ready=False)
+        readyz = f"http://127.0.0.1:{courier_run.port}/readyz"
+        try:
+            await wait_status(readyz, 503)
+            # Both links tried twice each: it retried, and was never ready meanwhile.
+            await courier_run.wait_output(b"cannot reach RabbitMQ", count=4, timeout=60)
+            await wait_status(readyz, 503)
+        finally:
+            code = await courier_run.signal(signal.SIGTERM, timeout=30)
     assert code == 0
     text = courier_run.stderr.decode()
     assert f"cannot reach RabbitMQ at amqp://127.0.0.1:{amqp_port}/" in text

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import time
+import itertools
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -30,12 +30,15 @@ from service.topology import (
 from testbed.support import (
     AMQP_URL,
     Names,
+    closed_port,
     courier,
     courier_env,
     drain,
-    free_port,
     inconvo_request,
+    wait_until,
 )
+from testbed.timing import assert_at_least
+from testbed.virtual_time import run_virtual
 from tests.conftest import TEST_DELAYS
 
 NOW = datetime.now(UTC)
@@ -213,8 +216,22 @@ async def test_purge_deletes_only_the_matching_letters(
         await channel2.declare_queue(names.queue, passive=True)
 
 
+def _dead_lettered(service: Service) -> float:
+    return sum(
+        sample.value
+        for metric in service.metrics.registry.collect()
+        if metric.name == "courier_dead_lettered"
+        for sample in metric.samples
+        if sample.name == "courier_dead_lettered_total"
+    )
+
+
 async def test_a_letter_that_fails_again_is_replayed_once(
-    amqp: AbstractRobustConnection, names: Names, channel: AbstractChannel, service: Service
+    amqp: AbstractRobustConnection,
+    names: Names,
+    channel: AbstractChannel,
+    service: Service,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A replayed letter that the running service fails straight back is not taken again in the same run."""
     pdf = [
@@ -228,14 +245,25 @@ async def test_a_letter_that_fails_again_is_replayed_once(
         Seed(rid, "source_not_found", "inconvo", timedelta(minutes=5)) for rid in ("n1", "n2")
     ]
     await _seed(amqp, names, [*pdf, *others])
+    paced = deadletters._Pace.wait
+
+    async def after_x1_is_back(pace: Any) -> None:
+        # The pass goes on to x2 only once the service failed x1 straight back into the
+        # dead queue (dead-lettered and confirmed), however long that takes.
+        if pace._next:
+            await wait_until(lambda: _dead_lettered(service) >= 1, 20, "x1 failed back")
+        await paced(pace)
+
+    monkeypatch.setattr(deadletters._Pace, "wait", after_x1_is_back)
     result = await deadletters.sweep(
         channel,
         _topology(names),
         "replay",
         Selection(codes=frozenset({"unsupported_type"})),
         limit=10,
-        rate=2,  # x2 waits 0.5 s: long enough for x1 to fail back into the dead queue
+        rate=100,
     )
+    monkeypatch.undo()
     assert [letter.request_id for letter in result.handled] == ["x1", "x2"]
     assert result.visited == 4
     dead = await channel.declare_queue(names.dead_queue, passive=True)
@@ -286,15 +314,16 @@ async def test_list_prints_a_table_or_json(amqp: AbstractRobustConnection, names
     assert lines[1].endswith("destination_unavailable for d")
     assert lines[-1] == f"2 of 6 letters in {names.dead_queue} matched; showing 2"
     # A cluster whose first node is down: the next one is used.
-    cluster = f"amqp://guest:guest@127.0.0.1:{free_port()}/,{AMQP_URL}"
-    code, out, err = await courier(
-        "dead",
-        "list",
-        "--request-id",
-        "e",
-        "--json",
-        env={**_env(names), "COURIER_AMQP_URL": cluster},
-    )
+    with closed_port() as down:
+        cluster = f"amqp://guest:guest@127.0.0.1:{down}/,{AMQP_URL}"
+        code, out, err = await courier(
+            "dead",
+            "list",
+            "--request-id",
+            "e",
+            "--json",
+            env={**_env(names), "COURIER_AMQP_URL": cluster},
+        )
     assert code == 0, err.decode()
     report = orjson.loads(out)
     [letter] = report["letters"]
@@ -332,29 +361,77 @@ async def test_dry_run_moves_nothing_and_purge_needs_yes(
     assert _ids(await _contents(amqp, names.dead_queue)) == list("acef")
 
 
-async def test_replay_rate_holds_its_pace(amqp: AbstractRobustConnection, names: Names) -> None:
-    """`replay --rate 4` spreads 8 letters over about 1.75 s, and says how far it got on stderr."""
+def test_the_pace_spaces_replays_by_the_rate() -> None:
+    """At most ``rate`` per second, the first at once: on virtual time, exactly 0.25 s apart."""
+
+    async def paced() -> list[float]:
+        loop = asyncio.get_running_loop()
+        pace, times = deadletters._Pace(4), []
+        for _ in range(8):
+            await pace.wait()
+            times.append(loop.time())
+        return times
+
+    times = run_virtual(paced(), clocks=[deadletters])
+    assert times == pytest.approx([i * 0.25 for i in range(8)])
+
+
+def test_a_late_replay_does_not_let_the_pace_run_ahead() -> None:
+    """A publish that took long (a slow broker) is no licence to burst: the k-th replay never
+    goes before k intervals from the first."""
+
+    async def paced() -> list[float]:
+        loop = asyncio.get_running_loop()
+        pace, times = deadletters._Pace(4), []
+        for i in range(8):
+            await pace.wait()
+            times.append(loop.time())
+            if i == 2:
+                await asyncio.sleep(1.0)  # this publish took a second
+        return times
+
+    times = run_virtual(paced(), clocks=[deadletters])
+    assert all(t >= i * 0.25 - 1e-9 for i, t in enumerate(times)), times
+    assert all(b - a >= 0.25 - 1e-9 for a, b in itertools.pairwise(times[3:])), times
+
+
+async def test_replay_is_paced_as_it_publishes(
+    amqp: AbstractRobustConnection,
+    names: Names,
+    channel: AbstractChannel,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A replay at rate 4 against the real broker: timed where it publishes (not where a
+    consumer happens to see the letters), the k-th goes at least k/4 s after the first."""
     seeds = [Seed(f"r{i}", "destination_unavailable", "inconvo", timedelta()) for i in range(8)]
     await _seed(amqp, names, seeds)
-    channel = await amqp.channel()
-    requests = await declare_queue(channel, _topology(names).requests)
-    arrivals: list[float] = []
+    published: list[float] = []
+    paced = deadletters._Pace.wait
 
-    async def arrived(message: AbstractIncomingMessage) -> None:
-        arrivals.append(time.monotonic())
-        await message.ack()
+    async def timed(pace: Any) -> None:
+        await paced(pace)
+        published.append(asyncio.get_running_loop().time())
 
-    await requests.consume(arrived)
+    monkeypatch.setattr(deadletters._Pace, "wait", timed)
+    result = await deadletters.sweep(channel, _topology(names), "replay", Selection(), rate=4)
+    assert len(result.handled) == 8
+    for k, at in enumerate(published):
+        if k:
+            # A floor: load can only make the replay slower than its rate.
+            assert_at_least(f"replay {k} after the first", at - published[0], k / 4)
+    assert _ids(await _contents(amqp, names.queue)) == [f"r{i}" for i in range(8)]
+
+
+async def test_replay_rate_reaches_the_command(
+    amqp: AbstractRobustConnection, names: Names
+) -> None:
+    """`courier dead replay --rate 4` replays every letter, says its rate, and how far it got on stderr (the pace itself: the tests above)."""
+    seeds = [Seed(f"r{i}", "destination_unavailable", "inconvo", timedelta()) for i in range(8)]
+    await _seed(amqp, names, seeds)
     code, out, err = await courier("dead", "replay", "--rate", "4", env=_env(names))
     assert code == 0
     assert (
         out.decode().splitlines()[-1].endswith(f"replayed 8 to {names.queue} at most 4 per second")
     )
-    async with asyncio.timeout(5):
-        while len(arrivals) < 8:
-            await asyncio.sleep(0.02)
-    span = arrivals[-1] - arrivals[0]
-    # Seven intervals of 0.25 s; the upper bound only guards against a stall.
-    assert 1.75 * 0.9 <= span <= 1.75 + 1.0, span
+    assert _ids(await _contents(amqp, names.queue)) == [f"r{i}" for i in range(8)]
     assert b"courier dead replay: " in err and b"letters looked at" in err
-    await channel.close()

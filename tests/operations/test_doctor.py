@@ -18,7 +18,7 @@ from service.config import Settings
 from service.topology import Topology
 from testbed.fakes import FakeInconvo, FakeMindset
 from testbed.loopback import serve
-from testbed.support import Names, courier, courier_env, free_port
+from testbed.support import Names, closed_port, courier, courier_env
 from tests.conftest import AWS_SECRET, INCONVO_KEY, MINDSET_KEY, TEST_DELAYS
 
 if TYPE_CHECKING:
@@ -175,10 +175,10 @@ async def test_one_broken_thing_fails_with_its_fix(
 
 async def test_no_broker(env: dict[str, str]) -> None:
     """A closed loopback port: the node fails with its fix, the topology is not checked, secrets stay hidden."""
-    port = free_port()
-    code, out, _ = await courier(
-        "doctor", env={**env, "COURIER_AMQP_URL": f"amqp://courier:hunter2@127.0.0.1:{port}/"}
-    )
+    with closed_port() as port:
+        code, out, _ = await courier(
+            "doctor", env={**env, "COURIER_AMQP_URL": f"amqp://courier:hunter2@127.0.0.1:{port}/"}
+        )
     text = out.decode()
     assert code == 1
     assert (
@@ -271,9 +271,10 @@ async def test_absent_topology_is_noted_and_left_absent(
     make_settings: Callable[..., Settings], amqp: AbstractRobustConnection, names: Names
 ) -> None:
     """Absent queues are noted, not failed; doctor declares nothing; without a management API it says arguments went uncompared."""
-    checks = await doctor.broker_checks(
-        make_settings(), management_url=f"http://127.0.0.1:{free_port()}"
-    )
+    with closed_port() as port:
+        checks = await doctor.broker_checks(
+            make_settings(), management_url=f"http://127.0.0.1:{port}"
+        )
     assert all(c.verdict in ("ok", "note") for c in checks)
     absent = [c.detail for c in checks if "absent; `courier run` declares it" in c.detail]
     assert len(absent) == 2 + len(TEST_DELAYS) + 1  # requests, tiers, dead, exchange

@@ -5,22 +5,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import aiohttp
 import orjson
 import pytest
-from aio_pika.abc import AbstractRobustConnection
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.config import Settings
 from service.logs import log_context, setup_logging
 from service.tracing import otel_enabled, setup_otel, shutdown_otel, use_tracer_provider
-from testbed.fakes import FakeInconvo
-from testbed.support import EventCollector, FileServer, Names, inconvo_request, publish
+from testbed.stage import Stage
+from testbed.support import inconvo_request, quiesce
 from tests.conftest import INCONVO_KEY, MINDSET_KEY, running
 
 pytestmark = pytest.mark.usefixtures("fast_retries")
@@ -44,42 +42,32 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 async def test_metrics_scrape_matches_what_happened(
-    make_settings: Callable[..., Settings],
-    amqp: AbstractRobustConnection,
-    names: Names,
-    files: FileServer,
-    inconvo: FakeInconvo,
-    collector: EventCollector,
+    stage: Stage,
 ) -> None:
     """After a mixed run, /metrics passes `promtool check metrics` and its counters match the events."""
-    good = files.add("/a.csv", b"1,2\n3,4\n")
+    good = stage.files.add("/a.csv", b"1,2\n3,4\n")
     # Six 503s in a row would open the breaker (its metrics: tests/flow/test_end_to_end.py).
-    async with running(make_settings(max_attempts=2, breaker_threshold=100)) as service:
+    async with stage.running(max_attempts=2, breaker_threshold=100) as service:
         for i in range(3):
-            await publish(
-                amqp,
-                names.queue,
+            await stage.publish(
                 {
                     "id": f"ok-{i}",
                     "source": {"url": good},
                     "destination": {"type": "inconvo", "userIdentifier": "u"},
                 },
             )
-        await publish(amqp, names.queue, b"not json", message_id="garbage")
-        await publish(
-            amqp,
-            names.queue,
-            inconvo_request(files.url("/none.csv"), "missing"),
+        await stage.publish(b"not json", message_id="garbage")
+        await stage.publish(
+            inconvo_request(stage.files.url("/none.csv"), "missing"),
         )
-        await collector.wait_for(5)
-        inconvo.fail_next(503, count=6)
-        await publish(
-            amqp,
-            names.queue,
+        await stage.collector.wait_for(5)
+        stage.inconvo.fail_next(503, count=6)
+        await stage.publish(
             inconvo_request(good, "retried"),
         )
-        await collector.wait_for(6, timeout=30)
-        await asyncio.sleep(0.2)  # the counters move right after the event is confirmed
+        await stage.collector.wait_for(6, timeout=30)
+        # The counters move once the request is settled, a moment after its event.
+        await quiesce(service)
         async with (
             aiohttp.ClientSession() as http,
             http.get(f"http://127.0.0.1:{service.http_port}/metrics") as answer,
@@ -97,7 +85,7 @@ async def test_metrics_scrape_matches_what_happened(
     out, _ = await check.communicate(text.encode())
     assert check.returncode == 0, out.decode()
     got = samples(text)
-    statuses = [e["data"]["status"] for e in collector.events]
+    statuses = [e["data"]["status"] for e in stage.collector.events]
     assert (
         got[("courier_requests_total", (("destination", "inconvo"), ("outcome", "succeeded")))]
         == statuses.count("succeeded")
@@ -152,25 +140,19 @@ async def test_metrics_scrape_matches_what_happened(
 
 
 async def test_log_lines_are_json_with_context(
-    make_settings: Callable[..., Settings],
-    amqp: AbstractRobustConnection,
-    names: Names,
-    files: FileServer,
-    collector: EventCollector,
+    stage: Stage,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """Every log line is one JSON object; request lines carry requestId, correlationId, destination, attempt, errorCode."""
-    settings = make_settings(log_format="json", log_level="INFO")
+    settings = stage.settings(log_format="json", log_level="INFO")
     setup_logging("json", "INFO", settings.secret_values())
     try:
         async with running(settings):
-            await publish(
-                amqp,
-                names.queue,
-                inconvo_request(files.url("/nope.csv"), "logged"),
+            await stage.publish(
+                inconvo_request(stage.files.url("/nope.csv"), "logged"),
                 correlation_id="corr-log",
             )
-            await collector.wait_for(1)
+            await stage.collector.wait_for(1)
         logging.getLogger("third.party").warning("a library speaks")
         with log_context(requestId="r-9"):
             logging.getLogger("service.test").info("inside a request")
@@ -193,37 +175,29 @@ async def test_log_lines_are_json_with_context(
 
 
 async def test_traceparent_flows_through_fetch_delivery_and_event(
-    make_settings: Callable[..., Settings],
-    amqp: AbstractRobustConnection,
-    names: Names,
-    files: FileServer,
-    inconvo: FakeInconvo,
-    collector: EventCollector,
+    stage: Stage,
 ) -> None:
     """A request's traceparent reaches the source server, the destination API and the result event."""
-    url = files.add("/t.csv", b"1\n")
-    async with running(make_settings()):
-        await publish(
-            amqp,
-            names.queue,
+    url = stage.files.add("/t.csv", b"1\n")
+    async with stage.running():
+        await stage.publish(
             inconvo_request(url, "traced"),
             headers={"traceparent": TRACEPARENT},
         )
-        await publish(
-            amqp,
-            names.queue,
+        await stage.publish(
             inconvo_request(url, "untraced"),
             headers={"traceparent": "not-a-trace"},
         )
-        await collector.wait_for(2)
+        await stage.collector.wait_for(2)
     by_id = {
-        e["data"]["requestId"]: m for e, m in zip(collector.events, collector.messages, strict=True)
+        e["data"]["requestId"]: m
+        for e, m in zip(stage.collector.events, stage.collector.messages, strict=True)
     }
     assert (by_id["traced"].headers or {}).get("traceparent") == TRACEPARENT
     assert "traceparent" not in (by_id["untraced"].headers or {})
-    traced_upload = [u for u in inconvo.uploads if u.headers.get("traceparent")]
+    traced_upload = [u for u in stage.inconvo.uploads if u.headers.get("traceparent")]
     assert [u.headers["traceparent"] for u in traced_upload] == [TRACEPARENT]
-    seen = [h.get("traceparent") for h in files.hit_headers]
+    seen = [h.get("traceparent") for h in stage.files.hit_headers]
     assert sorted(seen, key=str) == sorted([TRACEPARENT, None], key=str)
 
 
@@ -239,24 +213,17 @@ def spans() -> Iterator[InMemorySpanExporter]:
 
 
 async def test_otel_spans_continue_the_producers_trace(
+    stage: Stage,
     spans: InMemorySpanExporter,
-    make_settings: Callable[..., Settings],
-    amqp: AbstractRobustConnection,
-    names: Names,
-    files: FileServer,
-    inconvo: FakeInconvo,
-    collector: EventCollector,
 ) -> None:
     """With OTel on, the request span is a child of the producer's span; fetch and upload are its children, and the calls carry their own span ids."""
-    url = files.add("/o.csv", b"1\n")
-    async with running(make_settings()):
-        await publish(
-            amqp,
-            names.queue,
+    url = stage.files.add("/o.csv", b"1\n")
+    async with stage.running():
+        await stage.publish(
             inconvo_request(url, "otel"),
             headers={"traceparent": TRACEPARENT},
         )
-        await collector.wait_for(1)
+        await stage.collector.wait_for(1)
     trace_id = int(TRACEPARENT.split("-")[1], 16)
     finished = [s for s in spans.get_finished_spans() if s.context.trace_id == trace_id]
     by_name = {s.name: s for s in finished}
@@ -268,11 +235,11 @@ async def test_otel_spans_continue_the_producers_trace(
     assert sorted(s.name for s in http) == ["HTTP GET", "HTTP POST"]
     assert {s.attributes["http.response.status_code"] for s in http if s.attributes} == {200}
     # The destination saw the upload span's id, on the producer's trace.
-    (upload,) = inconvo.uploads
+    (upload,) = stage.inconvo.uploads
     post = next(s for s in http if s.name == "HTTP POST")
     assert upload.headers["traceparent"] == f"00-{trace_id:032x}-{post.context.span_id:016x}-01"
     # The event still carries the request's own traceparent.
-    assert (collector.messages[0].headers or {}).get("traceparent") == TRACEPARENT
+    assert (stage.collector.messages[0].headers or {}).get("traceparent") == TRACEPARENT
     assert "://" not in str([s.attributes for s in finished])
 
 

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from aio_pika.abc import AbstractRobustConnection
 
 from service.config import Settings
 from service.contracts import SourceSpec, UploadRequest
@@ -20,8 +19,8 @@ from service.runtime import Service, pipeline_for
 from service.sources.base import SizeLimit, spool
 from service.sources.guard import AddressPolicy, guarded_connector, parse_allowed_hosts
 from service.sources.http import HttpSource
-from testbed.fakes import FakeInconvo
-from testbed.support import EventCollector, FileServer, Names, inconvo_request, publish
+from testbed.stage import Stage
+from testbed.support import FileServer, inconvo_request, wait_until
 
 LIMIT = SizeLimit(2 * 1024 * 1024, "test")
 
@@ -248,24 +247,18 @@ async def test_temp_file_removed_on_cancellation(
 ) -> None:
     """Cancelling a download mid-stream leaves no temp file behind."""
     url = files.add("/slow.csv", stream_bytes=50 * 1024 * 1024)
-    started = asyncio.Event()
 
     async def fetch() -> None:
         async with await source.fetch(SourceSpec(url=url), SizeLimit(100 * 1024 * 1024, "t")):
             pass
 
     task = asyncio.create_task(fetch())
-    for _ in range(200):
-        if os.listdir(spool_dir):
-            started.set()
-            break
-        await asyncio.sleep(0.01)
-    assert started.is_set(), "the download never started spooling"
+    await wait_until(lambda: bool(os.listdir(spool_dir)), 10, "the download spooling")
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    await asyncio.sleep(0.05)
-    assert os.listdir(spool_dir) == []
+    # Removing the file may take a thread's hop after the task ended: wait for it.
+    await wait_until(lambda: os.listdir(spool_dir) == [], 10, "the temp file removed")
 
 
 async def test_source_cookies_are_not_kept(
@@ -286,21 +279,15 @@ async def test_source_cookies_are_not_kept(
 
 
 async def test_request_with_a_broken_traceparent_still_succeeds(
+    stage: Stage,
     service: Service,
-    amqp: AbstractRobustConnection,
-    names: Names,
-    files: FileServer,
-    inconvo: FakeInconvo,
-    collector: EventCollector,
 ) -> None:
     """A traceparent with a trailing newline is dropped: the upload succeeds, nothing carries it on."""
-    url = files.add("/traced.csv", b"a\n1\n")
+    url = stage.files.add("/traced.csv", b"a\n1\n")
     broken = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\n"
-    await publish(
-        amqp, names.queue, inconvo_request(url, "traced"), headers={"traceparent": broken}
-    )
-    [event] = await collector.wait_for(1)
+    await stage.publish(inconvo_request(url, "traced"), headers={"traceparent": broken})
+    [event] = await stage.collector.wait_for(1)
     assert event["data"]["status"] == "succeeded", event["data"]
-    assert "traceparent" not in (collector.messages[0].headers or {})
-    assert "traceparent" not in files.hit_headers[0]
-    assert len(inconvo.uploads) == 1
+    assert "traceparent" not in (stage.collector.messages[0].headers or {})
+    assert "traceparent" not in stage.files.hit_headers[0]
+    assert len(stage.inconvo.uploads) == 1

@@ -5,27 +5,18 @@ from __future__ import annotations
 import logging
 import re
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-from aio_pika.abc import AbstractRobustConnection
 
-from service.config import Settings
 from service.logs import setup_logging
 from service.redact import mask_text, redact_url
-from testbed.fakes import FakeInconvo, FakeMindset
+from testbed.stage import Stage
 from testbed.support import (
-    CourierProcess,
-    EventCollector,
     FileServer,
-    Names,
-    courier_env,
-    drain,
-    free_port,
     inconvo_request,
-    publish,
 )
 from tests.conftest import AWS_SECRET, INCONVO_KEY, MINDSET_KEY, running
 
@@ -56,55 +47,40 @@ def loopback_spellings(port: int) -> dict[str, str]:
 
 
 async def test_only_the_allowed_server_is_reachable_through_courier_run(
-    amqp: AbstractRobustConnection,
-    names: Names,
-    files: FileServer,
+    stage: Stage,
     other: FileServer,
-    inconvo: FakeInconvo,
-    collector: EventCollector,
 ) -> None:
     """With only the file server allowed, every spelling of another loopback port, and a redirect to it, is source_blocked."""
     urls = loopback_spellings(other.port)
-    urls["redirect"] = files.add("/hop.csv", redirect=other.url("/a.csv"))
-    env = courier_env(
-        COURIER_QUEUE=names.queue,
-        COURIER_EVENTS_EXCHANGE=names.events_exchange,
-        COURIER_HTTP_PORT=str(free_port()),
-        COURIER_INCONVO_API_KEY=INCONVO_KEY,
-        COURIER_INCONVO_BASE_URL=inconvo.base_url,
-        COURIER_SOURCE_ALLOWED_HOSTS=f"127.0.0.1:{files.port}",
-    )
-    service = await CourierProcess(env).start()
+    urls["redirect"] = stage.files.add("/hop.csv", redirect=other.url("/a.csv"))
+    service = await stage.process().start()  # only the file server allowed
     try:
         for rid, url in urls.items():
-            await publish(amqp, names.queue, inconvo_request(url, rid))
-        events = await collector.wait_for(len(urls))
+            await stage.publish(inconvo_request(url, rid))
+        events = await stage.collector.wait_for(len(urls))
     finally:
         assert await service.signal(signal.SIGTERM) == 0
     codes = {e["data"]["requestId"]: e["data"]["error"]["code"] for e in events}
     assert codes == dict.fromkeys(urls, "source_blocked")
     assert other.hits == []
-    assert files.hits == ["/hop.csv"]  # the allowed server was asked, then the hop refused
-    assert inconvo.requests == []
+    assert stage.files.hits == ["/hop.csv"]  # the allowed server was asked, then the hop refused
+    assert stage.inconvo.requests == []
 
 
 async def test_default_policy_blocks_every_loopback_spelling(
-    make_settings: Callable[..., Settings],
-    amqp: AbstractRobustConnection,
-    names: Names,
+    stage: Stage,
     other: FileServer,
-    collector: EventCollector,
 ) -> None:
     """With no allowlist, loopback is refused in every spelling, before any packet is sent."""
     urls = loopback_spellings(other.port)
     urls["metadata"] = "http://169.254.169.254/latest/meta-data/iam.csv"
     urls["mapped"] = f"http://[::ffff:127.0.0.1]:{other.port}/a.csv"
-    async with running(make_settings(source_allowed_hosts=())):
+    async with stage.running(source_allowed_hosts=()):
         for rid, url in urls.items():
             if rid == "metadata":
                 continue  # decided below without any connection attempt
-            await publish(amqp, names.queue, inconvo_request(url, rid))
-        events = await collector.wait_for(len(urls) - 1)
+            await stage.publish(inconvo_request(url, rid))
+        events = await stage.collector.wait_for(len(urls) - 1)
     for event in events:
         assert event["data"]["error"]["code"] == "source_blocked", event
         assert "loopback" in event["data"]["error"]["message"]
@@ -115,13 +91,9 @@ async def test_default_policy_blocks_every_loopback_spelling(
 
 
 async def test_urls_handed_to_mindset_obey_the_address_policy(
+    stage: Stage,
     s3: S3Client,
-    make_settings: Callable[..., Settings],
-    amqp: AbstractRobustConnection,
-    names: Names,
     other: FileServer,
-    mindset: FakeMindset,
-    collector: EventCollector,
 ) -> None:
     """An http sourceUrl and a thumbnailUrl at loopback, dotted or metadata forms are
     source_blocked, and Mindset is never sent there; an externalUrl is a link for people,
@@ -140,36 +112,29 @@ async def test_urls_handed_to_mindset_obey_the_address_policy(
         "external-metadata": (talk, {"externalUrl": "http://169.254.169.254/latest/meta-data/"}),
         "thumbnail-public": (talk, {"thumbnailUrl": "https://8.8.8.8/t.png"}),
     }
-    async with running(make_settings(source_allowed_hosts=())):
+    async with stage.running(source_allowed_hosts=()):
         for rid, (url, extra) in {**blocked, **passed}.items():
             body = {
                 "id": rid,
                 "source": {"url": url},
                 "destination": {"type": "mindset", "appUid": "a", "contextUid": "c", **extra},
             }
-            await publish(amqp, names.queue, body)
-        await collector.wait_for_ids({*blocked, *passed})
-    by_id = {e["data"]["requestId"]: e["data"] for e in collector.events}
+            await stage.publish(body)
+        await stage.collector.wait_for_ids({*blocked, *passed})
+    by_id = {e["data"]["requestId"]: e["data"] for e in stage.collector.events}
     assert {rid: by_id[rid]["error"]["code"] for rid in blocked} == dict.fromkeys(
         blocked, "source_blocked"
     )
     assert {rid: by_id[rid]["status"] for rid in passed} == dict.fromkeys(passed, "succeeded")
     links = {
         str(b.get("externalUrl") or b.get("thumbnailUrl"))
-        for b in (i.body for i in mindset.ingests)
+        for b in (i.body for i in stage.mindset.ingests)
     }
     assert links == {str(x.get("externalUrl") or x.get("thumbnailUrl")) for _, x in passed.values()}
     assert other.hits == []
 
 
-async def test_an_allowlist_restricts_sources_not_links(
-    s3: S3Client,
-    make_settings: Callable[..., Settings],
-    amqp: AbstractRobustConnection,
-    names: Names,
-    mindset: FakeMindset,
-    collector: EventCollector,
-) -> None:
+async def test_an_allowlist_restricts_sources_not_links(stage: Stage, s3: S3Client) -> None:
     """With COURIER_SOURCE_ALLOWED_HOSTS set, an externalUrl or a public thumbnailUrl on a
     host outside it still passes: the allowlist says what Courier may fetch."""
     await s3.create_bucket(Bucket="links")
@@ -181,81 +146,66 @@ async def test_an_allowlist_restricts_sources_not_links(
         "externalUrl": "https://example.invalid/doc",
         "thumbnailUrl": "https://8.8.4.4/t.png",
     }
-    async with running(make_settings(source_allowed_hosts=("files.example",))):
+    async with stage.running(source_allowed_hosts=("files.example",)):
         body = {"id": "links", "source": {"url": "s3://links/talk.mp4"}, "destination": destination}
-        await publish(amqp, names.queue, body)
-        [event] = await collector.wait_for(1)
+        await stage.publish(body)
+        [event] = await stage.collector.wait_for(1)
     assert event["data"]["status"] == "succeeded", event["data"]
-    [ingest] = mindset.ingests
+    [ingest] = stage.mindset.ingests
     assert ingest.body["externalUrl"] == "https://example.invalid/doc"
 
 
 async def test_gzip_bomb_and_endless_chunked_body_are_too_large(
-    make_settings: Callable[..., Settings],
-    amqp: AbstractRobustConnection,
-    names: Names,
-    files: FileServer,
-    inconvo: FakeInconvo,
-    collector: EventCollector,
+    stage: Stage,
 ) -> None:
     """A gzip body inflating past 10 MiB and a 20 MiB chunked body both fail too_large; nothing is uploaded."""
-    bomb = files.add("/bomb.csv", b"0" * (11 * 1024 * 1024), gzip=True)
-    endless = files.add("/endless.csv", stream_bytes=20 * 1024 * 1024)
-    async with running(make_settings()):
-        await publish(amqp, names.queue, inconvo_request(bomb, "bomb"))
-        await publish(amqp, names.queue, inconvo_request(endless, "endless"))
-        events = await collector.wait_for(2)
+    bomb = stage.files.add("/bomb.csv", b"0" * (11 * 1024 * 1024), gzip=True)
+    endless = stage.files.add("/endless.csv", stream_bytes=20 * 1024 * 1024)
+    async with stage.running():
+        await stage.publish(inconvo_request(bomb, "bomb"))
+        await stage.publish(inconvo_request(endless, "endless"))
+        events = await stage.collector.wait_for(2)
     assert {e["data"]["error"]["code"] for e in events} == {"too_large"}
-    assert inconvo.requests == []
+    assert stage.inconvo.requests == []
 
 
 async def test_no_secret_reaches_logs_or_events(
+    stage: Stage,
     s3: S3Client,
-    make_settings: Callable[..., Settings],
-    amqp: AbstractRobustConnection,
-    names: Names,
-    files: FileServer,
-    inconvo: FakeInconvo,
-    mindset: FakeMindset,
-    collector: EventCollector,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """With distinctive keys, success and failure paths log and publish no key, secret or signature."""
     await s3.create_bucket(Bucket="hygiene")
     await s3.put_object(Bucket="hygiene", Key="talk.mp4", Body=b"\x00" * 64)
     await s3.put_object(Bucket="hygiene", Key="t.csv", Body=b"1\n")
-    settings = make_settings(log_level="DEBUG", log_format="json")
+    settings = stage.settings(log_level="DEBUG", log_format="json")
     setup_logging("json", "DEBUG", settings.secret_values())
     try:
-        inconvo.fail_next(401, body={"error": f"bad key {INCONVO_KEY}"})
+        stage.inconvo.fail_next(401, body={"error": f"bad key {INCONVO_KEY}"})
         async with running(settings):
-            await publish(amqp, names.queue, inconvo_request(files.add("/a.csv", b"1\n"), "echo"))
-            await publish(amqp, names.queue, inconvo_request("s3://hygiene/t.csv", "s3"))
-            await publish(
-                amqp,
-                names.queue,
+            await stage.publish(inconvo_request(stage.files.add("/a.csv", b"1\n"), "echo"))
+            await stage.publish(inconvo_request("s3://hygiene/t.csv", "s3"))
+            await stage.publish(
                 {
                     "id": "presign",
                     "source": {"url": "s3://hygiene/talk.mp4"},
                     "destination": {"type": "mindset", "appUid": "a", "contextUid": "c"},
                 },
             )
-            await publish(
-                amqp,
-                names.queue,
+            await stage.publish(
                 inconvo_request(
-                    f"http://user:pa55w0rd@127.0.0.1:{files.port}/x.csv?X-Amz-Signature=abc123",
+                    f"http://user:pa55w0rd@127.0.0.1:{stage.files.port}/x.csv?X-Amz-Signature=abc123",
                     "userinfo",
                 ),
             )
-            events = await collector.wait_for(4)
+            events = await stage.collector.wait_for(4)
     finally:
         for handler in list(logging.getLogger().handlers):
             logging.getLogger().removeHandler(handler)
     logs = capsys.readouterr().err
-    [ingest] = mindset.ingests
+    [ingest] = stage.mindset.ingests
     signature = parse_qs(urlsplit(ingest.body["sourceUrl"]).query)["X-Amz-Signature"][0]
-    published = "".join(m.body.decode() for m in collector.messages)
+    published = "".join(m.body.decode() for m in stage.collector.messages)
     assert "bad key ***" in published  # the echoed key was masked, the rest kept
     assert len(logs) > 1000, "the run should have logged plenty at DEBUG"
     for text in (logs, published):
@@ -265,10 +215,7 @@ async def test_no_secret_reaches_logs_or_events(
 
 
 async def test_user_info_is_never_echoed(
-    make_settings: Callable[..., Settings],
-    amqp: AbstractRobustConnection,
-    names: Names,
-    collector: EventCollector,
+    stage: Stage,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """User-info in an S3 URL (bucket allowlist set) or cut short by a '#' reaches no event, header or log."""
@@ -279,14 +226,14 @@ async def test_user_info_is_never_echoed(
         "s3-allowed": f"s3://user:{secret}@allowed-bucket/k.csv",
         "cut": f"http://user:{secret}#x@127.0.0.1/k.csv",
     }
-    async with running(make_settings(s3_allowed_buckets=("allowed-bucket",))):
+    async with stage.running(s3_allowed_buckets=("allowed-bucket",)):
         for rid, url in urls.items():
-            await publish(amqp, names.queue, inconvo_request(url, rid))
-        events = await collector.wait_for(len(urls))
-        dead = [m async for m in drain(amqp, names.dead_queue)]
+            await stage.publish(inconvo_request(url, rid))
+        events = await stage.collector.wait_for(len(urls))
+    dead = await stage.dead_letters()  # the service has stopped: every dead letter is in
     assert {e["data"]["error"]["code"] for e in events} == {"invalid_request"}
     assert len(dead) == len(urls)
-    published = [m.body.decode() + repr(m.headers) for m in collector.messages]
+    published = [m.body.decode() + repr(m.headers) for m in stage.collector.messages]
     headers = [repr(m.headers) for m in dead]
     # Courier's own records; aiormq's DEBUG frame dumps show the producer's body as sent.
     logs = [r.getMessage() for r in caplog.records if r.name.startswith("service")]

@@ -4,6 +4,7 @@ files of a crashed container are removed at start-up."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import threading
 import time
@@ -22,9 +23,20 @@ LIMIT = SizeLimit(64 * 1024 * 1024, "test")
 CHUNK = b"x" * (base.WRITE_BATCH + 1)  # every chunk goes to disk and fills a write batch
 
 
-def open_descriptors() -> int:
-    """How many file descriptors this process has open."""
-    return len(os.listdir("/proc/self/fd"))
+def open_descriptors(directory: Path) -> int:
+    """How many of this process's file descriptors are open on files under ``directory``.
+
+    Only those: the process's other descriptors come and go with whatever the garbage
+    collector happens to close from other tests.
+    """
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # closed meanwhile (the listing's own descriptor, say)
+            continue
+        count += target.startswith(f"{directory}{os.sep}")
+    return count
 
 
 def spool_files(directory: Path) -> list[str]:
@@ -48,12 +60,24 @@ class Gate:
         return held
 
 
-async def chunks(count: int, stall: asyncio.Event | None = None) -> AsyncIterator[bytes]:
-    """``count`` chunks; with ``stall``, then wait for it (a source that went quiet)."""
+async def chunks(
+    count: int, stall: asyncio.Event | None = None, waiting: asyncio.Event | None = None
+) -> AsyncIterator[bytes]:
+    """``count`` chunks; with ``stall``, then wait for it (a source that went quiet), and
+    set ``waiting`` when it starts to."""
     for _ in range(count):
         yield CHUNK
     if stall is not None:
+        if waiting is not None:
+            waiting.set()
         await stall.wait()
+
+
+async def settle_cancelled(task: asyncio.Task[Any]) -> None:
+    """Give a cancelled task every chance to end, in loop turns rather than time: one that
+    does not wait for its thread ends within a few turns."""
+    for _ in range(20):
+        await asyncio.sleep(0)
 
 
 @pytest.mark.parametrize("point", ["mkstemp", "write", "close", "next chunk"])
@@ -68,28 +92,27 @@ async def test_cancelling_the_spool_leaves_no_file_and_no_descriptor(
         monkeypatch.setattr(base, "_write_hashed", gate.wrap(base._write_hashed))
     elif point == "close":
         monkeypatch.setattr(base, "_close_file", gate.wrap(base._close_file))
-    stall = asyncio.Event()
-    before = open_descriptors()
-    task = asyncio.create_task(spool(chunks(2, stall), LIMIT, tmp_path))
+    stall, waiting = asyncio.Event(), asyncio.Event()
+    before = open_descriptors(tmp_path)
+    task = asyncio.create_task(spool(chunks(2, stall, waiting), LIMIT, tmp_path))
     if point == "next chunk":
-        async with asyncio.timeout(5):
-            while not spool_files(tmp_path):
-                await asyncio.sleep(0.01)
-        await asyncio.sleep(0.05)
+        async with asyncio.timeout(10):  # both chunks taken, the source gone quiet
+            await waiting.wait()
     else:
         if point == "close":
             stall.set()  # let the body end, so the spool reaches its final close
-        await asyncio.to_thread(gate.entered.wait, 5)
+        await asyncio.to_thread(gate.entered.wait, 10)
         assert gate.entered.is_set()
     task.cancel()
-    await asyncio.sleep(0.05)
+    await settle_cancelled(task)
     assert not task.done() or point == "next chunk", "a thread's work must be waited for"
     gate.release.set()
     with pytest.raises(asyncio.CancelledError):
         await task
     monkeypatch.undo()
     assert spool_files(tmp_path) == []
-    assert open_descriptors() == before
+    gc.collect()  # a descriptor only garbage still held is as good as closed
+    assert open_descriptors(tmp_path) == before == 0
 
 
 async def test_a_whole_spool_still_works(tmp_path: Path) -> None:
