@@ -95,7 +95,11 @@ class Envelope:
     @classmethod
     def read(cls, message: Properties) -> Envelope:
         """Read a delivery's properties and headers; odd header values count as absent."""
-        headers = message.headers or {}
+        headers = message.headers
+        if not headers:  # a producer's message, as most are: nothing to read in headers
+            return cls(
+                message.message_id or None, message.correlation_id or None, message.reply_to or None
+            )
         return cls(
             message_id=message.message_id or None,
             correlation_id=message.correlation_id or None,

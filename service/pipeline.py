@@ -5,14 +5,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Coroutine, Mapping
-from dataclasses import replace
 from typing import Any
 
 from service.contracts import DeleteRequest, Request, SourceInfo, UploadRequest
-from service.destinations.base import Destination
+from service.destinations.base import Destination, Removed, Uploaded
 from service.errors import CourierError, ErrorCode, PermanentError
 from service.flow import DeferReason, Deferred, FlowControl, calls_made, current_request
-from service.outcome import Held, Outcome
+from service.outcome import Held, Outcome, PlatformFile
 from service.prechecks import check_scheme
 from service.redact import redact_url
 from service.sources.base import Source
@@ -36,41 +35,54 @@ class Pipeline:
 
     async def process(self, request: Request, request_id: str) -> Outcome:
         """Run one attempt; never raises for a failed request, only reports it."""
-        source = (
-            SourceInfo(url=redact_url(request.source.url))
-            if isinstance(request, UploadRequest)
-            else None
-        )
-        base = Outcome(0.0, request.destination.type, source=source, operation=request.operation)
         if isinstance(request, DeleteRequest):
-            return await self._guarded(request_id, base, self._delete(request, base))
-        return await self._guarded(request_id, base, self._upload(request, request_id, base))
+            return await self._guarded(request_id, request, self._delete(request))
+        return await self._guarded(request_id, request, self._upload(request, request_id))
 
     async def follow(self, request: UploadRequest, request_id: str) -> Outcome:
         """Read the state of the file an upload of ``request`` made; never raises."""
-        kind = request.destination.type
-        base = Outcome(0.0, kind, source=SourceInfo(url=redact_url(request.source.url)))
-        return await self._guarded(request_id, base, self._read(request, request_id, base))
+        return await self._guarded(request_id, request, self._read(request, request_id))
 
     async def _guarded(
-        self, request_id: str, base: Outcome, work: Coroutine[Any, Any, Outcome]
+        self,
+        request_id: str,
+        request: Request,
+        work: Coroutine[Any, Any, Uploaded | Removed | PlatformFile],
     ) -> Outcome:
-        """Run ``work`` for ``request_id``: any failure becomes part of the outcome."""
+        """Run ``work`` for ``request_id``: its result, or any failure, as the outcome."""
         started = time.perf_counter()
         calls_made.set(0)
         current_request.set(request_id)
+        kind = request.destination.type
         try:
-            outcome = await work
+            done = await work
         except Deferred as hold:
-            reason = _HOLD_REASONS[hold.reason].format(base.destination)
-            outcome = replace(base, held=Held(hold.seconds, reason, calls_made.get() > 0))
+            reason = _HOLD_REASONS[hold.reason].format(kind)
+            held = Held(hold.seconds, reason, calls_made.get() > 0)
+            return _unfinished(request, _since(started), held=held)
         except CourierError as exc:
-            outcome = replace(base, error=exc)
+            return _unfinished(request, _since(started), error=exc)
         except Exception:
             log.exception("unexpected error while processing a request")
             error = PermanentError(ErrorCode.INTERNAL_ERROR, "unexpected error in Courier")
-            outcome = replace(base, error=error)
-        return replace(outcome, duration_ms=_since(started))
+            return _unfinished(request, _since(started), error=error)
+        duration = _since(started)
+        if isinstance(done, Uploaded):
+            return Outcome(
+                duration,
+                kind,
+                done.delivery,
+                done.source,
+                done.result,
+                deduplicated=done.deduplicated,
+                replaced_uid=done.replaced_uid,
+                file=done.file,
+            )
+        if isinstance(done, Removed):
+            return Outcome(
+                duration, kind, operation="delete", result=done.result, existed=done.existed
+            )
+        return Outcome(duration, kind, source=_source_of(request), file=done)
 
     def _destination(self, name: str) -> Destination:
         destination = self._destinations[name]
@@ -86,7 +98,7 @@ class Pipeline:
         if self._flows is not None:
             self._flows.for_destination(destination.name).check()
 
-    async def _upload(self, request: UploadRequest, request_id: str, base: Outcome) -> Outcome:
+    async def _upload(self, request: UploadRequest, request_id: str) -> Uploaded:
         # Cheapest checks first; the first failure decides the error code.
         check_scheme(request.source.url)
         source = self._sources[scheme_of(request.source.url)]
@@ -94,27 +106,41 @@ class Pipeline:
         destination.precheck(request)
         source.check(request.source)
         self._admit(destination)
-        uploaded = await destination.deliver(request, source, request_id)
-        return replace(
-            base,
-            delivery=uploaded.delivery,
-            source=uploaded.source,
-            result=uploaded.result,
-            deduplicated=uploaded.deduplicated,
-            replaced_uid=uploaded.replaced_uid,
-            file=uploaded.file,
-        )
+        return await destination.deliver(request, source, request_id)
 
-    async def _read(self, request: UploadRequest, request_id: str, base: Outcome) -> Outcome:
+    async def _read(self, request: UploadRequest, request_id: str) -> PlatformFile:
         destination = self._destination(request.destination.type)
         self._admit(destination)
-        return replace(base, file=await destination.read(request, request_id))
+        return await destination.read(request, request_id)
 
-    async def _delete(self, request: DeleteRequest, base: Outcome) -> Outcome:
+    async def _delete(self, request: DeleteRequest) -> Removed:
         destination = self._destination(request.destination.type)
         self._admit(destination)
-        removed = await destination.delete(request)
-        return replace(base, result=removed.result, existed=removed.existed)
+        return await destination.delete(request)
+
+
+def _source_of(request: Request) -> SourceInfo | None:
+    if isinstance(request, UploadRequest):
+        return SourceInfo(url=redact_url(request.source.url))
+    return None
+
+
+def _unfinished(
+    request: Request,
+    duration: float,
+    *,
+    held: Held | None = None,
+    error: CourierError | None = None,
+) -> Outcome:
+    """The outcome of an attempt that was held or failed: what the request itself tells."""
+    return Outcome(
+        duration,
+        request.destination.type,
+        source=_source_of(request),
+        error=error,
+        held=held,
+        operation=request.operation,
+    )
 
 
 _HOLD_REASONS = {

@@ -215,16 +215,19 @@ class Settler:
         done (:meth:`InFlight.committed`)."""
         confirmed = [step for step in plan if not step.best_effort]
         sends = work.publishing(len(confirmed))
-        tasks = [
-            asyncio.ensure_future(self._send(step, send))
-            for step, send in zip(confirmed, sends, strict=True)
-        ]
-        try:
-            await asyncio.gather(*tasks)
-        except BaseException:
-            for task in tasks:
-                task.cancel()
-            raise
+        if len(confirmed) == 1:  # the common case: no task needed
+            await self._send(confirmed[0], sends[0])
+        elif confirmed:
+            tasks = [
+                asyncio.ensure_future(self._send(step, send))
+                for step, send in zip(confirmed, sends, strict=True)
+            ]
+            try:
+                await asyncio.gather(*tasks)
+            except BaseException:
+                for task in tasks:
+                    task.cancel()
+                raise
         for step in plan:
             if step.best_effort:
                 assert step.queue is not None  # noqa: S101 - best effort goes to a queue
