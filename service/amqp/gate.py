@@ -20,7 +20,6 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import aiormq
 from aio_pika.abc import AbstractQueue
 
 log = logging.getLogger(__name__)
@@ -100,14 +99,27 @@ class AckGate:
 
 async def _holds_ready(queue: AbstractQueue, wait: float) -> bool:
     """Whether the broker reports ready messages in ``queue`` (a passive declare); a
-    broker that does not answer within ``wait`` seconds counts as "no"."""
-    try:
-        async with asyncio.timeout(wait):
-            channel = await queue.channel.get_underlay_channel()
-            declared = await channel.queue_declare(queue.name, passive=True)
-    except (TimeoutError, aiormq.exceptions.AMQPError, ConnectionError, RuntimeError):
-        return False
-    return bool(declared.message_count)
+    broker that does not answer within ``wait`` seconds counts as "no".
+
+    The declare is never cancelled: aiormq closes a channel whose RPC was abandoned,
+    and every delivery held on it would go back to the queue.
+    """
+    declare = asyncio.ensure_future(_ready_count(queue))
+    declare.add_done_callback(_quietly)
+    done, _ = await asyncio.wait({declare}, timeout=max(0.0, wait))
+    return bool(done and not declare.exception() and declare.result())
+
+
+async def _ready_count(queue: AbstractQueue) -> int:
+    channel = await queue.channel.get_underlay_channel()
+    declared = await channel.queue_declare(queue.name, passive=True)
+    return int(declared.message_count or 0)
+
+
+def _quietly(declare: asyncio.Future[int]) -> None:
+    # A broker that went away while it was asked: "no" was the answer already.
+    if not declare.cancelled():
+        declare.exception()
 
 
 def _now() -> float:
