@@ -31,7 +31,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from service.topology import MAX_TTL_MS
+from service.topology import LONGEST_TENANT, MAX_TTL_MS, TENANT_INFIX
 
 ENV_PREFIX = "COURIER_"
 # Variables that hold secrets, and only secrets: masked wherever text leaves the process.
@@ -44,7 +44,8 @@ SECRET_VARIABLES = (
     "AWS_SESSION_TOKEN",
 )
 MAX_NAME_BYTES = 255  # an AMQP short string: queue and exchange names
-_LONGEST_TIER_SUFFIX = len(f".retry.{MAX_TTL_MS // 1000}s")
+# The longest name Courier adds to COURIER_QUEUE: a delay tier's, or a tenant queue's.
+_LONGEST_SUFFIX = max(len(f".retry.{MAX_TTL_MS // 1000}s"), len(TENANT_INFIX) + LONGEST_TENANT)
 _DURATION = re.compile(r"^\s*(\d+)\s*(ms|s|m|h|d)?\s*$", re.IGNORECASE)
 _UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -132,6 +133,8 @@ class Settings(BaseSettings):
     inconvo_rate_limit: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     mindset_rate_limit: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     source_timeout: float = Field(default=300.0, gt=0)
+    # Fair share between tenants: "web=4,backfill=1"; a tenant not named weighs 1.
+    tenant_weights: Annotated[dict[str, float], NoDecode] = Field(default_factory=dict)
     # Following a file after its upload.
     track_ingestion: bool = True
     ingestion_timeout: float = Field(default=6 * 3600.0, gt=0)
@@ -165,8 +168,8 @@ class Settings(BaseSettings):
     def _name_fits_the_broker(cls, name: str, info: ValidationInfo) -> str:
         if name.startswith("amq."):
             raise ValueError("names starting 'amq.' are reserved by RabbitMQ")
-        # AMQP names are at most 255 bytes; the queue's tiers add ".retry.<N>s".
-        room = MAX_NAME_BYTES - (_LONGEST_TIER_SUFFIX if info.field_name == "queue" else 0)
+        # AMQP names are at most 255 bytes; the queue's tiers and tenant queues add to it.
+        room = MAX_NAME_BYTES - (_LONGEST_SUFFIX if info.field_name == "queue" else 0)
         if len(name.encode()) > room:
             raise ValueError(f"at most {room} bytes in UTF-8")
         return name
@@ -194,6 +197,15 @@ class Settings(BaseSettings):
     def _unset_rate(cls, value: Any) -> Any:
         if isinstance(value, str) and not value.strip():
             return None
+        return value
+
+    @field_validator("tenant_weights", mode="before")
+    @classmethod
+    def _parse_weights(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            from service.fair import parse_weights
+
+            return parse_weights(value)
         return value
 
     @field_validator("source_allowed_hosts", "s3_allowed_buckets", mode="before")

@@ -13,6 +13,7 @@ from typing import Any
 
 from service.contracts import SourceSpec
 from service.events import event_type
+from service.fair import Tenants
 from service.flow import BreakerState
 from service.logs import add_log_context, log_context
 from service.messages import Envelope
@@ -34,8 +35,9 @@ LINKS = ("consume", "publish")
 class Instruments:
     """The hooks of the consumer, the settler and both broker links, recording into ``metrics``."""
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, tenants: Tenants | None = None) -> None:
         self.metrics = metrics
+        self.tenants = tenants or Tenants()
         self._up: set[str] = set()
         self._children: dict[tuple[Any, ...], Any] = {}
 
@@ -88,10 +90,21 @@ class Instruments:
         record_outcome(scope, outcome.error.code.value if outcome.error else None)
 
     def settled(
-        self, decision: Decision, envelope: Envelope, destination: str, seconds: float
+        self,
+        decision: Decision,
+        envelope: Envelope,
+        destination: str,
+        tenant: str,
+        seconds: float,
     ) -> None:
         """Count what the decision did, once it was carried out."""
         m, child = self.metrics, self._child
+        finish = decision if isinstance(decision, Finish) else None
+        if isinstance(decision, Follow):
+            finish = decision.upload
+        if finish is not None:
+            outcome = "failed" if finish.outcome.error else "succeeded"
+            child(m.tenant_requests, self.tenants.label(tenant), outcome).inc()
         if envelope.held_since is not None:
             child(m.held, destination).dec()  # a held request came back
         if envelope.follow_since is not None:
@@ -127,6 +140,10 @@ class Instruments:
         child(m.ingestions, destination, outcome).inc()
         child(m.events, f"courier.ingestion.{outcome}").inc()
         child(m.ingestion_duration, destination).observe(ingestion.waited_ms / 1000)
+
+    def waiting(self, tenant: str, delta: int) -> None:
+        """``courier_tenant_waiting``: deliveries waiting for a slot, by tenant label."""
+        self._child(self.metrics.tenant_waiting, self.tenants.label(tenant)).inc(delta)
 
     def in_flight(self, delta: int) -> None:
         """Requests being processed now."""

@@ -155,6 +155,20 @@ class Metrics:
             "replicas.",
             registry=r,
         )
+        self.tenant_requests = Counter(
+            "courier_tenant_requests_total",
+            "Requests that reached a terminal outcome, by tenant (named in "
+            "COURIER_TENANT_WEIGHTS, else other).",
+            ["tenant", "outcome"],
+            registry=r,
+        )
+        self.tenant_waiting = Gauge(
+            "courier_tenant_waiting",
+            "Deliveries waiting in this replica for a slot, by tenant (named in "
+            "COURIER_TENANT_WEIGHTS, else other).",
+            ["tenant"],
+            registry=r,
+        )
         self.build = Info("courier_build", "Build information.", registry=r)
         self.build.info({"version": __version__})
         if registry is None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
-from service.contracts import DeliveryMode, SourceInfo
+from service.contracts import DeliveryMode, Request, SourceInfo, UploadRequest
 from service.errors import CourierError
 
 Operation = Literal["upload", "delete"]
@@ -98,3 +98,13 @@ class Ingestion:
     def completed(self) -> bool:
         """Whether the file is usable at the destination."""
         return self.error is None
+
+
+class Work(Protocol):
+    """The work a delivery is for (the pipeline): run a request, or read its file."""
+
+    async def process(self, request: Request, request_id: str) -> Outcome:
+        """Run one attempt at ``request``."""
+
+    async def follow(self, request: UploadRequest, request_id: str) -> Outcome:
+        """Read the state of the file an earlier upload of ``request`` made."""

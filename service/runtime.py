@@ -23,6 +23,7 @@ from service.config import ConfigError, Settings
 from service.destinations.base import Destination
 from service.destinations.inconvo import Inconvo
 from service.destinations.mindset import Mindset
+from service.fair import Tenants
 from service.flow import FlowControl, flow_middleware
 from service.instrument import Instruments, MeteredSource
 from service.metrics import Metrics
@@ -168,7 +169,7 @@ class Service:
     def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
         self.settings = settings
         self.metrics = metrics or Metrics()
-        self.instruments = Instruments(self.metrics)
+        self.instruments = Instruments(self.metrics, Tenants(settings.tenant_weights))
         self.http_port: int | None = None
         self.consumer: Consumer | None = None
         self._stop = asyncio.Event()

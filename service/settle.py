@@ -48,6 +48,7 @@ from service.topology import (
     FOLLOW_SINCE_HEADER,
     HELD_SINCE_HEADER,
     REDELIVERIES_HEADER,
+    TENANT_HEADER,
 )
 
 MAX_HEADER_MESSAGE = 1000
@@ -341,6 +342,16 @@ def give_back_headers(original: Mapping[str, Any] | None, envelope: Envelope) ->
         REDELIVERIES_HEADER: envelope.redeliveries,
         COPY_ID_HEADER: str(uuid.uuid4()),
     }
+
+
+def moved_headers(original: Mapping[str, Any] | None, tenant: str) -> dict[str, Any]:
+    """A request moved into its tenant's queue: untouched, but for whose it is."""
+    return carried_headers(original) | {TENANT_HEADER: tenant}
+
+
+def beacon_headers(original: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A beacon parked for another round: a fresh copy."""
+    return carried_headers(original) | {COPY_ID_HEADER: str(uuid.uuid4())}
 
 
 def replay_headers(original: Mapping[str, Any]) -> dict[str, Any]:

@@ -23,6 +23,11 @@ REDELIVERIES_HEADER = "x-courier-redeliveries"
 # A copy that follows an uploaded file (not an upload): since when, and the reads so far.
 FOLLOW_SINCE_HEADER = "x-courier-follow-since"
 CHECKS_HEADER = "x-courier-checks"
+# A request moved into its tenant's queue: whose it is (so it is not parsed again).
+TENANT_HEADER = "x-courier-tenant"
+# Not a request: a marker that circulates through the delay tiers while a tenant's queue
+# holds work, so every replica (a new one too) learns of the queue and consumes it.
+BEACON_HEADER = "x-courier-beacon"
 COURIER_HEADER_PREFIX = "x-courier-"
 # The broker's own headers.
 DELIVERY_COUNT_HEADER = "x-delivery-count"
@@ -46,7 +51,13 @@ EVENT_TYPE_PREFIX = "courier."
 # RabbitMQ refuses a message TTL above this many milliseconds.
 MAX_TTL_MS = 4_294_967_295
 
-QueueRole = Literal["requests", "delay", "dead"]
+QueueRole = Literal["requests", "delay", "dead", "tenant"]
+TENANT_INFIX = ".tenant."
+# A tenant's queue: its messages go back to the request queue after TENANT_TTL, and the
+# queue itself goes away unused after TENANT_EXPIRES (later: nothing is left in it then).
+TENANT_TTL = 6 * 3600
+TENANT_EXPIRES = TENANT_TTL + 3600
+LONGEST_TENANT = 64
 
 
 class TopologySettings(Protocol):
@@ -99,6 +110,20 @@ def delay_arguments(delay: int, requests_queue: str) -> dict[str, Any]:
         "x-dead-letter-routing-key": requests_queue,
         "x-dead-letter-strategy": "at-least-once",
         "x-overflow": "reject-publish",
+    }
+
+
+def tenant_arguments(requests_queue: str) -> dict[str, Any]:
+    """A tenant's queue: quorum; what waits in it longer than :data:`TENANT_TTL` goes back
+    to the request queue (at least once), so nothing is lost when the queue expires."""
+    return {
+        "x-queue-type": "quorum",
+        "x-message-ttl": TENANT_TTL * 1000,
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": requests_queue,
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+        "x-expires": TENANT_EXPIRES * 1000,
     }
 
 
@@ -156,6 +181,28 @@ class Topology:
             if spec.delay == delay:
                 return spec
         raise KeyError(delay)
+
+    def tenant(self, tenant: str) -> QueueSpec:
+        """The queue of ``tenant``'s work moved out of the request queue."""
+        name = f"{self.requests.name}{TENANT_INFIX}{tenant}"
+        return QueueSpec(name, "tenant", tenant_arguments(self.requests.name))
+
+    def tenant_of_queue(self, name: str) -> str | None:
+        """The tenant whose queue ``name`` is, or None."""
+        prefix = self.requests.name + TENANT_INFIX
+        return name.removeprefix(prefix) if name.startswith(prefix) else None
+
+    def home_of(self, routing_key: str | None) -> str:
+        """The queue a delivery came from, by its routing key: one of Courier's own queues
+        (the request queue, a tenant's), else the request queue."""
+        if routing_key and (routing_key == self.requests.name or self.tenant_of_queue(routing_key)):
+            return routing_key
+        return self.requests.name
+
+    def spec_of(self, name: str) -> QueueSpec | None:
+        """The spec of Courier's own queue ``name`` (a tier, the dead letters, a tenant's)."""
+        tenant = self.tenant_of_queue(name)
+        return self.tenant(tenant) if tenant else self.own_queues().get(name)
 
     def own_queues(self) -> dict[str, QueueSpec]:
         """The queues Courier itself publishes to (delay tiers and dead letters), by name."""

@@ -146,6 +146,7 @@ class StubDelivery:
     message_id: str | None = None
     correlation_id: str | None = None
     reply_to: str | None = None
+    routing_key: str | None = None  # the queue it came from (None: the request queue)
     delivery_tag: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     content_type: str | None = "application/json"
     content_encoding: str | None = None

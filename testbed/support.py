@@ -14,7 +14,7 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -23,6 +23,7 @@ from urllib.parse import unquote, urlsplit
 
 import aio_pika
 import aiohttp
+import aiormq
 import orjson
 from aio_pika.abc import (
     AbstractConnection,
@@ -32,6 +33,8 @@ from aio_pika.abc import (
 )
 from aiohttp import web
 
+from service.contracts import DEFAULT_TENANT
+from service.topology import TENANT_INFIX
 from testbed.loopback import Loopback, serve
 from testbed.producer import inconvo_request, publish, publish_many, publish_requests
 
@@ -182,6 +185,21 @@ async def queue_counts(connection: AbstractConnection, queue: str) -> tuple[int,
         return int(result.message_count or 0), int(result.consumer_count or 0)
     finally:
         await channel.close()
+
+
+async def request_counts(
+    connection: AbstractConnection, queue: str, tenants: Sequence[str] = (DEFAULT_TENANT,)
+) -> tuple[int, int]:
+    """(requests ready, consumers) over the request queue and ``tenants``' queues (a
+    backlog moves there: docs/isolation.md); a tenant's queue not declared counts 0."""
+    ready, consumers = await queue_counts(connection, queue)
+    for tenant in tenants:
+        try:
+            more = await queue_counts(connection, f"{queue}{TENANT_INFIX}{tenant}")
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            continue
+        ready, consumers = ready + more[0], consumers + more[1]
+    return ready, consumers
 
 
 def courier_env(**extra: str) -> dict[str, str]:
@@ -530,6 +548,8 @@ class Names:
 
     queue: str
     events_exchange: str
+    # The tenants whose queues a test may have made (docs/isolation.md), to remove after.
+    tenants: set[str] = field(default_factory=lambda: {DEFAULT_TENANT})
 
     @classmethod
     def fresh(cls) -> Names:
@@ -715,6 +735,7 @@ async def _delete(connection: AbstractConnection, names: Names, delays: tuple[in
         f"{names.events_exchange}.collector",
         # The default tiers too: `courier run` subprocesses may use them.
         *(f"{names.queue}.retry.{d}s" for d in {*delays, *DEFAULT_DELAYS}),
+        *(f"{names.queue}{TENANT_INFIX}{tenant}" for tenant in names.tenants),
     )
     for queue in queues:
         try:

@@ -1,10 +1,11 @@
-"""The subscription to the request queue: consume, pause, resume, consume again.
+"""The subscription: the request queue and tenants' queues; consume, pause, resume, again.
 
-Every delivery is handed to the :class:`~service.amqp.settler.Settler`, which runs
-and settles it. The consumer keeps the subscription alive across lost connections,
-a broker that blocks Courier's publishing, and a consumer the broker cancelled;
-at shutdown it cancels the subscription with acks held at the
-:class:`~service.amqp.gate.AckGate`, so no delivery is on its way to it.
+Every delivery goes to the :class:`~service.amqp.dispatch.Dispatcher`, which starts it
+on the :class:`~service.amqp.settler.Settler` in the tenants' turns. The consumer keeps
+its subscriptions (:mod:`service.amqp.subscriptions`) alive across lost connections, a
+broker that blocks Courier's publishing, and consumers the broker cancelled. It
+consumes a tenant's queue once it moved work there or a beacon named it, and lets go
+of one idle and empty, which then expires.
 """
 
 from __future__ import annotations
@@ -12,29 +13,40 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+from collections.abc import Coroutine
 from typing import Any
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage, AbstractQueue
+from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 
-from service.amqp.declare import declare_queue
+from service.amqp.dispatch import LOOKAHEAD, Dispatcher
 from service.amqp.gate import AckGate
 from service.amqp.hooks import ConsumerHooks, SettlerHooks
 from service.amqp.link import CONNECTION_ERRORS, Link
 from service.amqp.publisher import Publisher
-from service.amqp.settler import Settler, Work
+from service.amqp.settler import Settler
+from service.amqp.subscriptions import Sub, Subscriptions
+from service.amqp.wire import beacon_message
 from service.config import Settings
-from service.topology import Topology
+from service.fair import SpillBudget, Tenants
+from service.messages import header_text
+from service.outcome import Work
+from service.topology import BEACON_HEADER, Topology
 
 log = logging.getLogger(__name__)
 
 # Each connection closes politely within this long, or is dropped.
 CLOSE_TIME = 0.5
 WATCH_INTERVAL = 1.0
+# A tenant's queue that gave nothing for this long, and holds nothing, is let go.
+TENANT_IDLE = 30.0
+# Moves under way at once (each holds its delivery until the copy is confirmed).
+MOVING = 64
 
 
 class Consumer:
-    """Consumes the request queue; every delivery is settled by its :class:`Settler`."""
+    """Consumes the request queue (and tenants' queues); every delivery is settled once."""
 
     def __init__(
         self,
@@ -49,13 +61,26 @@ class Consumer:
         self.topology = topology
         self._publisher = publisher
         self._hooks = hooks
-        self._gate = AckGate()
-        self.settler = Settler(settings, topology, work, publisher, settler_hooks, self._gate)
+        gate = AckGate()
+        self._gate = gate
+        self.settler = Settler(settings, topology, work, publisher, settler_hooks, gate)
+        self.dispatcher = Dispatcher(
+            self.settler,
+            topology,
+            settings.concurrency,
+            Tenants(settings.tenant_weights),
+            SpillBudget(time.process_time, time.monotonic),
+            hooks,
+            self._moved,
+        )
+        self.subs = Subscriptions(self._on_message, gate, self._unacked)
+        # Room for the slots, the lookahead, and as many moves on their way again.
+        main = self.subs.add(topology.requests, settings.concurrency + LOOKAHEAD + MOVING)
+        assert main is not None  # noqa: S101 - the first subscription
+        self._main = main
         self.link = Link(settings.amqp_urls, "consume", on_open=self._open, hooks=hooks)
+        self._beaconed: dict[str, float] = {}
         self._stopping = False
-        self._channel: AbstractChannel | None = None
-        self._queue: AbstractQueue | None = None
-        self._tag: str | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._steps: set[asyncio.Future[Any]] = set()
 
@@ -68,71 +93,108 @@ class Consumer:
 
     async def _open(self, connection: AbstractConnection) -> None:
         channel = await connection.channel(publisher_confirms=False)
-        await channel.set_qos(prefetch_count=self.settings.concurrency)
-        queue = await declare_queue(channel, self.topology.requests)
         underlay = await channel.get_underlay_channel()
         channel.close_callbacks.add(lambda *_: self._channel_lost(underlay))
-        self._channel, self._queue, self._tag = channel, queue, None
-        await self._consume()
+        self.subs.reset(channel)
+        await self._consume_all()
 
-    async def _consume(self) -> None:
-        if self._stopping or self._queue is None or self._tag is not None:
+    async def _consume_all(self) -> None:
+        for sub in list(self.subs.subs.values()):
+            await self._consume(sub)
+
+    async def _consume(self, sub: Sub) -> None:
+        # While the broker blocks our publishing, consuming waits for it to unblock.
+        if self._stopping or self._publisher.blocked or not await self.subs.consume(sub):
             return
-        if self._publisher.blocked:
-            return  # consuming starts again when the broker unblocks publishing
-        self._tag = await self._queue.consume(self._on_message, no_ack=False)
-        self._hooks.consuming(True)
-        log.info(
-            "consuming %s with prefetch %d", self.topology.requests.name, self.settings.concurrency
-        )
+        if sub is self._main:
+            self._hooks.consuming(True)
+            log.info("consuming %s with prefetch %d", sub.spec.name, sub.prefetch)
 
-    def _pause(self, blocked: bool) -> None:
-        step = self._cancel_consumer(_now()) if blocked else self._resume()
+    def _step(self, step: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(step)
         self._steps.add(task)
         task.add_done_callback(self._steps.discard)
 
-    async def _resume(self) -> None:
+    def _pause(self, blocked: bool) -> None:
+        self._step(self._cancel_all(_now()) if blocked else self._resume(self._consume_all()))
+
+    async def _resume(self, step: Coroutine[Any, Any, None]) -> None:
         with contextlib.suppress(*CONNECTION_ERRORS):
-            await self._consume()
+            await step
+
+    def _unacked(self, queue: str) -> int:
+        return self.settler.unacked(queue) + self.dispatcher.waiting(queue)
+
+    def subscribe(self, tenant: str) -> None:
+        """Consume ``tenant``'s queue (from now on, and after every reconnect)."""
+        if not self._stopping:
+            sub = self.subs.add(self.topology.tenant(tenant), self.settings.concurrency)
+            if sub is not None:
+                self._step(self._resume(self._consume(sub)))
+
+    def _moved(self, tenant: str) -> None:
+        """Work was moved into ``tenant``'s queue: consume it, and let others know of it."""
+        self.subscribe(tenant)
+        now = time.monotonic()
+        if now - self._beaconed.get(tenant, -1e9) >= 2 * self.topology.delays[0]:
+            self._beaconed[tenant] = now
+            beacon = beacon_message(tenant)
+            self._step(self._publisher.to_queue(self.topology.tiers[0].name, beacon))
+
+    async def _beacon(self, message: AbstractIncomingMessage, channel: Any, tenant: str) -> None:
+        """A beacon: consume its tenant's queue while that holds work; let the beacon go
+        round again while the queue holds work or has a consumer (which may move more)."""
+        ready, consumers = 1, 1
+        with contextlib.suppress(*CONNECTION_ERRORS):
+            ready, consumers = await self.subs.counts(self.topology.tenant(tenant))
+        if ready:
+            self.subscribe(tenant)
+        self.settler.circulate(message, channel, bool(ready or consumers))
 
     async def _watch(self) -> None:
-        """Consume again when the broker cancelled the consumer (a deleted queue, say)."""
+        """Consume again when the broker cancelled a consumer (a deleted queue, say); let go
+        of tenants' queues that stayed idle and empty."""
         while not self._stopping:
             await asyncio.sleep(WATCH_INTERVAL)
-            if self._tag is None or not self.link.ready.is_set() or await self._registered():
-                continue
-            log.warning("the broker cancelled the consumer; consuming again")
-            self._hooks.consuming(False)
-            self._tag = None
-            channel = self._channel
-            with contextlib.suppress(*CONNECTION_ERRORS):
-                if channel is not None and not channel.is_closed:
-                    self._queue = await declare_queue(channel, self.topology.requests)
-                    await self._consume()
+            if self.link.ready.is_set():
+                for sub in list(self.subs.subs.values()):
+                    with contextlib.suppress(*CONNECTION_ERRORS):
+                        await self._check(sub)
 
-    async def _registered(self) -> bool:
-        channel = self._channel
-        if channel is None or channel.is_closed:
+    async def _check(self, sub: Sub) -> None:
+        if sub.tag is None:
+            return
+        name = sub.spec.name
+        if not await self.subs.registered(sub.tag):
+            log.warning("the broker cancelled the consumer; consuming again (queue %s)", name)
+            sub.queue, sub.tag = None, None
+            if sub is self._main:
+                self._hooks.consuming(False)
+            await self._consume(sub)
+        elif await self._idle(sub):
+            del self.subs.subs[name]
+            await self.subs.cancel(sub, _now(), self.link.ready.is_set())
+
+    async def _idle(self, sub: Sub) -> bool:
+        """A tenant's queue that gave nothing for a while, with nothing left in or of it."""
+        if sub is self._main or time.monotonic() - sub.last <= TENANT_IDLE:
             return False
-        try:
-            underlay = await asyncio.wait_for(channel.get_underlay_channel(), 0.5)
-        except CONNECTION_ERRORS:
-            return False
-        return self._tag in getattr(underlay, "consumers", {})
+        return not self._unacked(sub.spec.name) and not (await self.subs.counts(sub.spec))[0]
 
     def _channel_lost(self, underlay: Any) -> None:
         """The channel died: its deliveries are the broker's again."""
-        self._tag = None
+        self.subs.reset(None)
         self._hooks.consuming(False)
-        if lost := self.settler.channel_lost(underlay):
+        lost = self.settler.channel_lost(underlay) + self.dispatcher.channel_lost(underlay)
+        if lost:
             log.warning("lost the channel of %d requests in progress; cancelled them", lost)
 
     async def ready(self) -> bool:
         """True only while both connections are up, not blocked, and the consumer registered."""
-        if self._stopping or self._tag is None or not self.link.ready.is_set():
+        tag = self._main.tag
+        if self._stopping or tag is None or not self.link.ready.is_set():
             return False
-        return self._publisher.ready and await self._registered()
+        return self._publisher.ready and await self.subs.registered(tag)
 
     async def stop(self) -> None:
         """Stop taking deliveries, finish in-flight work within the shutdown timeout, give
@@ -141,23 +203,21 @@ class Consumer:
         deadline = _now() + self.settings.shutdown_timeout
         if self._watcher is not None:
             self._watcher.cancel()
-        await self._cancel_consumer(deadline)
+        await self._cancel_all(deadline)
+        for waiting in self.dispatcher.stop():
+            self.settler.give_back(waiting.message, waiting.channel)
         await self.settler.drain(deadline)
         await asyncio.gather(
             self.link.close(grace=CLOSE_TIME), self._publisher.close(grace=CLOSE_TIME)
         )
         self._hooks.consuming(False)
 
-    async def _cancel_consumer(self, deadline: float) -> None:
-        queue, tag, self._tag = self._queue, self._tag, None
+    async def _cancel_all(self, deadline: float) -> None:
         self._hooks.consuming(False)
-        if queue is None or tag is None or not self.link.ready.is_set():
-            return  # no broker to tell: the connection's end cancels the consumer anyway
-        wait = min(2.0, max(0.5, deadline - _now()))
-        settler = self.settler
-        await self._gate.cancel(queue, tag, settler.unacked, self.settings.concurrency, wait)
+        for sub in list(self.subs.subs.values()):
+            await self.subs.cancel(sub, deadline, self.link.ready.is_set())
 
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+    async def _on_message(self, message: AbstractIncomingMessage, source: str) -> None:
         # Deliveries that arrive while stopping (before the broker saw the cancel) are
         # handled like any other: they are ours, and finishing them costs nothing more.
         try:
@@ -165,7 +225,13 @@ class Consumer:
         except aio_pika.exceptions.ChannelInvalidStateError:
             return  # its channel died already: the broker redelivers it
         self._gate.delivered()
-        self.settler.take(message, channel)
+        if (sub := self.subs.subs.get(source)) is not None:
+            sub.last = time.monotonic()
+        beacon = header_text((message.headers or {}).get(BEACON_HEADER))
+        if beacon is not None:
+            self._step(self._beacon(message, channel, beacon))
+        else:
+            self.dispatcher.offer(message, channel, source)
 
 
 def _now() -> float:

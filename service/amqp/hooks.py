@@ -32,10 +32,13 @@ class PublishHooks(LinkHooks, Protocol):
 
 
 class ConsumerHooks(LinkHooks, Protocol):
-    """What the subscription reports."""
+    """What the subscription and the dispatch report."""
 
     def consuming(self, active: bool) -> None:
         """The consumer was registered (True) or went away (False)."""
+
+    def waiting(self, tenant: str, delta: int) -> None:
+        """Deliveries of ``tenant`` waiting for a slot grew (or shrank) by ``delta``."""
 
 
 class SettlerHooks(Protocol):
@@ -48,7 +51,12 @@ class SettlerHooks(Protocol):
         """An attempt ended (inside :meth:`request`'s context)."""
 
     def settled(
-        self, decision: Decision, envelope: Envelope, destination: str, seconds: float
+        self,
+        decision: Decision,
+        envelope: Envelope,
+        destination: str,
+        tenant: str,
+        seconds: float,
     ) -> None:
         """A decision was carried out and the delivery acked."""
 

@@ -91,7 +91,6 @@ class Publisher:
         self._channel: AbstractChannel | None = None
         self._events: AbstractExchange | None = None
         self._reopening = asyncio.Lock()
-        self._own = topology.own_queues()
 
     async def _open(self, connection: AbstractConnection) -> None:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
@@ -253,12 +252,14 @@ class Publisher:
 
     async def _refused(self, exc: aio_pika.exceptions.DeliveryError, key: str) -> None:
         frame = exc.frame
-        if isinstance(frame, aiormq.spec.Basic.Return) and key in self._own:
-            log.warning("queue %s is missing; declaring it again", key)
+        spec = self.topology.spec_of(key)
+        if isinstance(frame, aiormq.spec.Basic.Return) and spec is not None:
+            # A tenant's queue is declared on first use, an expired one again.
+            log.info("queue %s is missing; declaring it", key)
             channel = self._channel
             if channel is not None and not channel.is_closed:
                 with contextlib.suppress(*CONNECTION_ERRORS):
-                    await declare_queue(channel, self._own[key])
+                    await declare_queue(channel, spec)
             return
         # A nack: the broker could not take it now (a queue without quorum, a full queue).
         log.warning("the broker refused a publish to %s; trying again shortly", key)

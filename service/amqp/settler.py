@@ -17,46 +17,38 @@ import functools
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 
 from service.amqp.gate import AckGate
 from service.amqp.hooks import SettlerHooks
-from service.amqp.inflight import InFlight, Send
+from service.amqp.inflight import InFlight
 from service.amqp.link import CONNECTION_ERRORS
-from service.amqp.plan import Publish, Wiring, publishes
+from service.amqp.plan import Wiring, publishes, send_all
 from service.amqp.publisher import DeliveryGone, Outbox
 from service.amqp.wire import copy_message
+from service.attempt import attempt
 from service.config import Settings
-from service.contracts import Request, UploadRequest
-from service.messages import Decoded, Envelope, decode, refuse
-from service.outcome import Outcome
+from service.contracts import DEFAULT_TENANT
+from service.messages import Decoded, Envelope
+from service.outcome import Work
 from service.redact import mask_text
 from service.settle import (
     Decision,
     Policy,
+    beacon_headers,
     decide,
     decide_follow,
     describe,
     give_back_headers,
-    poisoned,
+    moved_headers,
 )
 from service.topology import Topology
 
 log = logging.getLogger(__name__)
-
-
-class Work(Protocol):
-    """The work a delivery is for (the pipeline): run a request, or read its file."""
-
-    async def process(self, request: Request, request_id: str) -> Outcome:
-        """Run one attempt at ``request``."""
-
-    async def follow(self, request: UploadRequest, request_id: str) -> Outcome:
-        """Read the state of the file an earlier upload of ``request`` made."""
 
 
 # Copies this replica has settled, remembered to drop a second copy of one (see README).
@@ -90,21 +82,59 @@ class Settler:
         self._mask = functools.partial(mask_text, secrets=tuple(settings.secret_values()))
         self._work: dict[asyncio.Task[None], InFlight] = {}
         self._settled: OrderedDict[str, None] = OrderedDict()
-        self._wiring = Wiring(topology, settings.event_source)
+        self._wiring = Wiring(topology, settings.event_source, settings.publish_timeout)
+        self._max_bytes = settings.max_message_bytes
         self._stopping = False
         self._hard_deadline = 0.0
 
     # -- taking deliveries and giving them up ----------------------------------------
 
-    def take(self, message: AbstractIncomingMessage, channel: object) -> None:
-        """Start working on a delivery that arrived on ``channel`` (an aiormq channel)."""
-        task = asyncio.create_task(self._handle(message))
+    def take(
+        self,
+        message: AbstractIncomingMessage,
+        channel: object,
+        tenant: str = DEFAULT_TENANT,
+        done: Callable[[], None] | None = None,
+    ) -> None:
+        """Start working on a delivery that arrived on ``channel`` (an aiormq channel);
+        ``done`` is called once it has ended, however it ended."""
+        self._track(self._handle(message, tenant), message, channel, done)
+
+    def move(self, message: AbstractIncomingMessage, channel: object, tenant: str) -> None:
+        """Move a delivery, untouched, into ``tenant``'s queue: a confirmed copy, then the ack."""
+        copy = copy_message(message, moved_headers(message.headers, tenant))
+        queue = self.topology.tenant(tenant).name
+        self._track(self._relay(copy, queue), message, channel, None)
+
+    def circulate(self, message: AbstractIncomingMessage, channel: object, keep: bool) -> None:
+        """A beacon came round: park it again in the shortest delay tier (``keep``), or
+        drop it; either way, then the ack."""
+        copy = copy_message(message, beacon_headers(message.headers)) if keep else None
+        self._track(self._relay(copy, self.topology.tiers[0].name), message, channel, None)
+
+    def give_back(self, message: AbstractIncomingMessage, channel: object) -> None:
+        """At shutdown: hand a delivery that never started back as a fresh copy."""
+        self._track(self._give_back_now(message), message, channel, None)
+
+    def unacked(self, source: str | None = None) -> int:
+        """Deliveries taken and not yet acked (from queue ``source`` only, when given)."""
+        return sum(
+            not work.acked and (source is None or work.message.routing_key == source)
+            for work in self._work.values()
+        )
+
+    def _track(
+        self,
+        job: Coroutine[Any, Any, None],
+        message: AbstractIncomingMessage,
+        channel: object,
+        done: Callable[[], None] | None,
+    ) -> None:
+        task = asyncio.create_task(job)
         self._work[task] = InFlight(message, channel)
         task.add_done_callback(self._done)
-
-    def unacked(self) -> int:
-        """Deliveries taken and not yet acked."""
-        return sum(not work.acked for work in self._work.values())
+        if done is not None:
+            task.add_done_callback(lambda _: done())
 
     def channel_lost(self, channel: object) -> int:
         """The channel died: its deliveries are the broker's again; stop working on them.
@@ -152,7 +182,7 @@ class Settler:
 
     # -- one delivery ----------------------------------------------------------------
 
-    async def _handle(self, message: AbstractIncomingMessage) -> None:
+    async def _handle(self, message: AbstractIncomingMessage, tenant: str) -> None:
         work = self._work[asyncio.current_task()]  # type: ignore[index]
         envelope = Envelope.read(message)
         started = time.perf_counter()
@@ -164,13 +194,15 @@ class Settler:
                     self._hooks.duplicate_dropped()
                     await self._ack(work)
                     return
-                decoded, outcome = await self._attempt(message.body, envelope)
+                decoded, outcome = await attempt(
+                    self._work_for, message.body, envelope, self.policy, self._max_bytes
+                )
                 self._hooks.outcome(scope, decoded.request_id, outcome)
                 judge = decide if envelope.follow_since is None else decide_follow
                 decision = judge(outcome.masked(self._mask), envelope, self.policy)
                 work.begin_settle()
                 plan = publishes(decision, message, envelope, decoded, self._wiring)
-                await self._execute(work, plan)
+                await send_all(self._publisher, work, plan, self._reply_failed)
                 self._log(envelope, decision, decoded)
                 await self._ack(work)
                 self._remember(envelope)
@@ -178,6 +210,7 @@ class Settler:
                     decision,
                     envelope,
                     outcome.destination or "unknown",
+                    tenant,
                     time.perf_counter() - started,
                 )
         except DeliveryGone:
@@ -189,57 +222,8 @@ class Settler:
         finally:
             self._hooks.in_flight(-1)
 
-    async def _attempt(self, body: bytes, envelope: Envelope) -> tuple[Decoded, Outcome]:
-        max_bytes = self.settings.max_message_bytes
-        error = poisoned(envelope, self.policy)
-        decoded = (
-            refuse(body, envelope, max_bytes, error)
-            if error is not None
-            else decode(body, envelope, max_bytes)
-        )
-        request, rid = decoded.request, decoded.request_id
-        if isinstance(request, UploadRequest) and envelope.follow_since is not None:
-            return decoded, await self._work_for.follow(request, rid)
-        if request is not None:
-            return decoded, await self._work_for.process(request, rid)
-        assert decoded.error is not None  # noqa: S101 - a refused body always says why
-        outcome = Outcome.refused(
-            decoded.error, destination=decoded.destination, source_url=decoded.source_url
-        )
-        return decoded, outcome
-
-    async def _execute(self, work: InFlight, plan: Sequence[Publish]) -> None:
-        """Hand every confirmed publish of the plan to the broker at once, in order (the
-        channel writes them in that order), wait for all their confirms, then make the
-        best-effort ones. Once all were handed to a live connection the settle counts as
-        done (:meth:`InFlight.committed`)."""
-        confirmed = [step for step in plan if not step.best_effort]
-        sends = work.publishing(len(confirmed))
-        if len(confirmed) == 1:  # the common case: no task needed
-            await self._send(confirmed[0], sends[0])
-        elif confirmed:
-            tasks = [
-                asyncio.ensure_future(self._send(step, send))
-                for step, send in zip(confirmed, sends, strict=True)
-            ]
-            try:
-                await asyncio.gather(*tasks)
-            except BaseException:
-                for task in tasks:
-                    task.cancel()
-                raise
-        for step in plan:
-            if step.best_effort:
-                assert step.queue is not None  # noqa: S101 - best effort goes to a queue
-                timeout = self.settings.publish_timeout
-                if not await self._publisher.best_effort(step.queue, step.message, timeout):
-                    self._hooks.reply_failed()
-
-    async def _send(self, step: Publish, send: Send) -> None:
-        if step.queue is None:
-            await self._publisher.event(step.key, step.message, send)
-        else:
-            await self._publisher.to_queue(step.queue, step.message, send)
+    def _reply_failed(self) -> None:
+        self._hooks.reply_failed()
 
     def _log(self, envelope: Envelope, decision: Decision, decoded: Decoded) -> None:
         level, text, code = describe(decision, envelope.attempt)
@@ -252,6 +236,21 @@ class Settler:
             if len(self._settled) > SETTLED_COPIES:
                 self._settled.popitem(last=False)
 
+    async def _relay(self, copy: aio_pika.Message | None, queue: str) -> None:
+        work = self._work[asyncio.current_task()]  # type: ignore[index]
+        work.begin_settle()
+        try:
+            if copy is not None:
+                [send] = work.publishing(1)
+                await self._publisher.to_queue(queue, copy, send)
+        except DeliveryGone:
+            return  # the broker redelivers it
+        await self._ack(work)
+
+    async def _give_back_now(self, message: AbstractIncomingMessage) -> None:
+        work = self._work[asyncio.current_task()]  # type: ignore[index]
+        await self._give_back(work, Envelope.read(message))
+
     async def _give_back(self, work: InFlight, envelope: Envelope) -> None:
         """Hand unfinished work back as a fresh copy at the same attempt, then ack.
 
@@ -263,10 +262,9 @@ class Settler:
             return
         copy = copy_message(work.message, give_back_headers(work.message.headers, envelope))
         [send] = work.publishing(1)
+        origin = self.topology.home_of(work.message.routing_key)
         try:
-            await asyncio.wait_for(
-                self._publisher.to_queue(self.topology.requests.name, copy, send), self._left()
-            )
+            await asyncio.wait_for(self._publisher.to_queue(origin, copy, send), self._left())
         except (TimeoutError, DeliveryGone):
             # Out of time: a copy that went out on a live connection still counts.
             if not work.committed(self._publisher):

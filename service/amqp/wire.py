@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime
 from typing import Any
 
@@ -10,7 +11,7 @@ import orjson
 from aio_pika.abc import AbstractIncomingMessage
 
 from service.events import CONTENT_TYPE, Event
-from service.topology import TRACEPARENT_HEADER
+from service.topology import BEACON_HEADER, COPY_ID_HEADER, TRACEPARENT_HEADER
 
 
 def copy_message(incoming: AbstractIncomingMessage, headers: dict[str, Any]) -> aio_pika.Message:
@@ -44,4 +45,14 @@ def event_message(event: Event, correlation_id: str, traceparent: str | None) ->
         headers={TRACEPARENT_HEADER: traceparent} if traceparent else {},
         type=event["type"],
         timestamp=datetime.now(UTC),
+    )
+
+
+def beacon_message(tenant: str) -> aio_pika.Message:
+    """A beacon naming ``tenant``'s queue (see :data:`~service.topology.BEACON_HEADER`);
+    persistent, with its own copy id so the settler can tell it apart."""
+    return aio_pika.Message(
+        body=tenant.encode(),
+        headers={BEACON_HEADER: tenant, COPY_ID_HEADER: str(uuid.uuid4())},
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
     )

@@ -14,8 +14,8 @@ from testbed.support import (
     CourierProcess,
     EventCollector,
     in_flight,
-    queue_counts,
     quiesce,
+    request_counts,
     wait_until,
 )
 from testbed.timing import assert_within
@@ -63,8 +63,7 @@ async def test_a_shutdown_deadline_during_slow_confirms_repeats_no_event(stage: 
     # Requeued deliveries would be back in the queue once the broker dropped the
     # process's consumer (its connection is gone): the queue must be empty then.
     await wait_until(lambda: _no_consumer(stage), 30, "the broker dropping the gone consumer")
-    ready, _ = await queue_counts(stage.amqp, stage.queue)
-    print(first.stderr.decode()[-6000:])
+    ready, _ = await request_counts(stage.amqp, stage.queue)
     assert ready == 0, f"{ready} deliveries were requeued behind their published events"
     counts = counts_of(stage.collector, ids)
     assert set(counts.values()) == {1}, f"repeated events: {counts}"
@@ -73,7 +72,7 @@ async def test_a_shutdown_deadline_during_slow_confirms_repeats_no_event(stage: 
 
 
 async def _no_consumer(stage: Stage) -> bool:
-    return (await queue_counts(stage.amqp, stage.queue))[1] == 0
+    return (await request_counts(stage.amqp, stage.queue))[1] == 0
 
 
 @pytest.mark.timeout(150)  # its waits, added up, are longer than the default 60 s

@@ -45,11 +45,13 @@ def test_values_the_broker_would_refuse_are_config_errors(variable: str, value: 
 def test_values_at_the_broker_limits_are_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
     """The longest delay RabbitMQ takes, and names at the byte limit, are fine."""
     monkeypatch.setenv("COURIER_RETRY_DELAYS", f"10s,{LONGEST}s")
-    monkeypatch.setenv("COURIER_QUEUE", "q" * 200)
+    monkeypatch.setenv("COURIER_QUEUE", "q" * 183)  # leaves room for ".tenant.<64>"
     monkeypatch.setenv("COURIER_EVENTS_EXCHANGE", "\u00e9" * 127)
     settings = load_settings()
     assert settings.retry_delays == (10, LONGEST)
-    assert len(Topology.from_settings(settings).tier(LONGEST).name.encode()) <= 255
+    topology = Topology.from_settings(settings)
+    assert len(topology.tier(LONGEST).name.encode()) <= 255
+    assert len(topology.tenant("t" * 64).name.encode()) <= 255
 
 
 async def test_courier_run_exits_2_on_a_delay_over_the_ttl_limit(names: Names) -> None:

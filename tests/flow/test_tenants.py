@@ -1,0 +1,164 @@
+"""Fair share between tenants: one tenant's backlog holds up another's requests by about a
+turn, not by the backlog; weights share the capacity; nothing is lost or repeated."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from service.fair import FairQueue, SpillBudget, Tenants, parse_weights, tenant_of
+from testbed.stage import Stage
+from testbed.support import inconvo_request, publish_requests
+
+DELAY = 0.1  # the fake answers each upload in 100 ms
+
+
+def request(url: str, rid: str, tenant: str) -> dict[str, Any]:
+    body = inconvo_request(url, rid)
+    body["tenant"] = tenant
+    return body
+
+
+def order(stage: Stage) -> list[str]:
+    """The tenant of each terminal event, in the order they came."""
+    return [e["data"]["requestId"].split("-")[0] for e in stage.collector.events]
+
+
+@pytest.mark.timeout(180)
+async def test_a_backlog_published_first_does_not_hold_up_another_tenant(stage: Stage) -> None:
+    """Tenant a publishes 2,000 requests, tenant b then 20 (concurrency 16, uploads taking
+    100 ms): b's all finish while a still has more than half its backlog left; every
+    request of both ends in exactly one event and one upload."""
+    stage.inconvo.delay = DELAY
+    stage.names.tenants |= {"a", "b"}
+    url = stage.files.add("/a.csv", b"1\n")
+    a = [request(url, f"a-{i}", "a") for i in range(2000)]
+    b = [request(url, f"b-{i}", "b") for i in range(20)]
+    courier = await stage.process(COURIER_CONCURRENCY="16").start()
+    try:
+        await publish_requests(stage.amqp, stage.queue, a)
+        await publish_requests(stage.amqp, stage.queue, b)
+        await stage.collector.wait_for_ids({r["id"] for r in b}, timeout=120)
+        a_done_when_b_done = order(stage).count("a")
+        await stage.collector.wait_for_ids({r["id"] for r in a}, timeout=150)
+    finally:
+        await courier.signal(15)
+    assert a_done_when_b_done < 1000, f"b waited for {a_done_when_b_done} of a's 2000"
+    counts = Counter(e["data"]["requestId"] for e in stage.collector.events)
+    assert set(counts.values()) == {1} and len(counts) == 2020, "lost or repeated"
+    assert {e["data"]["status"] for e in stage.collector.events} == {"succeeded"}
+    assert len(stage.inconvo.uploads) == 2020
+
+
+@pytest.mark.timeout(180)
+async def test_weights_share_the_capacity(stage: Stage) -> None:
+    """With COURIER_TENANT_WEIGHTS a=1,b=3 and both tenants waiting, b gets about three
+    quarters of the capacity."""
+    stage.inconvo.delay = DELAY
+    stage.names.tenants |= {"a", "b"}
+    url = stage.files.add("/a.csv", b"1\n")
+    a = [request(url, f"a-{i}", "a") for i in range(600)]
+    b = [request(url, f"b-{i}", "b") for i in range(600)]
+    courier = await stage.process(
+        COURIER_CONCURRENCY="16", COURIER_TENANT_WEIGHTS="a=1,b=3"
+    ).start()
+    try:
+        await publish_requests(stage.amqp, stage.queue, a)
+        await publish_requests(stage.amqp, stage.queue, b)
+        await stage.collector.wait_for_ids({r["id"] for r in a + b}, timeout=150)
+    finally:
+        await courier.signal(15)
+    done = order(stage)
+    # While both wait: from b's first event to b's last (b, at three quarters, ends first).
+    both = done[done.index("b") : len(done) - done[::-1].index("b")]
+    share = both.count("b") / len(both)
+    assert 0.65 <= share <= 0.85, f"b's share while both waited: {share:.2f}"
+
+
+# -- the pure parts ------------------------------------------------------------------
+
+
+def test_weighted_turns() -> None:
+    """Tenants take turns by weight; a tenant alone takes every turn; order within one
+    tenant is kept; a tenant that wakes up banks no credit for its idle time."""
+    queue: FairQueue[str] = FairQueue(Tenants({"b": 3}))
+    for i in range(8):
+        queue.push("a", f"a{i}")
+        queue.push("b", f"b{i}")
+    taken = [queue.pop() for _ in range(8)]
+    tenants = [t[0] for t in taken if t is not None]
+    assert tenants.count("b") == 6
+    assert [t[1] for t in taken if t is not None and t[0] == "b"] == [f"b{i}" for i in range(6)]
+    while queue.pop() is not None:
+        pass
+    for i in range(5):
+        queue.push("a", f"x{i}")
+    assert [queue.pop() for _ in range(5)] == [("a", f"x{i}") for i in range(5)]
+    for i in range(4):
+        queue.push("a", f"y{i}")
+    queue.push("c", "late")
+    first_two = {queue.pop(), queue.pop()}
+    assert ("c", "late") in first_two, "a tenant arriving behind a backlog waits about a turn"
+
+
+def test_the_busiest_tenant_gives_up_its_newest() -> None:
+    """Moving aside takes the newest eligible item of the tenant with the most waiting."""
+    queue: FairQueue[str] = FairQueue(Tenants())
+    for item in ("a1", "a2", "a3"):
+        queue.push("a", item)
+    queue.push("b", "b1")
+    assert queue.newest_of_busiest(lambda item: True) == ("a", "a3")
+    assert queue.newest_of_busiest(lambda item: item != "a2") == ("a", "a1")
+    assert len(queue) == 2 and queue.pop() == ("a", "a2")
+
+
+def test_moves_use_the_cpu_the_requests_leave_idle() -> None:
+    """A window of moving measures the requests alone; with CPU to spare moves refill at
+    their rate, until a window reaches the ceiling or the recheck comes; a CPU-bound
+    process earns a move for every so many requests finished; a pause measures afresh."""
+    now, cpu = [0.0], [0.0]
+    budget = SpillBudget(
+        lambda: cpu[0], lambda: now[0], idle=0.6, free_rate=100, share=0.1, recheck=2
+    )
+
+    def at(t: float, used: float) -> int:
+        now[0], cpu[0] = t, cpu[0] + used
+        return sum(budget.take() for _ in range(50))
+
+    assert at(0.0, 0.0) == 0 and at(0.5, 0.1) == 0, "a burst is measured first"
+    assert at(1.0, 0.1) == 10, "20% of a core: free, the burst a tenth of a second"
+    assert at(1.5, 0.45) == 10
+    assert at(2.0, 0.5) == 0, "the moves took the process to the ceiling: measure again"
+    budget.finished(30)
+    assert at(2.5, 0.4) == 3, "meanwhile a share of the requests finished"
+    assert at(3.0, 0.4) == 0 and not budget.free, "80% of a core alone: CPU-bound"
+    assert at(4.0, 0.3) == 10 and budget.free, "30%: free again"
+    assert at(5.0, 0.5) == 10 and at(6.0, 0.5) == 0, "two free windows, then a recheck"
+    assert not budget.free
+    assert at(6.5, 0.1) == 0 and at(7.0, 0.1) == 10, "measured at 20%: free"
+    assert at(9.0, 0.1) == 0 and not budget.free, "after a pause, measured first"
+
+
+@pytest.mark.parametrize(
+    ("body", "tenant"),
+    [
+        (b'{"tenant": "acme", "source": {}}', "acme"),
+        (b'{"source": {}}', "default"),
+        (b'{"tenant": "no spaces"}', "default"),
+        (b'{"tenant": 7}', "default"),
+        (b'not json, but "tenant"', "default"),
+    ],
+)
+def test_tenant_of_a_body(body: bytes, tenant: str) -> None:
+    """A body's tenant; anything odd is the default tenant (the request then fails on its own)."""
+    assert tenant_of(body) == tenant
+
+
+def test_weights_are_parsed() -> None:
+    """COURIER_TENANT_WEIGHTS: tenant=weight pairs; bad pairs name themselves."""
+    assert parse_weights("web=4, backfill=0.5,") == {"web": 4.0, "backfill": 0.5}
+    for bad in ("web", "web=0", "web=x", "bad name=1", "w=1001"):
+        with pytest.raises(ValueError, match=r"^'"):
+            parse_weights(bad)
