@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
@@ -13,6 +14,7 @@ import aiormq
 
 from service.config import Settings
 from service.doctor.report import Check
+from service.doctor.tenants import tenant_queue_checks, weights_check
 from service.redact import redact_url
 from service.topology import QueueSpec, Topology
 
@@ -45,7 +47,9 @@ async def broker_checks(
     first_url, first = reached
     try:
         management = await _management(first_url, management_url, call_timeout)
-        checks += await topology_checks(first, Topology.from_settings(settings), management)
+        checks += await topology_checks(
+            first, Topology.from_settings(settings), management, settings.tenant_weights
+        )
     finally:
         await first.close()
     return checks
@@ -84,15 +88,21 @@ def _broker_failure(shown: str, exc: BaseException, call_timeout: float) -> Chec
 
 
 @dataclass(frozen=True, slots=True)
-class _Management:
+class Management:
     """The RabbitMQ management API, when it answers: the only way to read queue arguments."""
 
     session: aiohttp.ClientSession
     base: str
     vhost: str
 
+    @property
+    def quoted_vhost(self) -> str:
+        """The virtual host, as a path segment of the API's URLs."""
+        return quote(self.vhost, safe="")
+
     async def get(self, kind: str, name: str) -> dict[str, Any] | None:
-        url = f"{self.base}/api/{kind}/{quote(self.vhost, safe='')}/{quote(name, safe='')}"
+        """One object's page, or None when the API does not show it."""
+        url = f"{self.base}/api/{kind}/{self.quoted_vhost}/{quote(name, safe='')}"
         async with self.session.get(url) as response:
             if response.status != 200:
                 return None
@@ -102,7 +112,7 @@ class _Management:
 
 async def _management(
     amqp_url: str, management_url: str | None, call_timeout: float
-) -> _Management | str:
+) -> Management | str:
     """The management API with the AMQP URL's credentials, or why it cannot be used."""
     parts = urlsplit(amqp_url)
     if management_url is None:
@@ -121,7 +131,7 @@ async def _management(
     try:
         async with session.get(f"{base}/api/overview") as response:
             if response.status == 200:
-                return _Management(session, base, vhost)
+                return Management(session, base, vhost)
             reason = f"answered HTTP {response.status}"
     except (aiohttp.ClientError, TimeoutError) as exc:
         reason = f"does not answer ({type(exc).__name__})"
@@ -132,17 +142,21 @@ async def _management(
 async def topology_checks(
     connection: aiormq.abc.AbstractConnection,
     topology: Topology,
-    management: _Management | str,
+    management: Management | str,
+    weights: Mapping[str, float] | None = None,
 ) -> list[Check]:
     """Each queue and the events exchange: present (passive declares), arguments compared
-    where the management API shows them."""
+    where the management API shows them; then the tenants' weights and queues."""
     checks: list[Check] = []
     try:
         for spec in (topology.requests, *topology.tiers, topology.dead):
             checks.append(await _queue_check(connection, spec, management))
         checks.append(await _exchange_check(connection, topology.events_exchange, management))
+        checks.append(weights_check(weights or {}))
+        api = management if isinstance(management, Management) else None
+        checks += await tenant_queue_checks(connection, topology, weights or {}, api)
     finally:
-        if isinstance(management, _Management):
+        if isinstance(management, Management):
             await management.session.close()
     if isinstance(management, str):
         checks.append(
@@ -161,7 +175,7 @@ _ABSENT = "absent; `courier run` declares it at start-up (the user needs the con
 
 
 async def _queue_check(
-    connection: aiormq.abc.AbstractConnection, spec: QueueSpec, management: _Management | str
+    connection: aiormq.abc.AbstractConnection, spec: QueueSpec, management: Management | str
 ) -> Check:
     channel = await connection.channel()
     try:
@@ -184,7 +198,7 @@ async def _queue_check(
         if not channel.is_closed:
             await channel.close()
     facts = f"{ok.message_count} messages ready, {ok.consumer_count} consumers"
-    if not isinstance(management, _Management):
+    if not isinstance(management, Management):
         return Check("topology", "ok", f"queue {spec.name}: present ({facts})")
     info = await management.get("queues", spec.name)
     if info is None:
@@ -217,7 +231,7 @@ def _differences(expected: Any, actual: dict[str, Any]) -> list[str]:
 
 
 async def _exchange_check(
-    connection: aiormq.abc.AbstractConnection, name: str, management: _Management | str
+    connection: aiormq.abc.AbstractConnection, name: str, management: Management | str
 ) -> Check:
     channel = await connection.channel()
     try:
@@ -232,7 +246,7 @@ async def _exchange_check(
     finally:
         if not channel.is_closed:
             await channel.close()
-    if isinstance(management, _Management):
+    if isinstance(management, Management):
         info = await management.get("exchanges", name)
         if info is not None and (info.get("type") != "topic" or not info.get("durable")):
             return Check(

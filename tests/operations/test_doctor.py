@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -209,6 +210,7 @@ class FakeManagement:
     def __init__(self, queues: dict[str, dict[str, Any]], exchanges: dict[str, str]) -> None:
         self.queues = queues
         self.exchanges = exchanges
+        self.depths: dict[str, int] = {}
         self.auth: list[str | None] = []
 
     async def _overview(self, request: web.Request) -> web.Response:
@@ -221,6 +223,17 @@ class FakeManagement:
             return web.json_response({"error": "Object Not Found"}, status=404)
         return web.json_response({"name": request.match_info["name"], "arguments": arguments})
 
+    async def _queues(self, request: web.Request) -> web.Response:
+        """The paginated listing, filtered by ``name`` as a regular expression."""
+        assert request.query["use_regex"] == "true" and request.query["page"] == "1"
+        pattern = re.compile(request.query["name"])
+        items = [
+            {"name": name, "messages_ready": self.depths.get(name, 0), "consumers": 0}
+            for name in self.queues
+            if pattern.search(name)
+        ]
+        return web.json_response({"items": items, "page": 1, "page_count": 1})
+
     async def _exchange(self, request: web.Request) -> web.Response:
         kind = self.exchanges.get(request.match_info["name"])
         if kind is None:
@@ -230,6 +243,7 @@ class FakeManagement:
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/api/overview", self._overview)
+        app.router.add_get("/api/queues/{vhost}", self._queues)
         app.router.add_get("/api/queues/{vhost}/{name}", self._queue)
         app.router.add_get("/api/exchanges/{vhost}/{name}", self._exchange)
         return app
@@ -285,3 +299,47 @@ async def test_absent_topology_is_noted_and_left_absent(
             await channel.declare_queue(queue, passive=True)
         channel = await amqp.channel()
     await channel.close()
+
+
+async def test_tenant_weights_and_queues_are_reported_with_their_depth(
+    make_settings: Callable[..., Settings],
+    amqp: AbstractRobustConnection,
+    names: Names,
+    management: tuple[FakeManagement, str],
+) -> None:
+    """Doctor names the weights and every tenant queue with its depth: through the
+    management API all of them, without it the default tenant's and the named ones'."""
+    fake, url = management
+    topology = Topology.build(
+        queue=names.queue, events_exchange=names.events_exchange, retry_delays=TEST_DELAYS,
+        max_redeliveries=5,
+    )  # fmt: skip
+    names.tenants |= {"web", "acme"}
+    channel = await amqp.channel()
+    for tenant, count in (("default", 2), ("web", 1), ("acme", 3)):
+        await declare_queue(channel, topology.tenant(tenant))
+        for _ in range(count):
+            body = aio_pika.Message(b"{}", delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
+            await channel.default_exchange.publish(body, routing_key=topology.tenant(tenant).name)
+        fake.queues[topology.tenant(tenant).name] = dict(topology.tenant(tenant).arguments)
+        fake.depths[topology.tenant(tenant).name] = count
+    await channel.close()
+    settings = make_settings(tenant_weights="web=4")
+
+    listed = await doctor.broker_checks(settings, management_url=url)
+    lines = [c.detail for c in listed if c.area == "tenants"]
+    assert lines[0] == "COURIER_TENANT_WEIGHTS: web=4; any other tenant weighs 1"
+    assert sorted(lines[1:]) == sorted(
+        f"tenant {t}: queue {names.queue}.tenant.{t}, {n} messages ready, 0 consumers"
+        for t, n in (("default", 2), ("web", 1), ("acme", 3))
+    )
+
+    with closed_port() as port:
+        declared = await doctor.broker_checks(settings, management_url=f"http://127.0.0.1:{port}")
+    lines = [c.detail for c in declared if c.area == "tenants"]
+    assert f"tenant web: queue {names.queue}.tenant.web, 1 messages ready, 0 consumers" in lines
+    assert f"tenant default: queue {names.queue}.tenant.default, 2 messages ready" in " ".join(
+        lines
+    )
+    assert not any("tenant acme" in line for line in lines), "acme is named nowhere"
+    assert "the management API lists the others" in lines[-1]
