@@ -57,6 +57,7 @@ ALERTS = {
     "CourierBrokerBlocked",
     "CourierHeldRequestsGrowing",
     "CourierMetricsAbsent",
+    "CourierIngestionFailing",
 }
 # The flow-control metrics, used by the alerts and the dashboard before
 # service/metrics.py exports them: flow control (service/flow) is wired into the
@@ -534,8 +535,10 @@ def test_network_policy_allows_only_what_courier_needs() -> None:
     }
 
 
-def test_keda_scales_on_the_request_queue_with_unacked_messages() -> None:
-    """KEDA reads courier.uploads over the management API (ready + unacked), 1 to 20 replicas, COURIER_CONCURRENCY per pod."""
+def test_keda_scales_on_every_queue_where_requests_wait() -> None:
+    """KEDA sums courier.uploads and the tenants' queues over the management API (ready +
+    unacked), 1 to 20 replicas, COURIER_CONCURRENCY per pod; the retry tiers and the dead
+    letters are not counted."""
     scaled = _one("keda-scaledobject.yaml", "ScaledObject")["spec"]
     assert scaled["minReplicaCount"] == 1
     assert scaled["maxReplicaCount"] == 20
@@ -544,14 +547,24 @@ def test_keda_scales_on_the_request_queue_with_unacked_messages() -> None:
     assert trigger["type"] == "rabbitmq"
     assert meta["protocol"] == "http"
     assert meta["mode"] == "QueueLength"
+    assert meta["useRegex"] == "true" and meta["operation"] == "sum"
     config = _config_data()
-    assert meta["queueName"] == config["COURIER_QUEUE"] == "courier.uploads"
+    assert config["COURIER_QUEUE"] == "courier.uploads"
+    pattern = re.compile(meta["queueName"])
+    counted = ["courier.uploads", "courier.uploads.tenant.acme", "courier.uploads.tenant.a.b-c"]
+    left_out = [
+        "courier.uploads.dead",
+        "courier.uploads.retry.10s",
+        "courier.uploads.tenant.",
+        "eu.courier.uploads",
+        "courier.uploads2",
+    ]
+    assert all(pattern.search(name) for name in counted)
+    assert not any(pattern.search(name) for name in left_out)
     assert meta["value"] == config["COURIER_CONCURRENCY"]
     assert "host" not in meta, "the management URL holds a password: keep it in the Secret"
     auth = _one("keda-scaledobject.yaml", "TriggerAuthentication")["spec"]
     assert [ref["parameter"] for ref in auth["secretTargetRef"]] == ["host"]
-    keda_secret = _one("secret.example.yaml", "Secret") if False else None
-    assert keda_secret is None
     host = next(
         d
         for d in _load_docs(BASE / "secret.example.yaml")
@@ -580,7 +593,11 @@ def test_prometheus_rules_pass_promtool(tmp_path: Path) -> None:
     by_name = {rule["alert"]: " ".join(rule["expr"].split()) for rule in alerts}
     assert "increase(courier_dead_lettered_total[15m])" in by_name["CourierDeadLettersGrowing"]
     assert 'courier_requests_total{outcome="failed"}' in by_name["CourierFailureRatioHigh"]
-    assert 'rabbitmq_queue_messages{queue="courier.uploads"}' in by_name["CourierBacklogGrowing"]
+    assert "deriv(courier:requests_waiting[15m]) > 0" in by_name["CourierBacklogGrowing"]
+    [record] = [r for g in _rule_groups() for r in g["rules"] if "record" in r]
+    assert record["record"] == "courier:requests_waiting"
+    assert 'queue=~"(courier.uploads(\\\\.tenant\\\\..+)?)"' in record["expr"]
+    assert 'courier_ingestions_total{outcome="failed"}' in by_name["CourierIngestionFailing"]
     assert 'rabbitmq_queue_consumers{queue="courier.uploads"}' in by_name["CourierNoConsumers"]
     assert "max_over_time(courier_breaker_state[2m])) == 2" in by_name["CourierBreakerOpen"]
     assert "courier_broker_blocked == 1" in by_name["CourierBrokerBlocked"]
@@ -670,12 +687,53 @@ def test_alerts_fire_when_they_should_and_only_then(tmp_path: Path) -> None:
             {f"rabbitmq_queue_messages{{{queue}}}": "0+100x45"},
             "CourierBacklogGrowing",
             "40m",
-            [{"severity": "warning", "queue": "courier.uploads", "vhost": "/"}],
+            [{"severity": "warning", "vhost": "/"}],
+        ),
+        # Spread over the request queue and a tenant's queue, neither over 1000 alone:
+        # counted together; a retry tier's and the dead letters' are not.
+        _promtool_case(
+            {
+                f"rabbitmq_queue_messages{{{queue}}}": "0+25x45",
+                'rabbitmq_queue_messages{queue="courier.uploads.tenant.acme",vhost="/"}': "0+25x45",
+                'rabbitmq_queue_messages{queue="courier.uploads.retry.10s",vhost="/"}': "0+100x45",
+                'rabbitmq_queue_messages{queue="courier.uploads.dead",vhost="/"}': "0+100x45",
+            },
+            "CourierBacklogGrowing",
+            "40m",
+            [{"severity": "warning", "vhost": "/"}],
+        ),
+        _promtool_case(
+            {
+                f"rabbitmq_queue_messages{{{queue}}}": "0+25x45",
+                'rabbitmq_queue_messages{queue="courier.uploads.retry.10s",vhost="/"}': "0+100x45",
+            },
+            "CourierBacklogGrowing",
+            "40m",
+            [],
         ),
         _promtool_case(
             {f"rabbitmq_queue_messages{{{queue}}}": "5000x45"},
             "CourierBacklogGrowing",
             "40m",
+            [],
+        ),
+        _promtool_case(
+            {
+                f'courier_ingestions_total{{{pod},destination="mindset",outcome="failed"}}': "0+2x50",
+                f'courier_ingestions_total{{{pod},destination="mindset",outcome="completed"}}': "0+8x50",
+                f'courier_ingestions_total{{{pod},destination="inconvo",outcome="completed"}}': "0+9x50",
+            },
+            "CourierIngestionFailing",
+            "45m",
+            [{"severity": "warning", "namespace": "prod", "destination": "mindset"}],
+        ),
+        _promtool_case(
+            {
+                f'courier_ingestions_total{{{pod},destination="mindset",outcome="failed"}}': "0+1x50",
+                f'courier_ingestions_total{{{pod},destination="mindset",outcome="completed"}}': "0+20x50",
+            },
+            "CourierIngestionFailing",
+            "45m",
             [],
         ),
         _promtool_case(
@@ -804,6 +862,12 @@ def test_dashboard_shows_the_operating_signals() -> None:
         "courier_destination_rate_limit",
         "courier_rate_limited_total",
         "courier_broker_blocked",
+        "courier_tenant_requests_total",
+        "courier_tenant_waiting",
+        "courier:requests_waiting",
+        "courier_ingestions_total",
+        "courier_ingestion_seconds_bucket",
+        "courier_tracked_files",
     ):
         assert needle in exprs, f"no panel uses {needle}"
 

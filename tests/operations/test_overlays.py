@@ -40,23 +40,29 @@ def _one(docs: list[Doc], kind: str, name: str | None = None) -> Doc:
 
 
 def _quoted_queues(rule: Doc) -> set[str]:
-    return set(re.findall(r'queue="([^"]*)"', rule["expr"]))
+    """The queue names a rule's expression matches on: ``queue="<name>"``, or the name in
+    the pattern ``queue=~"(<name>(\\.tenant\\..+)?)"``."""
+    expr = rule["expr"]
+    return set(re.findall(r'queue="([^"]*)"', expr)) | set(
+        re.findall(r'queue=~"\(([^"(]*)\(', expr)
+    )
 
 
 def _carried(docs: list[Doc]) -> dict[str, Any]:
     """Where each setting ended up."""
     config = _one(docs, "ConfigMap", "courier-config")["data"]
-    rules = _one(docs, "PrometheusRule")["spec"]["groups"][0]["rules"]
+    rules = [r for g in _one(docs, "PrometheusRule")["spec"]["groups"] for r in g["rules"]]
     policy = _one(docs, "NetworkPolicy")["spec"]["ingress"][0]["from"][0]
     found: dict[str, Any] = {
         "queue": {config["COURIER_QUEUE"]}.union(*(_quoted_queues(r) for r in rules)),
         "concurrency": {config["COURIER_CONCURRENCY"]},
         "namespace": policy["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"],
-        "runbooks": {r["annotations"]["runbook_url"].split("#")[0] for r in rules},
+        "runbooks": {r["annotations"]["runbook_url"].split("#")[0] for r in rules if "alert" in r},
     }
     if any(d["kind"] == "ScaledObject" for d in docs):
         trigger = _one(docs, "ScaledObject")["spec"]["triggers"][0]["metadata"]
-        found["queue"].add(trigger["queueName"])
+        # The pattern ^(<name>(\.tenant\..+)?)$
+        found["queue"].add(trigger["queueName"].split("(")[1])
         found["concurrency"].add(trigger["value"])
     return found
 
@@ -142,6 +148,10 @@ def test_one_setting_reaches_every_object(tmp_path: Path) -> None:
     }
     rules = _one(docs, "PrometheusRule")["spec"]
     assert "courier.uploads" not in yaml.safe_dump(rules)
+    trigger = _one(docs, "ScaledObject")["spec"]["triggers"][0]["metadata"]
+    assert trigger["queueName"] == r"^(uploads.eu(\.tenant\..+)?)$", "the pattern keeps its shape"
+    [record] = [r for g in rules["groups"] for r in g["rules"] if "record" in r]
+    assert r'queue=~"(uploads.eu(\\.tenant\\..+)?)"' in record["expr"]
     # The expressions with the new name still parse and type-check.
     promtool = _promtool()
     path = tmp_path / "rules.yml"
@@ -152,12 +162,14 @@ def test_one_setting_reaches_every_object(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("alert", ["CourierNoConsumers", "CourierBacklogGrowing"])
-def test_every_queue_alert_names_the_configured_queue(alert: str) -> None:
-    """The queue alerts name the queue only where the settings component replaces it."""
+@pytest.mark.parametrize(
+    "rule", ["[alert=CourierNoConsumers]", "[record=courier:requests_waiting]"]
+)
+def test_every_queue_alert_names_the_configured_queue(rule: str) -> None:
+    """The queue rules name the queue only where the settings component replaces it."""
     component = yaml.safe_load(
         (DEPLOY / "components" / "settings" / "kustomization.yaml").read_text()
     )
     [queue] = [r for r in component["replacements"] if r["source"]["fieldPath"] == "data.queue"]
     paths = [p for t in queue["targets"] for p in t["fieldPaths"]]
-    assert any(f"[alert={alert}].expr" in p for p in paths)
+    assert any(f"{rule}.expr" in p for p in paths)
