@@ -7,7 +7,7 @@ RUN_STAMP := $(VENV)/.run-stamp
 COURIER_AMQP_URL ?= amqp://guest:guest@127.0.0.1:5672/
 export COURIER_AMQP_URL
 
-.PHONY: install run broker tools lint format test flake soak schemas clean demo bench chaos node-deps
+.PHONY: install run broker tools lint format test flake soak schemas clean demo bench bench-tenants chaos node-deps
 
 define check_python
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -97,6 +97,9 @@ demo: install broker
 
 bench: install broker
 	$(BIN)/python -m bench.run
+
+bench-tenants: install broker
+	$(BIN)/python -m bench.tenants
 
 chaos: install broker
 	$(BIN)/python -m bench.chaos

@@ -42,7 +42,8 @@ def control_app(inconvo: FakeInconvo) -> web.Application:
     """Lets the benchmark make the fake Inconvo sick and read what it saw (the flow scenario).
 
     POST /outage?seconds=S: 503 for S seconds. POST /rate?per_second=N&seconds=S: at most
-    N requests a second (429 + Retry-After beyond) for S seconds. GET /stats: the counts.
+    N requests a second (429 + Retry-After beyond) for S seconds. POST /delay?seconds=S:
+    every answer takes S seconds from now on. GET /stats: the counts.
     """
     loop = asyncio.get_running_loop()
 
@@ -53,6 +54,10 @@ def control_app(inconvo: FakeInconvo) -> web.Application:
     async def rate(request: web.Request) -> web.Response:
         inconvo.rate_limit(int(request.query["per_second"]))
         loop.call_later(float(request.query["seconds"]), inconvo.rate_limit, None)
+        return web.json_response({"ok": True})
+
+    async def delay(request: web.Request) -> web.Response:
+        inconvo.delay = float(request.query["seconds"])
         return web.json_response({"ok": True})
 
     async def stats(_: web.Request) -> web.Response:
@@ -67,6 +72,7 @@ def control_app(inconvo: FakeInconvo) -> web.Application:
     app = web.Application()
     app.router.add_post("/outage", outage)
     app.router.add_post("/rate", rate)
+    app.router.add_post("/delay", delay)
     app.router.add_get("/stats", stats)
     return app
 
