@@ -8,6 +8,7 @@ each reporting through its :class:`Send` when it was handed to a connection; the
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
@@ -86,3 +87,22 @@ class Send:
         sends = self._work._sends
         assert sends is not None  # noqa: S101 - made by publishing()
         sends[self._index] = generation
+
+
+class SettledCopies:
+    """The copy ids this replica settled lately (at most ``size``), so a second copy of
+    one (a retry copy published twice across a lost confirm) is dropped, not run again."""
+
+    def __init__(self, size: int = 10_000) -> None:
+        self._size = size
+        self._ids: OrderedDict[str, None] = OrderedDict()
+
+    def __contains__(self, copy_id: object) -> bool:
+        return copy_id in self._ids
+
+    def remember(self, copy_id: str | None) -> None:
+        """``copy_id`` was settled (nothing to remember for a producer's own message)."""
+        if copy_id is not None:
+            self._ids[copy_id] = None
+            if len(self._ids) > self._size:
+                self._ids.popitem(last=False)

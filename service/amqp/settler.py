@@ -16,7 +16,6 @@ import asyncio
 import functools
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -25,7 +24,7 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from service.amqp.gate import AckGate
 from service.amqp.hooks import SettlerHooks
-from service.amqp.inflight import InFlight
+from service.amqp.inflight import InFlight, SettledCopies
 from service.amqp.link import CONNECTION_ERRORS
 from service.amqp.plan import Wiring, publishes, send_all
 from service.amqp.publisher import DeliveryGone, Outbox
@@ -50,9 +49,6 @@ from service.topology import Topology
 
 log = logging.getLogger(__name__)
 
-
-# Copies this replica has settled, remembered to drop a second copy of one (see README).
-SETTLED_COPIES = 10_000
 ACK_TIMEOUT = 5.0
 # After the shutdown timeout, give-backs and settles under way get this long...
 GIVE_BACK_TIME = 1.5
@@ -81,7 +77,7 @@ class Settler:
         self._gate = gate
         self._mask = functools.partial(mask_text, secrets=tuple(settings.secret_values()))
         self._work: dict[asyncio.Task[None], InFlight] = {}
-        self._settled: OrderedDict[str, None] = OrderedDict()
+        self._settled = SettledCopies()
         self._wiring = Wiring(topology, settings.event_source, settings.publish_timeout)
         self._max_bytes = settings.max_message_bytes
         self._stopping = False
@@ -189,7 +185,7 @@ class Settler:
         self._hooks.in_flight(1)
         try:
             with self._hooks.request(envelope) as scope:
-                if envelope.copy_id is not None and envelope.copy_id in self._settled:
+                if envelope.copy_id in self._settled:
                     log.warning("dropping a second copy of an already settled request")
                     self._hooks.duplicate_dropped()
                     await self._ack(work)
@@ -202,10 +198,10 @@ class Settler:
                 decision = judge(outcome.masked(self._mask), envelope, self.policy)
                 work.begin_settle()
                 plan = publishes(decision, message, envelope, decoded, self._wiring)
-                await send_all(self._publisher, work, plan, self._reply_failed)
+                await send_all(self._publisher, work, plan, self._hooks.reply_failed)
                 self._log(envelope, decision, decoded)
                 await self._ack(work)
-                self._remember(envelope)
+                self._settled.remember(envelope.copy_id)
                 self._hooks.settled(
                     decision,
                     envelope,
@@ -222,19 +218,10 @@ class Settler:
         finally:
             self._hooks.in_flight(-1)
 
-    def _reply_failed(self) -> None:
-        self._hooks.reply_failed()
-
     def _log(self, envelope: Envelope, decision: Decision, decoded: Decoded) -> None:
         level, text, code = describe(decision, envelope.attempt)
         extra = {"errorCode": code} if code else None
         log.log(level, "request %s: %s", decoded.request_id, text, extra=extra)
-
-    def _remember(self, envelope: Envelope) -> None:
-        if envelope.copy_id is not None:
-            self._settled[envelope.copy_id] = None
-            if len(self._settled) > SETTLED_COPIES:
-                self._settled.popitem(last=False)
 
     async def _relay(self, copy: aio_pika.Message | None, queue: str) -> None:
         work = self._work[asyncio.current_task()]  # type: ignore[index]
