@@ -176,7 +176,8 @@ def _life_requests(files_url: str) -> list[tuple[str, dict[str, Any]]]:
 
 def _life_line(event: dict[str, Any]) -> str:
     data, kind = event["data"], event["type"].removeprefix("courier.")
-    notes = [f"{k}={data[k]}" for k in ("fileStatus", "checks", "replaced", "existed") if k in data]
+    keys = ("fileStatus", "checks", "waitedMs", "replaced", "existed")
+    notes = [f"{k}={data[k]}" for k in keys if k in data]
     if "error" in data:
         notes.append(data["error"]["code"])
     return f"    {kind:<20} {data['requestId']:<9} {' '.join(notes)}"

@@ -9,7 +9,7 @@ import jsonschema
 import orjson
 import pytest
 
-from service.contracts import ResultEvent, UploadRequest
+from service.contracts import IngestionEvent, ResultEvent, UploadRequest
 from service.messages import parse_request
 from service.prechecks import offline_checks
 from testbed.support import ROOT
@@ -33,11 +33,13 @@ def test_example_requests_are_valid(path: Path) -> None:
         assert (EXAMPLES / "files" / url.removeprefix(prefix)).is_file()
 
 
-def test_examples_cover_both_outcomes() -> None:
-    """A sample of each terminal event type."""
+def test_examples_cover_both_outcomes_a_file_state_and_a_delete() -> None:
+    """A sample of each upload outcome, of an ingestion event, and of a delete."""
     assert {orjson.loads(p.read_bytes())["type"] for p in EVENTS} == {
         "courier.upload.succeeded",
         "courier.upload.failed",
+        "courier.ingestion.completed",
+        "courier.delete.succeeded",
     }
 
 
@@ -47,5 +49,6 @@ def test_sample_events_match_the_schema_and_the_model(path: Path) -> None:
     schema = orjson.loads((ROOT / "schemas" / "event.schema.json").read_bytes())
     event = orjson.loads(path.read_bytes())
     jsonschema.Draft202012Validator(schema).validate(event)
-    assert ResultEvent.model_validate(event).to_json_dict() == event
+    model = IngestionEvent if event["type"].startswith("courier.ingestion.") else ResultEvent
+    assert model.model_validate(event).to_json_dict() == event
     assert path.name == event["type"].removeprefix("courier.") + ".json"
