@@ -13,6 +13,7 @@ a CPU-bound replica drains its backlog at full speed anyway).
 from __future__ import annotations
 
 import re
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -155,6 +156,21 @@ class FairQueue(Generic[T]):
         return removed
 
 
+_SCHEDSTAT = "/proc/self/schedstat"
+
+
+def cpu_demand() -> float:
+    """Seconds of CPU the process used, plus the seconds its event loop's thread waited
+    for a core (Linux's schedstat): a process starved by its neighbours demands the
+    core it does not get, and has none to spare. Only the CPU time elsewhere."""
+    try:
+        with open(_SCHEDSTAT, "rb") as stat:
+            waited_ns = int(stat.read().split()[1])
+    except (OSError, IndexError, ValueError):
+        waited_ns = 0
+    return time.process_time() + waited_ns / 1e9
+
+
 class SpillBudget:
     """How many moves out of the request queue are allowed now (a token bucket).
 
@@ -171,7 +187,8 @@ class SpillBudget:
     So a CPU-bound replica (where every move would cost a request) moves a trickle,
     and one waiting on slow destinations moves as fast as the broker takes it. A pause
     in moving longer than a window starts in share mode: a burst is measured first.
-    ``cpu`` and ``clock`` are the process's CPU seconds and a monotonic clock.
+    ``cpu`` is the CPU the process used or waited for (:func:`cpu_demand`), ``clock`` a
+    monotonic clock.
     """
 
     def __init__(
@@ -181,7 +198,7 @@ class SpillBudget:
         *,
         idle: float = 0.6,
         ceiling: float = 0.95,
-        free_rate: float = 2000.0,
+        free_rate: float = 20_000.0,
         share: float = 0.03,
         window: float = 1.0,
         recheck: int = 10,

@@ -3,12 +3,15 @@ turn, not by the backlog; weights share the capacity; nothing is lost or repeate
 
 from __future__ import annotations
 
+import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from service.fair import FairQueue, SpillBudget, Tenants, parse_weights, tenant_of
+from service import fair
+from service.fair import FairQueue, SpillBudget, Tenants, cpu_demand, parse_weights, tenant_of
 from testbed.stage import Stage
 from testbed.support import inconvo_request, publish_requests
 
@@ -26,6 +29,9 @@ def order(stage: Stage) -> list[str]:
     return [e["data"]["requestId"].split("-")[0] for e in stage.collector.events]
 
 
+# Timing tier: moves use only the CPU the requests leave idle, so a loaded machine
+# slows them by design.
+@pytest.mark.timing
 @pytest.mark.timeout(180)
 async def test_a_backlog_published_first_does_not_hold_up_another_tenant(stage: Stage) -> None:
     """Tenant a publishes 2,000 requests, tenant b then 20 (concurrency 16, uploads taking
@@ -52,6 +58,9 @@ async def test_a_backlog_published_first_does_not_hold_up_another_tenant(stage: 
     assert len(stage.inconvo.uploads) == 2020
 
 
+# Timing tier: moves use only the CPU the requests leave idle, so a loaded machine
+# slows them by design.
+@pytest.mark.timing
 @pytest.mark.timeout(180)
 async def test_weights_share_the_capacity(stage: Stage) -> None:
     """With COURIER_TENANT_WEIGHTS a=1,b=3 and both tenants waiting, b gets about three
@@ -162,3 +171,16 @@ def test_weights_are_parsed() -> None:
     for bad in ("web", "web=0", "web=x", "bad name=1", "w=1001"):
         with pytest.raises(ValueError, match=r"^'"):
             parse_weights(bad)
+
+
+def test_cpu_demand_counts_the_wait_for_a_core(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process starved by its neighbours has no CPU to spare: the seconds its thread
+    waited for a core count as demand; without schedstat, only the CPU time does."""
+    stat = tmp_path / "schedstat"
+    stat.write_text("1000 2500000000 3\n")
+    monkeypatch.setattr(fair, "_SCHEDSTAT", str(stat))
+    assert cpu_demand() - time.process_time() == pytest.approx(2.5, abs=0.05)
+    monkeypatch.setattr(fair, "_SCHEDSTAT", str(tmp_path / "absent"))
+    assert cpu_demand() == pytest.approx(time.process_time(), abs=0.05)
