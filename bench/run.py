@@ -132,7 +132,9 @@ class Result:
     ratio_to_copy: float | None = None
     ratio_to_floor: float | None = None
     cpu_ratio_to_floor: float | None = None
-    ab: float | None = None  # req/s as a ratio to the --ab checkout's
+    ab: float | None = None  # req/s as a ratio to the --ab side's (median of the pairs)
+    ab_pairs: list[float] | None = None  # each alternating run's ratio to the --ab side
+    ab_rates: tuple[list[float], list[float]] | None = None  # req/s: this side's, the other's
     pairs: list[float] | None = None  # each alternating run's ratio to the floor
     floor_aa: list[float] | None = None  # each inner floor run's ratio to its neighbours
     flow: dict[str, Any] | None = None
@@ -580,10 +582,25 @@ async def main() -> int:
         type=Path,
         metavar="CHECKOUT",
         help="also run each scenario with the `courier run` of another checkout (say, the "
-        "last release: git worktree add /tmp/before <commit>), before and after this one's, "
+        "last release: git worktree add /tmp/before <commit>), alternating with this one's, "
         "and report this one's req/s as a ratio to it",
     )
+    parser.add_argument(
+        "--ab-env",
+        default="",
+        metavar="KEY=VALUE,...",
+        help="environment for the --ab side's runs (without --ab: this checkout with it, "
+        "for example COURIER_TRACK_INGESTION=false)",
+    )
+    parser.add_argument(
+        "--ab-rounds", type=int, default=3, help="runs of each side in an A/B (alternating)"
+    )
     args = parser.parse_args()
+    ab_env = dict(item.split("=", 1) for item in args.ab_env.split(",") if item)
+    ab_other: Path | None = args.ab or (ROOT if ab_env else None)
+    ab_label = ",".join(
+        ([args.ab.name] if args.ab else []) + [f"{k}={v}" for k, v in ab_env.items()]
+    )
     if args.profile:
         args.profile.mkdir(parents=True, exist_ok=True)
     url = os.environ.get("COURIER_AMQP_URL", AMQP_URL)
@@ -632,22 +649,43 @@ async def main() -> int:
             )
             if profile is not None:
                 print(f"{name}: {profile_summary(profile)}", file=sys.stderr, flush=True)
-            if args.ab is not None and name in args.scenarios_ab.split(","):
-                others_runs = []
-                for _ in range(2):  # before and after this checkout's run; the faster counts
-                    other = await run_courier(
-                        scenario, n, info, url, others, extra=extra, checkout=args.ab
+            if ab_other is not None and name in args.scenarios_ab.split(","):
+                # This checkout and the other alternate (C O C O ... O): each of this
+                # one's runs is held against the mean of the other's beside it, so the
+                # machine's drift cancels, and the median of those ratios is reported.
+                label = f"{name}@{ab_label}"
+                theirs = [
+                    await run_courier(
+                        scenario, n, info, url, others, extra={**(extra or {}), **ab_env},
+                        checkout=ab_other,
                     )
-                    other.scenario = f"{name}@{args.ab.name}"
-                    others_runs.append(other)
-                    if len(others_runs) == 1:
-                        again = await run_courier(
+                ]  # fmt: skip
+                ours_ab = [result]
+                for _ in range(args.ab_rounds - 1):
+                    ours_ab.append(
+                        await run_courier(
                             scenario, n, info, url, others, extra=extra, during=faults
                         )
-                        result.requests_per_s = max(result.requests_per_s, again.requests_per_s)
-                best = max(others_runs, key=lambda r: r.requests_per_s)
-                result.ab = round(result.requests_per_s / best.requests_per_s, 3)
-                results += others_runs
+                    )
+                    theirs.append(
+                        await run_courier(
+                            scenario, n, info, url, others, extra={**(extra or {}), **ab_env},
+                            checkout=ab_other,
+                        )
+                    )  # fmt: skip
+                for other in theirs:
+                    other.scenario = label
+                rates = [o.requests_per_s for o in theirs]
+                ratios = [
+                    r.requests_per_s / fmean(rates[max(i - 1, 0) : i + 1])
+                    for i, r in enumerate(ours_ab)
+                ]
+                result.ab = round(statistics.median(ratios), 3)
+                result.ab_pairs = [round(x, 3) for x in ratios]
+                result.ab_rates = (
+                    [o.requests_per_s for o in ours_ab], rates
+                )  # fmt: skip
+                results += theirs
             if floors:
                 # Floor and Courier alternate (F C F C ... F): each Courier run is held
                 # against the mean of the floors beside it (drift between them cancels;
@@ -669,7 +707,13 @@ async def main() -> int:
                 ]
                 aa = [rates[i] / fmean((rates[i - 1], rates[i + 1])) for i in range(1, len(ours))]
                 median = ours[sorted(range(len(ours)), key=lambda i: speed[i])[len(ours) // 2]]
-                median.ab, result = result.ab, median  # the A/B belongs to the scenario
+                # The A/B belongs to the scenario, not to the run that stands for it.
+                median.ab, median.ab_pairs, median.ab_rates = (
+                    result.ab,
+                    result.ab_pairs,
+                    result.ab_rates,
+                )
+                result = median
                 result.ratio_to_floor = round(statistics.median(speed), 3)
                 result.cpu_ratio_to_floor = round(statistics.median(cpu), 3) if cpu else None
                 result.pairs = [round(x, 3) for x in speed]
@@ -702,8 +746,12 @@ async def main() -> int:
         if r.pairs:
             print(f"\n{r.scenario} vs floor, each alternating run: {r.pairs}")
             print(f"floor vs its neighbours, the same way (A/A, noise alone): {r.floor_aa}")
-        if r.ab is not None:
-            print(f"\n{r.scenario}: {r.ab:.3f}x the req/s of {args.ab} (the faster of each)")
+        if r.ab is not None and r.ab_rates is not None:
+            print(
+                f"\n{r.scenario}: {r.ab:.3f}x the req/s of {ab_label} (median of the "
+                f"alternating pairs {r.ab_pairs}; req/s here {r.ab_rates[0]}, "
+                f"there {r.ab_rates[1]})"
+            )
     if any(r.flow is not None for r in results):
         print("\n" + flow_table(results))
     if copy:

@@ -58,6 +58,8 @@ class Run:
     backlog_req_per_s: float
     fifo_wait_s: float
     cpu_ms_per_request: float
+    published_per_s: float  # how fast the backlog was published
+    ahead_of_web: int  # requests still in the request queue when web's were published
 
 
 def body(info: dict[str, Any], rid: str, tenant: str | None) -> bytes:
@@ -119,8 +121,12 @@ async def one_run(
             cpu = cpu_seconds(proc.pid)
             began = time.monotonic()
             await publish_requests(url, names.queue, back)
+            published = time.monotonic() - began
             await publish_requests(url, names.queue, late)
             web_published = time.monotonic()
+            async with connection.channel() as channel:
+                queue = await channel.declare_queue(names.queue, passive=True)
+                ahead = (queue.declaration_result.message_count or 0) - LATE
             web_ids = {f"web-{i}" for i in range(LATE)}
             await collector.wait_for_ids(web_ids, timeout=3600)
             done = [
@@ -147,6 +153,8 @@ async def one_run(
         round((len(collector.events) - LATE) / elapsed, 1),
         round(backlog * DELAY / CONCURRENCY, 1),
         round(cpu / (backlog + LATE) * 1000, 3),
+        round(backlog / published, 1),
+        max(ahead, 0),
     )
 
 
@@ -161,6 +169,8 @@ async def main() -> int:
     )
     parser.add_argument("--profile", type=Path, metavar="DIR", help="cProfile the service")
     args = parser.parse_args()
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
     url = os.environ.get("COURIER_AMQP_URL", AMQP_URL)
     servers = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -190,7 +200,7 @@ async def main() -> int:
     print(f"{LATE} requests of tenant web published right after tenant backfill's backlog\n")
     header = (
         "checkout", "backlog", "web median s", "web max s", "backlog done then",
-        "backlog req/s", "FIFO wait s", "CPU ms/req",
+        "backlog req/s", "FIFO wait s", "CPU ms/req", "published/s", "ahead of web",
     )  # fmt: skip
     print(" | ".join(header))
     print(" | ".join("---" for _ in header))

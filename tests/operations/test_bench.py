@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -43,6 +44,8 @@ async def test_bench_runs_every_scenario(tmp_path: Path) -> None:
         "small",
         "--ab",
         str(ROOT),
+        "--ab-rounds",
+        "2",
         "--flow-outage",
         "1",
         "--flow-rate-limit",
@@ -110,7 +113,9 @@ async def test_bench_runs_every_scenario(tmp_path: Path) -> None:
         assert sum(run["outcomes"].values()) == 4
     assert "| run | N | succeeded | failed | calls during the outage |" in text
     # --ab: the same checkout as its own baseline, alternating, for `small` only.
-    assert f"small: {small['ab']:.3f}x the req/s of {ROOT}" in text
+    assert f"small: {small['ab']:.3f}x the req/s of {ROOT.name} (median of the" in text
+    assert len(small["ab_pairs"]) == 2
+    assert small["ab"] == pytest.approx(statistics.median(small["ab_pairs"]), abs=0.001)
     assert rows["small"]["outcomes"] == {"succeeded": 4}
     assert rows["caps"]["outcomes"] == {"too_large": 4}
     assert report["copy_baseline"]["files"] == 4
