@@ -555,6 +555,22 @@ def flow_table(results: list[Result]) -> str:
     return "\n".join(rows)
 
 
+async def start_servers() -> tuple[asyncio.subprocess.Process, dict[str, Any]]:
+    """Start bench/servers.py (the fakes, the file server, S3); it runs until its stdin
+    closes. Returns the process and what it printed: where each server listens."""
+    servers = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bench.servers",
+        cwd=ROOT,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert servers.stdout is not None
+    info: dict[str, Any] = orjson.loads(await servers.stdout.readline())
+    return servers, info
+
+
 async def main() -> int:
     """Run the chosen scenarios and print what they measured."""
     parser = argparse.ArgumentParser(description=__doc__)
@@ -604,16 +620,8 @@ async def main() -> int:
     if args.profile:
         args.profile.mkdir(parents=True, exist_ok=True)
     url = os.environ.get("COURIER_AMQP_URL", AMQP_URL)
-    servers = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "bench.servers",
-        cwd=ROOT,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-    )
-    assert servers.stdout is not None and servers.stdin is not None
-    info = orjson.loads(await servers.stdout.readline())
+    servers, info = await start_servers()
+    assert servers.stdin is not None
     # Everything else that shares the machine, so each run shows where the CPU went.
     others = {"peers": servers.pid, "harness": os.getpid(), **broker_pid(url)}
     results: list[Result] = []

@@ -36,6 +36,7 @@ from bench.run import (
     machine,
     profile_summary,
     scenario_env,
+    start_servers,
     wait_ready,
 )
 from testbed.producer import publish_requests
@@ -172,16 +173,8 @@ async def main() -> int:
     if args.profile:
         args.profile.mkdir(parents=True, exist_ok=True)
     url = os.environ.get("COURIER_AMQP_URL", AMQP_URL)
-    servers = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "bench.servers",
-        cwd=ROOT,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-    )
-    assert servers.stdout is not None and servers.stdin is not None
-    info = orjson.loads(await servers.stdout.readline())
+    servers, info = await start_servers()
+    assert servers.stdin is not None
     checkouts = [ROOT, *([args.ab] if args.ab else [])]
     runs: list[Run] = []
     try:
