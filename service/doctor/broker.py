@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote, unquote, urlsplit
 
-import aiohttp
 import aiormq
 
 from service.config import Settings
+from service.doctor.management import Management, connect_management
 from service.doctor.report import Check
 from service.doctor.tenants import tenant_queue_checks, weights_check
 from service.redact import redact_url
@@ -46,7 +43,7 @@ async def broker_checks(
         return checks
     first_url, first = reached
     try:
-        management = await _management(first_url, management_url, call_timeout)
+        management = await connect_management(first_url, management_url, call_timeout)
         checks += await topology_checks(
             first, Topology.from_settings(settings), management, settings.tenant_weights
         )
@@ -85,58 +82,6 @@ def _broker_failure(shown: str, exc: BaseException, call_timeout: float) -> Chec
         f"{shown}: {problem}",
         "point COURIER_AMQP_URL at a running RabbitMQ (host and port)",
     )
-
-
-@dataclass(frozen=True, slots=True)
-class Management:
-    """The RabbitMQ management API, when it answers: the only way to read queue arguments."""
-
-    session: aiohttp.ClientSession
-    base: str
-    vhost: str
-
-    @property
-    def quoted_vhost(self) -> str:
-        """The virtual host, as a path segment of the API's URLs."""
-        return quote(self.vhost, safe="")
-
-    async def get(self, kind: str, name: str) -> dict[str, Any] | None:
-        """One object's page, or None when the API does not show it."""
-        url = f"{self.base}/api/{kind}/{self.quoted_vhost}/{quote(name, safe='')}"
-        async with self.session.get(url) as response:
-            if response.status != 200:
-                return None
-            data = await response.json()
-            return data if isinstance(data, dict) else None
-
-
-async def _management(
-    amqp_url: str, management_url: str | None, call_timeout: float
-) -> Management | str:
-    """The management API with the AMQP URL's credentials, or why it cannot be used."""
-    parts = urlsplit(amqp_url)
-    if management_url is None:
-        scheme, port = ("https", 15671) if parts.scheme == "amqps" else ("http", 15672)
-        management_url = f"{scheme}://{parts.hostname}:{port}"
-    given = urlsplit(management_url)
-    # Credentials in the management URL win over the AMQP URL's.
-    login = given if given.username is not None else parts
-    base = redact_url(management_url).rstrip("/")
-    vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
-    user_pass = f"{unquote(login.username or '')}:{unquote(login.password or '')}"
-    session = aiohttp.ClientSession(
-        headers={"Authorization": "Basic " + base64.b64encode(user_pass.encode()).decode()},
-        timeout=aiohttp.ClientTimeout(total=call_timeout),
-    )
-    try:
-        async with session.get(f"{base}/api/overview") as response:
-            if response.status == 200:
-                return Management(session, base, vhost)
-            reason = f"answered HTTP {response.status}"
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        reason = f"does not answer ({type(exc).__name__})"
-    await session.close()
-    return f"the management API at {base} {reason}"
 
 
 async def topology_checks(

@@ -14,7 +14,7 @@ from service.doctor.report import Check
 from service.topology import TENANT_INFIX, Topology
 
 if TYPE_CHECKING:
-    from service.doctor.broker import Management
+    from service.doctor.management import Management
 
 # Tenant queues listed at most; a deployment with more names them in a note.
 PAGE_SIZE = 500
