@@ -602,6 +602,14 @@ async def main() -> int:
         "and report this one's req/s as a ratio to it",
     )
     parser.add_argument(
+        "--checkout",
+        type=Path,
+        default=ROOT,
+        metavar="DIR",
+        help="the checkout whose `courier run` is measured (default this one; with --ab, "
+        "to race two other checkouts, say before and after one change)",
+    )
+    parser.add_argument(
         "--ab-env",
         default="",
         metavar="KEY=VALUE,...",
@@ -613,7 +621,7 @@ async def main() -> int:
     )
     args = parser.parse_args()
     ab_env = dict(item.split("=", 1) for item in args.ab_env.split(",") if item)
-    ab_other: Path | None = args.ab or (ROOT if ab_env else None)
+    ab_other: Path | None = args.ab or (args.checkout if ab_env else None)
     ab_label = ",".join(
         ([args.ab.name] if args.ab else []) + [f"{k}={v}" for k, v in ab_env.items()]
     )
@@ -644,7 +652,14 @@ async def main() -> int:
             if name == "flow":
                 faults = flow_faults(info["control"], n, args.flow_outage, args.flow_rate_limit)
                 unguarded = await run_courier(
-                    scenario, n, info, url, others, extra=NO_BREAKER_ENV, during=faults
+                    scenario,
+                    n,
+                    info,
+                    url,
+                    others,
+                    extra=NO_BREAKER_ENV,
+                    during=faults,
+                    checkout=args.checkout,
                 )
                 unguarded.scenario = "flow-no-breaker"
                 results.append(unguarded)
@@ -653,7 +668,15 @@ async def main() -> int:
                 faults, extra = None, None
             floors = [await run_floor(scenario, n, info, url, others)] if name == "small" else []
             result = await run_courier(
-                scenario, n, info, url, others, profile, extra=extra, during=faults
+                scenario,
+                n,
+                info,
+                url,
+                others,
+                profile,
+                extra=extra,
+                during=faults,
+                checkout=args.checkout,
             )
             if profile is not None:
                 print(f"{name}: {profile_summary(profile)}", file=sys.stderr, flush=True)
@@ -672,7 +695,14 @@ async def main() -> int:
                 for _ in range(args.ab_rounds - 1):
                     ours_ab.append(
                         await run_courier(
-                            scenario, n, info, url, others, extra=extra, during=faults
+                            scenario,
+                            n,
+                            info,
+                            url,
+                            others,
+                            extra=extra,
+                            during=faults,
+                            checkout=args.checkout,
                         )
                     )
                     theirs.append(
@@ -703,7 +733,9 @@ async def main() -> int:
                 ours = [result]
                 floors.append(await run_floor(scenario, n, info, url, others))
                 for _ in range(args.pairs - 1):
-                    ours.append(await run_courier(scenario, n, info, url, others))
+                    ours.append(
+                        await run_courier(scenario, n, info, url, others, checkout=args.checkout)
+                    )
                     floors.append(await run_floor(scenario, n, info, url, others))
                 rates = [f.requests_per_s for f in floors]
                 cpus = [f.cpu_ms_per_request for f in floors]

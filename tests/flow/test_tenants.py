@@ -80,10 +80,14 @@ async def test_weights_share_the_capacity(stage: Stage) -> None:
     finally:
         await courier.signal(15)
     done = order(stage)
-    # While both wait: from b's first event to b's last (b, at three quarters, ends first).
-    both = done[done.index("b") : len(done) - done[::-1].index("b")]
+    # While both wait: from b's first event to the first tenant's last. (On a loaded
+    # machine a backlog moves aside slowly, so b may be read late, when a has little
+    # left; after a's last event only b waits, and that tail says nothing of weights.)
+    last = min(len(done) - done[::-1].index(t) for t in ("a", "b"))
+    both = done[done.index("b") : last]
+    assert len(both) >= 100, f"both tenants waited for only {len(both)} events"
     share = both.count("b") / len(both)
-    assert 0.65 <= share <= 0.85, f"b's share while both waited: {share:.2f}"
+    assert 0.65 <= share <= 0.85, f"b's share while both waited: {share:.2f} of {len(both)}"
 
 
 # -- the pure parts ------------------------------------------------------------------
