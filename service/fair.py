@@ -196,7 +196,7 @@ class SpillBudget:
         cpu: Callable[[], float],
         clock: Callable[[], float],
         *,
-        idle: float = 0.6,
+        idle: float = 0.8,
         ceiling: float = 0.95,
         free_rate: float = 20_000.0,
         share: float = 0.03,
