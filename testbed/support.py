@@ -136,6 +136,30 @@ def closed_port() -> Iterator[int]:
         yield int(sock.getsockname()[1])
 
 
+class AppNode(Protocol):
+    """A RabbitMQ node whose application can be stopped and started (testbed.rabbit)."""
+
+    async def stop_app(self) -> None: ...
+
+    async def start_app(self) -> None: ...
+
+
+@contextlib.asynccontextmanager
+async def app_stopped(node: AppNode, ready: Callable[[], Awaitable[bool]]) -> AsyncIterator[None]:
+    """The node's RabbitMQ application stopped, the block entered once the service's
+    ``ready`` has dropped; the application started again on leaving, whatever happened."""
+    await node.stop_app()
+    try:
+
+        async def not_ready() -> bool:
+            return not await ready()
+
+        await wait_until(not_ready, 30, "readiness dropping")
+        yield
+    finally:
+        await node.start_app()
+
+
 async def wait_until(
     predicate: Callable[[], bool | Awaitable[bool]], timeout: float = 10.0, what: str = ""
 ) -> None:

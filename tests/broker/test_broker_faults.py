@@ -18,7 +18,13 @@ import pytest
 
 from testbed.rabbit import RabbitNode
 from testbed.stage import Stage
-from testbed.support import EventCollector, inconvo_request, publish_requests, wait_until
+from testbed.support import (
+    EventCollector,
+    app_stopped,
+    inconvo_request,
+    publish_requests,
+    wait_until,
+)
 from testbed.timing import assert_within
 from tests.broker.test_gray_faults import counts_of
 
@@ -35,15 +41,8 @@ async def test_broker_restart_during_a_run(stage: Stage, own_node: RabbitNode) -
     async with stage.running(concurrency=16) as service:
         ids = await stage.publish_many(url, 300, "restart")
         await collector.wait_for(50, timeout=60)
-        await own_node.stop_app()
-        try:
-
-            async def not_ready() -> bool:
-                return not await service.ready()
-
-            await wait_until(not_ready, 30, "readiness dropping")
-        finally:
-            await own_node.start_app()
+        async with app_stopped(own_node, service.ready):
+            pass
         restored = time.monotonic()
         await wait_until(service.ready, 60, "ready again after start_app")
         ready_after = time.monotonic() - restored

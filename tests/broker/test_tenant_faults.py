@@ -16,6 +16,7 @@ from testbed.rabbit import RabbitNode
 from testbed.stage import Stage
 from testbed.support import (
     EventCollector,
+    app_stopped,
     inconvo_request,
     publish_requests,
     queue_counts,
@@ -83,17 +84,9 @@ async def test_a_broker_restart_while_tenant_queues_hold_work(
     collector = await EventCollector(stage.amqp, stage.names.events_exchange, durable=True).start()
     async with stage.running(concurrency=8) as service:
         ids = await backlog_moved_aside(stage, url)
-        await own_node.stop_app()
-        try:
-
-            async def not_ready() -> bool:
-                return not await service.ready()
-
-            await wait_until(not_ready, 30, "readiness dropping")
-        finally:
+        async with app_stopped(own_node, service.ready):
             # The hanging uploads' deliveries went with the connection: they are cancelled.
             stage.inconvo.delay = 0.05
-            await own_node.start_app()
         await collector.wait_for_ids(ids, timeout=120)
     counts = assert_exactly_terminal(collector, ids)
     assert sum(counts.values()) - len(ids) <= 8 + 64
