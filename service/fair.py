@@ -159,16 +159,15 @@ class FairQueue(Generic[T]):
 _SCHEDSTAT = "/proc/self/schedstat"
 
 
-def cpu_demand() -> float:
-    """Seconds of CPU the process used, plus the seconds its event loop's thread waited
-    for a core (Linux's schedstat): a process starved by its neighbours demands the
-    core it does not get, and has none to spare. Only the CPU time elsewhere."""
+def cpu_clock() -> tuple[float, float]:
+    """Seconds of CPU the process used, and seconds its event loop's thread waited for a
+    core (Linux's schedstat; 0 where there is none)."""
     try:
         with open(_SCHEDSTAT, "rb") as stat:
             waited_ns = int(stat.read().split()[1])
     except (OSError, IndexError, ValueError):
         waited_ns = 0
-    return time.process_time() + waited_ns / 1e9
+    return time.process_time(), waited_ns / 1e9
 
 
 class SpillBudget:
@@ -187,13 +186,18 @@ class SpillBudget:
     So a CPU-bound replica (where every move would cost a request) moves a trickle,
     and one waiting on slow destinations moves as fast as the broker takes it. A pause
     in moving longer than a window starts in share mode: a burst is measured first.
-    ``cpu`` is the CPU the process used or waited for (:func:`cpu_demand`), ``clock`` a
-    monotonic clock.
+
+    A window's utilization is the CPU used over the time the process did not wait for a
+    core: a process starved by its neighbours is always runnable (it runs or waits, it
+    never sleeps) and reads as busy; one that sleeps between its requests reads as
+    having room, however long it waits for a core each time it wakes on a loaded
+    machine. ``cpu`` gives the CPU used and the time waited (:func:`cpu_clock`),
+    ``clock`` is a monotonic clock.
     """
 
     def __init__(
         self,
-        cpu: Callable[[], float],
+        cpu: Callable[[], tuple[float, float]],
         clock: Callable[[], float],
         *,
         idle: float = 0.8,
@@ -209,7 +213,7 @@ class SpillBudget:
         self._burst = max(1.0, free_rate / 10)  # moves saved up at most
         self._tokens = 0.0
         self._last = clock()
-        self._sample = (self._last, cpu())
+        self._sample = (self._last, *cpu())
         self.free = False
         self._free_windows = 0
         self.utilization = 0.0  # of the last window
@@ -223,10 +227,9 @@ class SpillBudget:
         """Spend one move if the budget allows it now."""
         now = self._clock()
         if now - self._last > self.window:  # moving paused: measure afresh
-            self._sample, self.free = (now, self._cpu()), False
-        since, spent = self._sample
-        if now - since >= self.window:
-            self._end_window(now, (self._cpu() - spent) / (now - since))
+            self._sample, self.free = (now, *self._cpu()), False
+        if now - self._sample[0] >= self.window:
+            self._end_window(now)
         if self.free:
             self._tokens = min(self._tokens + (now - self._last) * self.free_rate, self._burst)
         self._last = now
@@ -235,9 +238,14 @@ class SpillBudget:
             return True
         return False
 
-    def _end_window(self, now: float, utilization: float) -> None:
+    def _end_window(self, now: float) -> None:
+        since, used, waited = self._sample
+        used_now, waited_now = self._cpu()
+        wall = now - since
+        awake = wall - (waited_now - waited)  # running or sleeping, not waiting for a core
+        utilization = (used_now - used) / awake if awake > 0.05 * wall else 1.0
         self.utilization = utilization
-        self._sample = (now, self._cpu())
+        self._sample = (now, used_now, waited_now)
         if self.free:
             self._free_windows += 1
             if utilization >= self.ceiling or self._free_windows >= self.recheck:

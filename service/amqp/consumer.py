@@ -29,7 +29,7 @@ from service.amqp.settler import Settler
 from service.amqp.subscriptions import Sub, Subscriptions
 from service.amqp.wire import beacon_message
 from service.config import Settings
-from service.fair import SpillBudget, Tenants, cpu_demand
+from service.fair import SpillBudget, Tenants, cpu_clock
 from service.messages import header_text
 from service.outcome import Work
 from service.topology import BEACON_HEADER, Topology
@@ -69,7 +69,7 @@ class Consumer:
             topology,
             settings.concurrency,
             Tenants(settings.tenant_weights),
-            SpillBudget(cpu_demand, time.monotonic),
+            SpillBudget(cpu_clock, time.monotonic),
             hooks,
             self._moved,
         )

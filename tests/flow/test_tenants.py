@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from service import fair
-from service.fair import FairQueue, SpillBudget, Tenants, cpu_demand, parse_weights, tenant_of
+from service.fair import FairQueue, SpillBudget, Tenants, cpu_clock, parse_weights, tenant_of
 from testbed.stage import Stage
 from testbed.support import inconvo_request, publish_requests
 
@@ -29,8 +29,8 @@ def order(stage: Stage) -> list[str]:
     return [e["data"]["requestId"].split("-")[0] for e in stage.collector.events]
 
 
-# Timing tier: moves use only the CPU the requests leave idle, so a loaded machine
-# slows them by design.
+# Timing tier: moves use only the CPU the requests leave idle, so a machine loaded
+# until the service itself is starved slows them by design.
 @pytest.mark.timing
 @pytest.mark.timeout(180)
 async def test_a_backlog_published_first_does_not_hold_up_another_tenant(stage: Stage) -> None:
@@ -133,7 +133,7 @@ def test_moves_use_the_cpu_the_requests_leave_idle() -> None:
     process earns a move for every so many requests finished; a pause measures afresh."""
     now, cpu = [0.0], [0.0]
     budget = SpillBudget(
-        lambda: cpu[0], lambda: now[0], idle=0.6, free_rate=100, share=0.1, recheck=2
+        lambda: (cpu[0], 0.0), lambda: now[0], idle=0.6, free_rate=100, share=0.1, recheck=2
     )
 
     def at(t: float, used: float) -> int:
@@ -177,14 +177,37 @@ def test_weights_are_parsed() -> None:
             parse_weights(bad)
 
 
-def test_cpu_demand_counts_the_wait_for_a_core(
+def test_waiting_for_a_core_on_waking_is_not_being_busy() -> None:
+    """On a loaded machine a process that sleeps between requests waits for a core each
+    time it wakes: it still has room to move. One starved by its neighbours (always
+    runnable: running or waiting, never sleeping) has none."""
+    now, used, waited = [0.0], [0.0], [0.0]
+    budget = SpillBudget(lambda: (used[0], waited[0]), lambda: now[0], free_rate=100)
+
+    def window(cpu: float, wait: float) -> bool:
+        budget.take()
+        now[0], used[0], waited[0] = now[0] + 1.0, used[0] + cpu, waited[0] + wait
+        budget.take()
+        return budget.free
+
+    assert window(0.3, 0.55), "30% CPU, 55% waiting for a core, 15% asleep: room"
+    assert budget.utilization == pytest.approx(0.3 / 0.45)
+    now[0] += 5  # a pause: measured afresh
+    assert not window(0.55, 0.43), "55% CPU, 43% waiting, 2% asleep: starved, no room"
+    now[0] += 5
+    assert not window(0.02, 0.98), "no time awake at all: busy"
+    assert budget.utilization == 1.0
+
+
+def test_cpu_clock_reads_the_wait_for_a_core(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A process starved by its neighbours has no CPU to spare: the seconds its thread
-    waited for a core count as demand; without schedstat, only the CPU time does."""
+    """The CPU time used, and the seconds the thread waited for a core (schedstat's
+    second field); without schedstat, no wait."""
     stat = tmp_path / "schedstat"
     stat.write_text("1000 2500000000 3\n")
     monkeypatch.setattr(fair, "_SCHEDSTAT", str(stat))
-    assert cpu_demand() - time.process_time() == pytest.approx(2.5, abs=0.05)
+    used, waited = cpu_clock()
+    assert used == pytest.approx(time.process_time(), abs=0.05) and waited == 2.5
     monkeypatch.setattr(fair, "_SCHEDSTAT", str(tmp_path / "absent"))
-    assert cpu_demand() == pytest.approx(time.process_time(), abs=0.05)
+    assert cpu_clock()[1] == 0.0
