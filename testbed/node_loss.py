@@ -26,7 +26,7 @@ from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 
 from testbed.producer import inconvo_request, publish_requests
 from testbed.rabbit import RabbitCluster, RabbitNode
-from testbed.support import CourierProcess
+from testbed.support import TERMINAL_KEYS, CourierProcess
 
 CONSUME_CONNECTION = "courier-consume"
 
@@ -93,7 +93,8 @@ class FailoverCollector:
         queue = await channel.declare_queue(
             f"{self._exchange}.collector", durable=True, arguments={"x-queue-type": "quorum"}
         )
-        await queue.bind(exchange, routing_key="#")
+        for key in TERMINAL_KEYS:  # one event per request: ingestion events are not repeats
+            await queue.bind(exchange, routing_key=key)
         await queue.consume(self._on_message)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
