@@ -34,13 +34,19 @@ class AckGate:
     def __init__(self) -> None:
         self._open = asyncio.Event()
         self._open.set()
+        self._holding = 0  # cancels holding acks now (those of several queues may overlap)
         self._arrived = asyncio.Event()
         self._cancels: set[asyncio.Future[Any]] = set()
         self.released_by = ""  # why the last cancel went out: "window full", "queue dry", ...
 
     async def passed(self) -> None:
-        """Wait until acks may go out."""
-        await self._open.wait()
+        """Wait until acks may go out, and return only while they may.
+
+        An ack woken by one cancel's end must not go out if the next cancel (the
+        consumer's next queue, at once) has closed the gate again before it ran.
+        """
+        while not self._open.is_set():
+            await self._open.wait()
 
     def delivered(self) -> None:
         """A delivery arrived."""
@@ -73,13 +79,16 @@ class AckGate:
         """Hold acks until the window of ``window`` unacked deliveries is full, or the
         queue has run dry, or ``limit`` seconds passed; then run the body (the cancel)
         with acks still held, and let them go."""
+        self._holding += 1
         self._open.clear()
         try:
             self.released_by = await self._hold(queue, unacked, window, limit)
-            log.debug("cancelling the consumer: %s", self.released_by)
+            log.debug("cancelling the consumer of %s: %s", queue.name, self.released_by)
             yield
         finally:
-            self._open.set()
+            self._holding -= 1
+            if not self._holding:
+                self._open.set()
 
     async def _hold(
         self, queue: AbstractQueue, unacked: Callable[[], int], window: int, limit: float

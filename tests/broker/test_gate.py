@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections import Counter
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -231,6 +232,8 @@ class ScriptedBroker:
     acked: int = 0
     on_the_wire_at_cancel: int | None = None
     cancelled_at: float | None = None
+    acks_sent: list[float] = field(default_factory=list)  # when the consumer sent each ack
+    cancel_sent_at: float | None = None
 
     def __post_init__(self) -> None:
         self._changed = asyncio.Event()
@@ -259,6 +262,7 @@ class ScriptedBroker:
 
     def ack(self) -> None:
         """The consumer acked one delivery (it reaches the broker ``latency`` later)."""
+        self.acks_sent.append(asyncio.get_running_loop().time())
 
         def reached() -> None:
             self.acked += 1
@@ -274,6 +278,7 @@ class ScriptedBroker:
 
     async def cancel(self, tag: str) -> None:
         """basic.cancel: on the wire, then the broker stops sending; cancel-ok comes back."""
+        self.cancel_sent_at = asyncio.get_running_loop().time()
         await asyncio.sleep(self.latency)
         self.cancelled_at = asyncio.get_running_loop().time()
         self.on_the_wire_at_cancel = self.sent - self.arrived
@@ -296,34 +301,45 @@ class ScriptedBroker:
 async def busy_consumer_cancelled(broker: ScriptedBroker, cancel_at: float) -> AckGate:
     """Consume from ``broker`` (each delivery handled in 10 ms, acked through the gate),
     cancel through the gate at ``cancel_at``, then let every held ack go."""
+    return await busy_consumers_cancelled([broker], cancel_at)
+
+
+async def busy_consumers_cancelled(brokers: list[ScriptedBroker], cancel_at: float) -> AckGate:
+    """Consume from every one of ``brokers`` on one gate (each delivery handled in 10 ms,
+    acked through the gate); at ``cancel_at`` cancel them one after the other, as the
+    consumer does at shutdown; then let every held ack go."""
     gate = AckGate()
-    unacked = 0
-
-    async def handle() -> None:
-        nonlocal unacked
-        gate.delivered()
-        unacked += 1
-        await asyncio.sleep(0.01)
-        await gate.passed()
-        unacked -= 1
-        broker.ack()
-
+    unacked = dict.fromkeys(range(len(brokers)), 0)
     handlers: set[asyncio.Task[None]] = set()
 
-    def on_delivery() -> None:
-        task = asyncio.create_task(handle())
-        handlers.add(task)
-        task.add_done_callback(handlers.discard)
+    async def handle(i: int) -> None:
+        gate.delivered()
+        unacked[i] += 1
+        await asyncio.sleep(0.01)
+        await gate.passed()
+        unacked[i] -= 1
+        brokers[i].ack()
 
-    serving = asyncio.create_task(broker.serve(on_delivery))
+    def on_delivery(i: int) -> Any:
+        def delivered() -> None:
+            task = asyncio.create_task(handle(i))
+            handlers.add(task)
+            task.add_done_callback(handlers.discard)
+
+        return delivered
+
+    serving = [asyncio.create_task(b.serve(on_delivery(i))) for i, b in enumerate(brokers)]
     await asyncio.sleep(cancel_at)
-    await gate.cancel(cast(AbstractQueue, broker), "ctag", lambda: unacked, PREFETCH, 2.0)
+    for i, broker in enumerate(brokers):
+        queue = cast(AbstractQueue, broker)
+        await gate.cancel(queue, "ctag", functools.partial(unacked.__getitem__, i), PREFETCH, 2.0)
     while handlers:
         await asyncio.gather(*handlers)
-    await broker.all_acked()
-    serving.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await serving
+    for broker, serve in zip(brokers, serving, strict=True):
+        await broker.all_acked()
+        serve.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await serve
     return gate
 
 
@@ -360,3 +376,46 @@ def test_a_broker_pause_ending_at_the_limit_is_the_probes_inconclusive_case() ->
     assert gate.released_by == "time limit"
     assert broker.cancelled_at == pytest.approx(0.2 + 0.5 + broker.latency)
     assert broker.on_the_wire_at_cancel == PREFETCH
+
+
+def test_a_consumer_of_two_queues_cancels_the_second_with_its_acks_still_held() -> None:
+    """Two queues consumed on one gate and cancelled in turn (the request queue, then a
+    tenant's): the second's acks, held through the first cancel, stay held through its
+    own, so when that cancel reaches its broker nothing is on the wire to it.
+
+    The regression behind the rolling-restart probe: the first cancel's end let the
+    held acks go, the broker refilled the second window, and the second cancel found
+    deliveries on their way, each one counted as a return.
+    """
+    dry, busy = ScriptedBroker(ready=0, name="uploads"), ScriptedBroker(ready=MESSAGES)
+    on_virtual_time(busy_consumers_cancelled([dry, busy], cancel_at=0.2))
+    assert dry.cancel_sent_at is not None and busy.cancel_sent_at is not None
+    assert busy.cancelled_at is not None
+    sent_meanwhile = [t for t in busy.acks_sent if dry.cancel_sent_at <= t < busy.cancelled_at]
+    assert sent_meanwhile == [], "acks went out between the cancels"
+    assert busy.on_the_wire_at_cancel == 0
+    assert busy.arrived == busy.sent == busy.acked
+
+
+def test_an_ack_waits_while_any_of_two_overlapping_cancels_holds_the_gate() -> None:
+    """Two cancels that overlap (a pause for a blocked broker while an idle tenant queue
+    is let go): the gate opens only when both have ended."""
+
+    async def scenario() -> tuple[float, float, float]:
+        gate = AckGate()
+        slow = ScriptedQueue(unacked=[1], ready=5)  # held to the time limit (0.5 s)
+        fast = ScriptedQueue(unacked=[1], ready=0)  # held one quiet spell (0.1 s)
+        loop = asyncio.get_running_loop()
+        holds = [
+            asyncio.create_task(gate.cancel(cast(AbstractQueue, q), "t", lambda: 1, 8, 2.0))
+            for q in (slow, fast)
+        ]
+        await asyncio.sleep(0)
+        await gate.passed()
+        passed = loop.time()
+        await asyncio.gather(*holds)
+        return passed, len(fast.cancelled_with), len(slow.cancelled_with)
+
+    passed, fast_cancels, slow_cancels = on_virtual_time(scenario())
+    assert (fast_cancels, slow_cancels) == (1, 1)
+    assert passed == pytest.approx(0.5)
