@@ -5,9 +5,16 @@ from __future__ import annotations
 import asyncio
 import sys
 
+import pytest
+
 from testbed.support import LEDGER, ROOT
 
+# The demo runs a dozen `courier` commands (each a Python process to boot) beside the
+# service and an S3 server: about 10 s alone, 27-60 s under the flake run's load.
+DEMO_TIME = 150
 
+
+@pytest.mark.timeout(DEMO_TIME + 30)
 async def test_demo_shows_successes_a_dead_letter_and_a_summary() -> None:
     """Every example succeeds, the failing one ends in `courier dead list`, and one file lives
     its whole life (upload, ingestion, replacement, delete), in a few dozen lines."""
@@ -19,7 +26,19 @@ async def test_demo_shows_successes_a_dead_letter_and_a_summary() -> None:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
-    out, _ = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.stdout is not None
+    out = bytearray()
+
+    async def read_all(stream: asyncio.StreamReader) -> None:
+        while chunk := await stream.read(65536):
+            out.extend(chunk)
+
+    try:
+        await asyncio.wait_for(asyncio.gather(read_all(proc.stdout), proc.wait()), DEMO_TIME)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        pytest.fail(f"the demo did not end within {DEMO_TIME} s; it wrote:\n{out.decode()}")
     text = out.decode()
     LEDGER.add("make demo output", text)
     assert proc.returncode == 0, text
