@@ -175,6 +175,7 @@ async def test_bench_runs_small_against_its_floor(tmp_path: Path) -> None:
     assert len(small["pairs"]) == 1 and small["ratio_to_floor"] > 0
 
 
+@pytest.mark.timeout(180)  # two S3 servers and the bench to boot: 12 s alone, 49 s under load
 async def test_s3_head_bench_reports_both_checks() -> None:
     """`python -m bench.s3_head` prints CPU per check, both ways, against both servers."""
     proc = await asyncio.create_subprocess_exec(

@@ -214,6 +214,7 @@ async def test_unreachable_broker_is_reported_and_retried(
     assert "hunter2" not in text
 
 
+@pytest.mark.timeout(180)  # seven `courier` processes: 15 s alone, 52 s under the flake load
 async def test_submit_and_dead_commands(
     amqp: AbstractRobustConnection, names: Names, tmp_path: Path
 ) -> None:

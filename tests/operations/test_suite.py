@@ -6,6 +6,8 @@ import asyncio
 import sys
 from pathlib import Path
 
+import pytest
+
 from testbed.support import ROOT
 
 LEAKY = """
@@ -27,6 +29,7 @@ def test_b_innocent() -> None:
 """
 
 
+@pytest.mark.timeout(180)  # a pytest of its own to boot: 5 s alone, 55 s under the flake load
 async def test_a_leaked_socket_fails_the_test_that_leaked_it(tmp_path: Path) -> None:
     """An unclosed socket the collector finds fails its own test's teardown, not the next test."""
     (tmp_path / "test_leaky.py").write_text(LEAKY)
