@@ -89,17 +89,18 @@ async def test_sigterm_while_the_broker_is_down_exits_in_time(
     print(f"{sum(counts.values()) - 20} duplicates")
 
 
-ALARM_SAMPLES = 5  # /readyz asked once a second while the alarm holds
+ALARM_SAMPLES = 3  # /readyz asked once a second while the alarm holds
+ALARMED = 200  # requests, enough to be under way when the alarm starts and after it ends
 
 
 @pytest.mark.timeout(180)
 async def test_a_memory_alarm_holds_outcomes_and_uploads_nothing_twice(
     stage: Stage, own_node: RabbitNode
 ) -> None:
-    """RabbitMQ blocks publishers (a memory alarm) for 5 s during 300 requests: no file is uploaded twice, none is lost, /readyz answers 503 and courier_broker_blocked is 1 meanwhile."""
+    """RabbitMQ blocks publishers (a memory alarm) for 3 s during 200 requests: no file is uploaded twice, none is lost, /readyz answers 503 and courier_broker_blocked is 1 meanwhile."""
     url = stage.files.add("/a.csv", b"1\n")
     stage.inconvo.delay = 0.3
-    ids = [f"alarm-{i}" for i in range(300)]
+    ids = [f"alarm-{i}" for i in range(ALARMED)]
     bodies = [inconvo_request(url, rid, fileName=f"{rid}.csv") for rid in ids]
     collector = stage.collector
     async with stage.running(concurrency=16) as service, aiohttp.ClientSession() as http:
@@ -124,7 +125,7 @@ async def test_a_memory_alarm_holds_outcomes_and_uploads_nothing_twice(
         except TimeoutError:
             m = service.metrics
             raise AssertionError(
-                f"{len(collector.request_ids())} of 300 ended after the alarm; "
+                f"{len(collector.request_ids())} of {ALARMED} ended after the alarm; "
                 f"blocked {m.broker_blocked._value.get()}, consuming "
                 f"{m.consumer_active._value.get()}, in flight {m.in_flight._value.get()}, "
                 f"ready {await service.ready()}, uploads {len(stage.inconvo.uploads)}"
@@ -134,9 +135,9 @@ async def test_a_memory_alarm_holds_outcomes_and_uploads_nothing_twice(
     counts = Counter(e["data"]["requestId"] for e in collector.events)
     assert set(counts.values()) == {1}, "an event repeated"
     uploaded = Counter(u.file_name for u in stage.inconvo.uploads)
-    assert max(uploaded.values()) == 1 and len(uploaded) == 300, "a file was uploaded twice"
+    assert max(uploaded.values()) == 1 and len(uploaded) == ALARMED, "a file was uploaded twice"
     assert uploads_blocked <= blocked_events + 16, "work went on being taken while blocked"
     print(
-        f"\nmemory alarm {ALARM_SAMPLES} s: 300 requests, {len(stage.inconvo.uploads)} uploads, "
+        f"\nmemory alarm {ALARM_SAMPLES} s: {ALARMED} requests, {len(stage.inconvo.uploads)} uploads, "
         f"{sum(counts.values())} events; {uploads_blocked - blocked_events} outcomes held"
     )

@@ -155,14 +155,17 @@ async def test_an_outage_longer_than_the_hold_limit_fails_counting_real_tries(
     assert len(await stage.dead_letters()) == 8
 
 
+RATE = 40  # requests a second the fake allows
+
+
 async def rate_limited_run(stage: Stage, prefix: str, **env: str) -> tuple[float, int]:
-    """300 requests against Inconvo enforcing 20/s: (seconds they took, 429 answers).
+    """300 requests against Inconvo enforcing RATE/s: (seconds they took, 429 answers).
 
     `courier run` is a process of its own, as in production: the fake's clock (in this
     process) is not held up by Courier's own work, so the window it keeps is fair.
     """
     url = stage.files.add("/a.csv", b"1\n")
-    stage.inconvo.rate_limit(20)
+    stage.inconvo.rate_limit(RATE)
     courier = await stage.process(COURIER_CONCURRENCY="32", **env).start()
     try:
         started = time.monotonic()
@@ -178,23 +181,25 @@ async def rate_limited_run(stage: Stage, prefix: str, **env: str) -> tuple[float
 @pytest.mark.timing
 @pytest.mark.timeout(180)
 async def test_an_adaptive_rate_finds_an_unconfigured_limit(stage: Stage) -> None:
-    """With no rate configured, against 20 requests/s: under 20% of requests draw a 429 and throughput is at least 70% of the limit."""
+    """With no rate configured, against 40 requests/s: under 20% of requests draw a 429 and throughput is at least 70% of the limit."""
     seconds, throttled = await rate_limited_run(stage, "adaptive")
-    print(f"\nadaptive: {300 / seconds:.1f} req/s against 20/s, {throttled} 429s for 300 requests")
+    print(
+        f"\nadaptive: {300 / seconds:.1f} req/s against {RATE}/s, {throttled} 429s for 300 requests"
+    )
     assert throttled < 0.2 * 300
-    assert_within("300 requests at 70% of 20/s", seconds, 300 / (0.7 * 20))
+    assert_within(f"300 requests at 70% of {RATE}/s", seconds, 300 / (0.7 * RATE))
 
 
 @pytest.mark.timing
 @pytest.mark.timeout(180)
 async def test_a_configured_rate_keeps_under_the_limit(stage: Stage) -> None:
-    """With COURIER_INCONVO_RATE_LIMIT=20 against 20 requests/s: at most 1% 429s and at least 80% of the limit."""
+    """With COURIER_INCONVO_RATE_LIMIT=40 against 40 requests/s: at most 1% 429s and at least 80% of the limit."""
     seconds, throttled = await rate_limited_run(
-        stage, "configured", COURIER_INCONVO_RATE_LIMIT="20"
+        stage, "configured", COURIER_INCONVO_RATE_LIMIT=str(RATE)
     )
-    print(f"\nconfigured 20/s: {300 / seconds:.1f} req/s, {throttled} 429s for 300 requests")
+    print(f"\nconfigured {RATE}/s: {300 / seconds:.1f} req/s, {throttled} 429s for 300 requests")
     assert throttled <= 3
-    assert_within("300 requests at 80% of 20/s", seconds, 300 / (0.8 * 20))
+    assert_within(f"300 requests at 80% of {RATE}/s", seconds, 300 / (0.8 * RATE))
 
 
 @pytest.mark.timeout(120)  # its waits, added up, are longer than the default 60 s
