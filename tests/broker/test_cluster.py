@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from service.amqp.consumer import MOVING
 from testbed.node_loss import node_loss_run
 from testbed.proxy import TcpProxy
 from testbed.rabbit import rabbit_cluster
@@ -42,7 +43,9 @@ async def test_losing_the_node_courier_is_on_fails_over_to_the_next(stage: Stage
         counts[event["data"]["requestId"]] = counts.get(event["data"]["requestId"], 0) + 1
     assert set(counts) == ids
     assert all(e["data"]["status"] == "succeeded" for e in collector.events)
-    assert sum(counts.values()) - len(ids) <= 2 * concurrency, "more repeats than work in flight"
+    # Uploads under way, acks on their way out, moves between copy and ack.
+    repeats = sum(counts.values()) - len(ids)
+    assert repeats <= 2 * concurrency + MOVING, "more repeats than work in flight"
 
 
 @pytest.mark.soak

@@ -9,6 +9,7 @@ from collections import Counter
 import aiohttp
 import pytest
 
+from service.amqp.consumer import MOVING
 from service.errors import CourierError, ErrorCode, RetryableError, error_for
 from service.retry import backoff, parse_retry_after, retried
 from service.settle import pick_delay
@@ -240,7 +241,7 @@ async def test_connection_cut_during_a_run(stage: Stage) -> None:
 
 @pytest.mark.timeout(180)  # its waits, added up, are longer than the default 60 s
 async def test_sigkill_mid_run_then_restart(stage: Stage) -> None:
-    """SIGKILL during a run, then a new process: every request ends, none lost; only the work in flight at the kill repeats."""
+    """SIGKILL during a run, then a new process: every request ends, none lost; only deliveries not yet acked at the kill repeat."""
     inconvo, collector = stage.inconvo, stage.collector
     inconvo.delay = 0.02
     url = stage.files.add("/a.csv", b"1\n")
@@ -261,7 +262,12 @@ async def test_sigkill_mid_run_then_restart(stage: Stage) -> None:
     # 40 events seen, at most a window of 8 uploads ending after that, and 8 events
     # already on their way: the kill came with most of the run still to do.
     assert killed_at <= 40 + 8 + 8, killed_at
-    assert sum(counts.values()) - 200 <= 8  # only work in flight at the kill repeats
+    # A repeat is a delivery the broker had not seen acked when the connection died:
+    # an upload under way, an ack still on its way out (its slot already taken by the
+    # next), a move between its confirmed copy and its ack.
+    repeats = sum(counts.values()) - 200
+    print(f"\nSIGKILL: {killed_at} events before the kill, {repeats} repeats")
+    assert repeats <= 2 * 8 + MOVING, f"{repeats} repeats, more than the work under way"
 
 
 @pytest.mark.timing
