@@ -12,6 +12,7 @@ import signal
 import aiormq
 import pytest
 
+from service.amqp.consumer import MOVING
 from testbed.rabbit import RabbitNode
 from testbed.stage import Stage
 from testbed.support import (
@@ -69,7 +70,7 @@ async def test_a_replica_killed_while_tenant_queues_hold_work(stage: Stage) -> N
         assert await second.signal(signal.SIGTERM) == 0
     counts = assert_exactly_terminal(stage.collector, ids)
     # 8 uploads and at most 64 moves under way: nothing else may repeat.
-    assert sum(counts.values()) - len(ids) <= 8 + 64
+    assert sum(counts.values()) - len(ids) <= 8 + MOVING
     assert {e["data"]["status"] for e in stage.collector.events} == {"succeeded"}
 
 
@@ -89,4 +90,4 @@ async def test_a_broker_restart_while_tenant_queues_hold_work(
             stage.inconvo.delay = 0.05
         await collector.wait_for_ids(ids, timeout=120)
     counts = assert_exactly_terminal(collector, ids)
-    assert sum(counts.values()) - len(ids) <= 8 + 64
+    assert sum(counts.values()) - len(ids) <= 8 + MOVING
