@@ -6,8 +6,12 @@ STAMP := $(VENV)/.installed-stamp
 RUN_STAMP := $(VENV)/.run-stamp
 COURIER_AMQP_URL ?= amqp://guest:guest@127.0.0.1:5672/
 export COURIER_AMQP_URL
+# The tests start over a hundred Python processes; without bytecode caches each one
+# compiles the project from source again (half a second for the CLI's imports, several
+# seconds of pytest's assertion rewriting per worker). The caches go to __pycache__/.
+unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: install run broker tools lint format test flake soak schemas clean demo bench bench-tenants chaos node-deps
+.PHONY: install run broker tools lint format test durations flake soak schemas clean demo bench bench-tenants chaos node-deps
 
 define check_python
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -73,9 +77,16 @@ format: install
 PYTEST_WORKERS ?= 4
 DEFAULT_TIER := not timing and not soak
 
+# Workers take the longest files first (testbed/schedule.py; `make durations` measures
+# them again), so they finish together.
+DEFAULT_RUN := -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "$(DEFAULT_TIER)"
+
 test: install broker tools node-deps lint
-	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadfile -m "$(DEFAULT_TIER)"
+	$(BIN)/pytest $(DEFAULT_RUN)
 	$(BIN)/pytest -p no:xdist -m timing
+
+durations: install broker tools node-deps
+	$(BIN)/pytest $(DEFAULT_RUN) --store-durations
 
 # The blocking tiers N times under CPU stress, with shuffled workers and distribution;
 # then a report per test (failures, messages, durations, timing margins).

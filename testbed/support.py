@@ -35,6 +35,7 @@ from aiohttp import web
 
 from service.contracts import DEFAULT_TENANT
 from service.topology import TENANT_INFIX
+from testbed import zygote
 from testbed.loopback import Loopback, serve
 from testbed.producer import inconvo_request, publish, publish_many, publish_requests
 
@@ -234,10 +235,16 @@ def courier_env(**extra: str) -> dict[str, str]:
     return env
 
 
-async def courier(
-    *args: str, env: Mapping[str, str], stdin: bytes | None = None, timeout: float = 30
-) -> tuple[int, bytes, bytes]:
-    """Run `python -m service ARGS` to completion."""
+CourierProc = asyncio.subprocess.Process | zygote.Forked
+
+
+async def start_courier(
+    *args: str, env: Mapping[str, str], stdin: bytes | None = None, fresh: bool = False
+) -> CourierProc:
+    """Start `python -m service ARGS` with piped stdout and stderr: forked from this
+    test process's zygote (testbed/zygote.py), or, ``fresh``, a new interpreter."""
+    if not fresh and zygote.enabled():
+        return await zygote.spawn(args, env=env, cwd=ROOT, stdin=stdin)
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -245,12 +252,28 @@ async def courier(
         *args,
         env=dict(env),
         cwd=ROOT,
-        stdin=asyncio.subprocess.PIPE,
+        stdin=asyncio.subprocess.PIPE if stdin else asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
+    if stdin:
+        assert proc.stdin is not None
+        proc.stdin.write(stdin)
+        proc.stdin.close()
+    return proc
+
+
+async def courier(
+    *args: str,
+    env: Mapping[str, str],
+    stdin: bytes | None = None,
+    timeout: float = 30,
+    fresh: bool = False,
+) -> tuple[int, bytes, bytes]:
+    """Run `python -m service ARGS` to completion (``fresh``: in a new interpreter)."""
+    proc = await start_courier(*args, env=env, stdin=stdin, fresh=fresh)
     try:
-        out, err = await asyncio.wait_for(proc.communicate(stdin), timeout)
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
     except TimeoutError:
         proc.kill()  # a command that hangs must not outlive the test
         await proc.wait()
@@ -288,7 +311,7 @@ class CourierProcess:
     def __init__(self, env: Mapping[str, str]) -> None:
         self.env = dict(env)
         self.port = int(self.env.get("COURIER_HTTP_PORT", "0"))
-        self.proc: asyncio.subprocess.Process | None = None
+        self.proc: CourierProc | None = None
         self._out = bytearray()
         self._err = bytearray()
         self._changed = asyncio.Condition()
@@ -305,16 +328,7 @@ class CourierProcess:
 
     async def start(self, wait_ready: bool = True) -> CourierProcess:
         """Start it, learn its HTTP port and (by default) wait until /readyz answers 200."""
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "service",
-            "run",
-            env=self.env,
-            cwd=ROOT,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
+        self.proc = await start_courier("run", env=self.env)
         assert self.proc.stdout is not None and self.proc.stderr is not None
         self._reader = asyncio.gather(
             self._read(self.proc.stdout, self._out), self._read(self.proc.stderr, self._err)

@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
 
 __all__ = ["running"]  # tests import it from here
+pytest_plugins = ["testbed.schedule"]  # the longest test files start first
 
 INCONVO_KEY = "test-inconvo-key-5f1e"
 MINDSET_KEY = "test-mindset-key-9c3a"

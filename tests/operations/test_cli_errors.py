@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import socket
+import sys
 from pathlib import Path
 
 import aio_pika
@@ -46,8 +48,16 @@ async def _depth(amqp: AbstractRobustConnection, queue: str) -> int | None:
 
 
 async def test_version() -> None:
-    """`courier --version` names the version."""
-    code, out, _ = await courier("--version", env=courier_env())
+    """`courier --version` names the version, from the installed script and from
+    `python -m service`, each in a new interpreter (the other tests fork the CLI
+    from an interpreter that has its imports done: testbed/zygote.py)."""
+    script = Path(sys.executable).with_name("courier")
+    proc = await asyncio.create_subprocess_exec(
+        script, "--version", env=courier_env(), stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await proc.communicate()
+    assert proc.returncode == 0 and out.decode().strip() == f"courier {__version__}"
+    code, out, _ = await courier("--version", env=courier_env(), fresh=True)
     assert code == 0 and out.decode().strip() == f"courier {__version__}"
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -16,13 +15,14 @@ from service.runtime import Service
 from testbed.fakes import FakeInconvo
 from testbed.support import (
     LEDGER,
-    ROOT,
+    CourierProc,
     FileServer,
     Names,
     courier,
     courier_env,
     inconvo_request,
     json_documents,
+    start_courier,
 )
 from testbed.support import publish as publish_request
 
@@ -59,20 +59,10 @@ class Tail:
     def __init__(self, names: Names, *args: str) -> None:
         self._env = _env(names)
         self._args = args
-        self.proc: asyncio.subprocess.Process | None = None
+        self.proc: CourierProc | None = None
 
     async def __aenter__(self) -> Tail:
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "service",
-            "events",
-            *self._args,
-            env=self._env,
-            cwd=ROOT,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
+        self.proc = await start_courier("events", *self._args, env=self._env)
         assert self.proc.stderr is not None
         first = await asyncio.wait_for(self.proc.stderr.readline(), 30)
         assert b"watching" in first, first
