@@ -185,7 +185,10 @@ class SpillBudget:
 
     So a CPU-bound replica (where every move would cost a request) moves a trickle,
     and one waiting on slow destinations moves as fast as the broker takes it. A pause
-    in moving longer than a window starts in share mode: a burst is measured first.
+    in moving longer than a window starts in share mode: a burst is measured first,
+    and its first window only warms up (its requests are still starting, so the CPU
+    they take is not yet what they will take: read as idle, a replica at full load
+    would move its whole backlog through a tenant queue for nothing).
 
     A window's utilization is the CPU used over the time the process did not wait for a
     core: a process starved by its neighbours is always runnable (it runs or waits, it
@@ -215,6 +218,7 @@ class SpillBudget:
         self._last = clock()
         self._sample = (self._last, *cpu())
         self.free = False
+        self._warming = True  # the first window after a pause is not measured
         self._free_windows = 0
         self.utilization = 0.0  # of the last window
         self.requests_alone = 0.0  # the utilization of the last share window
@@ -227,7 +231,7 @@ class SpillBudget:
         """Spend one move if the budget allows it now."""
         now = self._clock()
         if now - self._last > self.window:  # moving paused: measure afresh
-            self._sample, self.free = (now, *self._cpu()), False
+            self._sample, self.free, self._warming = (now, *self._cpu()), False, True
         if now - self._sample[0] >= self.window:
             self._end_window(now)
         if self.free:
@@ -246,7 +250,9 @@ class SpillBudget:
         utilization = (used_now - used) / awake if awake > 0.05 * wall else 1.0
         self.utilization = utilization
         self._sample = (now, used_now, waited_now)
-        if self.free:
+        if self._warming:
+            self._warming = False
+        elif self.free:
             self._free_windows += 1
             if utilization >= self.ceiling or self._free_windows >= self.recheck:
                 self.free = False

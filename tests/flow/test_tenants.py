@@ -51,6 +51,7 @@ async def test_a_backlog_published_first_does_not_hold_up_another_tenant(stage: 
         await stage.collector.wait_for_ids({r["id"] for r in a}, timeout=150)
     finally:
         await courier.signal(15)
+    print(f"\nb's 20 done when {a_done_when_b_done} of a's 2,000 were (bound 1,000)")
     assert a_done_when_b_done < 1000, f"b waited for {a_done_when_b_done} of a's 2000"
     counts = Counter(e["data"]["requestId"] for e in stage.collector.events)
     assert set(counts.values()) == {1} and len(counts) == 2020, "lost or repeated"
@@ -129,9 +130,10 @@ def test_the_busiest_tenant_gives_up_its_newest() -> None:
 
 
 def test_moves_use_the_cpu_the_requests_leave_idle() -> None:
-    """A window of moving measures the requests alone; with CPU to spare moves refill at
-    their rate, until a window reaches the ceiling or the recheck comes; a CPU-bound
-    process earns a move for every so many requests finished; a pause measures afresh."""
+    """A window of moving measures the requests alone, after a window that warms up; with
+    CPU to spare moves refill at their rate, until a window reaches the ceiling or the
+    recheck comes; a CPU-bound process earns a move for every so many requests
+    finished; a pause warms up and measures afresh."""
     now, cpu = [0.0], [0.0]
     budget = SpillBudget(
         lambda: (cpu[0], 0.0), lambda: now[0], idle=0.6, free_rate=100, share=0.1, recheck=2
@@ -141,18 +143,38 @@ def test_moves_use_the_cpu_the_requests_leave_idle() -> None:
         now[0], cpu[0] = t, cpu[0] + used
         return sum(budget.take() for _ in range(50))
 
-    assert at(0.0, 0.0) == 0 and at(0.5, 0.1) == 0, "a burst is measured first"
-    assert at(1.0, 0.1) == 10, "20% of a core: free, the burst a tenth of a second"
-    assert at(1.5, 0.45) == 10
-    assert at(2.0, 0.5) == 0, "the moves took the process to the ceiling: measure again"
+    assert at(0.0, 0.0) == 0 and at(1.0, 0.0) == 0, "a burst warms up first"
+    assert not budget.free, "an idle warm-up says nothing"
+    assert at(1.5, 0.1) == 0, "then it is measured"
+    assert at(2.0, 0.1) == 10, "20% of a core: free, the burst a tenth of a second"
+    assert at(2.5, 0.45) == 10
+    assert at(3.0, 0.5) == 0, "the moves took the process to the ceiling: measure again"
     budget.finished(30)
-    assert at(2.5, 0.4) == 3, "meanwhile a share of the requests finished"
-    assert at(3.0, 0.4) == 0 and not budget.free, "80% of a core alone: CPU-bound"
-    assert at(4.0, 0.3) == 10 and budget.free, "30%: free again"
-    assert at(5.0, 0.5) == 10 and at(6.0, 0.5) == 0, "two free windows, then a recheck"
+    assert at(3.5, 0.4) == 3, "meanwhile a share of the requests finished"
+    assert at(4.0, 0.4) == 0 and not budget.free, "80% of a core alone: CPU-bound"
+    assert at(5.0, 0.3) == 10 and budget.free, "30%: free again"
+    assert at(6.0, 0.5) == 10 and at(7.0, 0.5) == 0, "two free windows, then a recheck"
     assert not budget.free
-    assert at(6.5, 0.1) == 0 and at(7.0, 0.1) == 10, "measured at 20%: free"
-    assert at(9.0, 0.1) == 0 and not budget.free, "after a pause, measured first"
+    assert at(7.5, 0.1) == 0 and at(8.0, 0.1) == 10, "measured at 20%: free"
+    assert at(10.0, 0.1) == 0 and not budget.free, "after a pause, warmed up first"
+    assert at(11.0, 0.1) == 0 and not budget.free, "10% while warming up: not yet free"
+    assert at(12.0, 0.1) == 10 and budget.free, "10% measured: free"
+
+
+def test_a_busy_process_that_starts_slowly_does_not_move_its_backlog() -> None:
+    """A replica that takes a second to reach full speed (connections opening, its
+    first requests still under way) is not read as idle: that first window only warms
+    up, and the next one, at full load, keeps it to the share."""
+    now, cpu = [0.0], [0.0]
+    budget = SpillBudget(lambda: (cpu[0], 0.0), lambda: now[0], free_rate=100, share=0.1)
+    budget.take()
+    moves = 0
+    for t, used in ((1.0, 0.5), (2.0, 0.97), (3.0, 0.98)):
+        now[0], cpu[0] = t, cpu[0] + used
+        budget.finished(100)
+        moves += sum(budget.take() for _ in range(50))
+        assert not budget.free, f"free at {t}s"
+    assert moves == 30, "a tenth of the requests finished: a move each"
 
 
 @pytest.mark.parametrize(
@@ -186,6 +208,8 @@ def test_waiting_for_a_core_on_waking_is_not_being_busy() -> None:
     budget = SpillBudget(lambda: (used[0], waited[0]), lambda: now[0], free_rate=100)
 
     def window(cpu: float, wait: float) -> bool:
+        budget.take()
+        now[0] += 1.0  # the warm-up after a pause
         budget.take()
         now[0], used[0], waited[0] = now[0] + 1.0, used[0] + cpu, waited[0] + wait
         budget.take()
