@@ -26,7 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from statistics import fmean
@@ -35,6 +35,7 @@ from typing import Any
 import aio_pika
 import aiohttp
 import orjson
+from prometheus_client.parser import text_string_to_metric_families
 from yarl import URL
 
 from testbed.producer import publish_requests
@@ -138,6 +139,7 @@ class Result:
     pairs: list[float] | None = None  # each alternating run's ratio to the floor
     floor_aa: list[float] | None = None  # each inner floor run's ratio to its neighbours
     flow: dict[str, Any] | None = None
+    moved: int | None = None  # requests moved into tenant queues (courier_tenant_moved_total)
 
 
 def flow_faults(
@@ -169,6 +171,17 @@ def flow_faults(
         }
 
     return during
+
+
+def moved_of(exposition: str) -> int | None:
+    """The requests moved into tenant queues, from a ``/metrics`` page (None: a Courier
+    without the counter)."""
+    for family in text_string_to_metric_families(exposition):
+        if family.name == "courier_tenant_moved":
+            return int(
+                sum(sample.value for sample in family.samples if sample.name.endswith("_total"))
+            )
+    return None
 
 
 def cpu_seconds(pid: int) -> float:
@@ -203,8 +216,10 @@ async def measure(
     url: str,
     others: dict[str, int],
     during: Callable[[EventCollector], Any] | None = None,
+    moved: Callable[[], Awaitable[int | None]] | None = None,
 ) -> Result:
-    """Start a consumer process, publish ``bodies``, wait for every event; measure."""
+    """Start a consumer process, publish ``bodies``, wait for every event; measure
+    (``moved``: read the requests the process moved, before it is stopped)."""
     async with await aio_pika.connect_robust(url) as connection:
         collector = await EventCollector(connection, names.events_exchange).start()
         spawned = time.perf_counter()
@@ -233,6 +248,7 @@ async def measure(
             peak = proc_status(proc.pid, "VmHWM")
             cpu = cpu_seconds(proc.pid) - cpu_before
             others_cpu = {key: cpu_seconds(pid) - others_before[key] for key, pid in others.items()}
+            moves = await moved() if moved is not None else None
         finally:
             proc.send_signal(signal.SIGTERM)
             await proc.wait()
@@ -263,6 +279,7 @@ async def measure(
         {key: round(value / n * 1000, 3) for key, value in others_cpu.items()},
         outcomes,
         flow=flow,
+        moved=moves,
     )
 
 
@@ -319,6 +336,10 @@ async def run_courier(
         except aiohttp.ClientError:
             return False
 
+    async def moved() -> int | None:
+        async with http.get(f"http://127.0.0.1:{port}/metrics") as answer:
+            return moved_of(await answer.text())
+
     profiler = ["-m", "cProfile", "-o", str(profile)] if profile else []
 
     async def start() -> asyncio.subprocess.Process:
@@ -335,7 +356,17 @@ async def run_courier(
 
     try:
         return await measure(
-            scenario.name, n, bodies, names, start, ready, scenario.expect, url, others, during
+            scenario.name,
+            n,
+            bodies,
+            names,
+            start,
+            ready,
+            scenario.expect,
+            url,
+            others,
+            during,
+            moved,
         )
     finally:
         await http.close()
@@ -782,6 +813,9 @@ async def main() -> int:
     report = {"machine": machine(), "results": [asdict(r) for r in results], "copy_baseline": copy}
     print(f"\nMachine: {report['machine']}\n")
     print(table([r for r in results if r.flow is None]))
+    for r in results:
+        if r.moved is not None:
+            print(f"{r.scenario}: {r.moved} of {r.n} requests moved into tenant queues")
     for r in results:
         if r.pairs:
             print(f"\n{r.scenario} vs floor, each alternating run: {r.pairs}")

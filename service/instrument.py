@@ -145,6 +145,10 @@ class Instruments:
         """``courier_tenant_waiting``: deliveries waiting for a slot, by tenant label."""
         self._child(self.metrics.tenant_waiting, self.tenants.label(tenant)).inc(delta)
 
+    def moved(self, tenant: str) -> None:
+        """``courier_tenant_moved_total``: a delivery moved into its tenant's queue."""
+        self._child(self.metrics.tenant_moved, self.tenants.label(tenant)).inc()
+
     def in_flight(self, delta: int) -> None:
         """Requests being processed now."""
         self.metrics.in_flight.inc(delta)

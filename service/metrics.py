@@ -169,6 +169,14 @@ class Metrics:
             ["tenant"],
             registry=r,
         )
+        self.tenant_moved = Counter(
+            "courier_tenant_moved_total",
+            "Deliveries moved from the request queue into their tenant's queue (over-share "
+            "work set aside so the queue is read past it), by tenant (named in "
+            "COURIER_TENANT_WEIGHTS, else other).",
+            ["tenant"],
+            registry=r,
+        )
         self.build = Info("courier_build", "Build information.", registry=r)
         self.build.info({"version": __version__})
         if registry is None:

@@ -40,6 +40,9 @@ class ConsumerHooks(LinkHooks, Protocol):
     def waiting(self, tenant: str, delta: int) -> None:
         """Deliveries of ``tenant`` waiting for a slot grew (or shrank) by ``delta``."""
 
+    def moved(self, tenant: str) -> None:
+        """A delivery of ``tenant`` was moved into its tenant's queue."""
+
 
 class SettlerHooks(Protocol):
     """What the settling of each delivery reports: metrics and tracing live behind these."""

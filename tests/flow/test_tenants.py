@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
 from service import fair
+from service.amqp.dispatch import LOOKAHEAD, Dispatcher
 from service.fair import FairQueue, SpillBudget, Tenants, cpu_clock, parse_weights, tenant_of
+from service.instrument import Instruments
+from service.metrics import Metrics
+from service.topology import TENANT_HEADER, Topology
 from testbed.stage import Stage
 from testbed.support import inconvo_request, publish_requests
 
@@ -93,6 +98,71 @@ async def test_weights_share_the_capacity(stage: Stage) -> None:
 
 
 # -- the pure parts ------------------------------------------------------------------
+
+
+@dataclass
+class Delivery:
+    body: bytes
+    headers: dict[str, Any] = field(default_factory=dict)
+
+
+class Runner:
+    """Takes deliveries without ending them; records the moves."""
+
+    def __init__(self) -> None:
+        self.started: list[bytes] = []
+        self.moves: list[tuple[bytes, str]] = []
+
+    def take(self, message: Any, channel: object, tenant: str, done: Any) -> None:
+        self.started.append(message.body)
+
+    def move(self, message: Any, channel: object, tenant: str) -> None:
+        self.moves.append((message.body, tenant))
+
+    def give_back(self, message: Any, channel: object) -> None:
+        raise AssertionError("nothing is given back here")
+
+
+class Unlimited:
+    """A budget that allows every move."""
+
+    def take(self) -> bool:
+        return True
+
+    def finished(self, count: int = 1) -> None:
+        pass
+
+
+def test_moves_are_counted_by_tenant_label() -> None:
+    """With its one slot busy, the request queue's deliveries past the lookahead are moved,
+    the newest of the busiest tenant first, and counted in courier_tenant_moved_total
+    (a tenant not named in the weights as other)."""
+    topology = Topology.build(
+        queue="t-moves", events_exchange="t-moves.events", retry_delays=(1,), max_redeliveries=5
+    )
+    metrics, tenants = Metrics(), Tenants({"a": 1.0})
+    runner = Runner()
+    moved: list[str] = []
+    dispatcher = Dispatcher(
+        runner,
+        topology,
+        1,
+        tenants,
+        cast(SpillBudget, Unlimited()),
+        Instruments(metrics, tenants),
+        moved.append,
+    )
+    for body, tenant in [(b"a0", "a"), (b"a1", "a"), (b"a2", "a"), (b"b0", "b"), (b"a3", "a")]:
+        dispatcher.offer(cast(Any, Delivery(body, {TENANT_HEADER: tenant})), None, "t-moves")
+    assert runner.started == [b"a0"]
+    assert dispatcher.waiting() == LOOKAHEAD and runner.moves == [(b"a2", "a"), (b"a3", "a")]
+    assert moved == ["a", "a"]
+    dispatcher.offer(cast(Any, Delivery(b"b1", {TENANT_HEADER: "b"})), None, "t-moves")
+    dispatcher.offer(cast(Any, Delivery(b"b2", {TENANT_HEADER: "b"})), None, "t-moves")
+    assert runner.moves[2:] == [(b"b1", "b"), (b"b2", "b")], "now b has the most waiting"
+    value = metrics.registry.get_sample_value
+    assert value("courier_tenant_moved_total", {"tenant": "a"}) == 2
+    assert value("courier_tenant_moved_total", {"tenant": "other"}) == 2
 
 
 def test_weighted_turns() -> None:
