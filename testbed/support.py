@@ -300,6 +300,15 @@ async def wait_status(url: str, status: int, timeout: float = 20) -> None:
 _HTTP_PORT_LINE = re.compile(rb"HTTP endpoints on port (\d+)")
 
 
+def metric_sum(exposition: str, name: str) -> float:
+    """The sum of sample ``name``'s values on a /metrics page (0 when absent)."""
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in exposition.splitlines()
+        if line.startswith(name) and line[len(name) : len(name) + 1] in (" ", "{")
+    )
+
+
 class CourierProcess:
     """`courier run` as a subprocess, as a user runs it; its output is kept as it comes.
 
@@ -388,12 +397,7 @@ class CourierProcess:
             aiohttp.ClientSession() as session,
             session.get(f"http://127.0.0.1:{self.port}/metrics") as answer,
         ):
-            text = await answer.text()
-        return sum(
-            float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines()
-            if line.startswith(name) and line[len(name) : len(name) + 1] in (" ", "{")
-        )
+            return metric_sum(await answer.text(), name)
 
     def records(self) -> list[dict[str, Any]]:
         """Its log lines (JSON, `courier run`'s default format), parsed; other lines skipped."""

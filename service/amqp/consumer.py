@@ -133,7 +133,9 @@ class Consumer:
                 self._step(self._resume(self._consume(sub)))
 
     def _moved(self, tenant: str) -> None:
-        """Work was moved into ``tenant``'s queue: consume it, and let others know of it."""
+        """Work was moved into ``tenant``'s queue: count it, consume it, and let others
+        know of it."""
+        self._hooks.moved(tenant)
         self.subscribe(tenant)
         now = time.monotonic()
         if now - self._beaconed.get(tenant, -1e9) >= 2 * self.topology.delays[0]:

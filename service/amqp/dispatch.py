@@ -64,13 +64,10 @@ class Runner(Protocol):
 
 
 class WaitingHooks(Protocol):
-    """What the dispatcher reports (``courier_tenant_waiting``, ``courier_tenant_moved``)."""
+    """What the dispatcher reports (``courier_tenant_waiting``)."""
 
     def waiting(self, tenant: str, delta: int) -> None:
         """Deliveries of ``tenant`` waiting for a slot grew (or shrank) by ``delta``."""
-
-    def moved(self, tenant: str) -> None:
-        """A delivery of ``tenant`` was moved into its tenant's queue."""
 
 
 class Dispatcher:
@@ -176,5 +173,4 @@ class Dispatcher:
             tenant, item = found
             self._forget([item])
             self._runner.move(item.message, item.channel, tenant)
-            self._hooks.moved(tenant)
             self._moved(tenant)
