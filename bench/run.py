@@ -147,6 +147,8 @@ class Result:
     floor_aa: list[float] | None = None  # each inner floor run's ratio to its neighbours
     flow: dict[str, Any] | None = None
     moved: int | None = None  # requests moved into tenant queues (courier_tenant_moved_total)
+    # Requests moved in each alternating run: this side's, the other's (None: not reported).
+    ab_moved: tuple[list[int | None], list[int | None]] | None = None
 
 
 def flow_faults(
@@ -752,6 +754,7 @@ async def main() -> int:
                 result.ab_rates = (
                     [o.requests_per_s for o in ours_ab], rates
                 )  # fmt: skip
+                result.ab_moved = ([o.moved for o in ours_ab], [o.moved for o in theirs])
                 results += theirs
             if floors:
                 # Floor and Courier alternate (F C F C ... F): each Courier run is held
@@ -777,10 +780,11 @@ async def main() -> int:
                 aa = [rates[i] / fmean((rates[i - 1], rates[i + 1])) for i in range(1, len(ours))]
                 median = ours[sorted(range(len(ours)), key=lambda i: speed[i])[len(ours) // 2]]
                 # The A/B belongs to the scenario, not to the run that stands for it.
-                median.ab, median.ab_pairs, median.ab_rates = (
+                median.ab, median.ab_pairs, median.ab_rates, median.ab_moved = (
                     result.ab,
                     result.ab_pairs,
                     result.ab_rates,
+                    result.ab_moved,
                 )
                 result = median
                 result.ratio_to_floor = round(statistics.median(speed), 3)
@@ -823,6 +827,13 @@ async def main() -> int:
                 f"\n{r.scenario}: {r.ab:.3f}x the req/s of {ab_label} (median of the "
                 f"alternating pairs {r.ab_pairs}; req/s here {r.ab_rates[0]}, "
                 f"there {r.ab_rates[1]})"
+            )
+        if r.ab_moved is not None and any(x is not None for side in r.ab_moved for x in side):
+            # A lone tenant's replica that read itself as idle moves its own backlog:
+            # each run's count shows whether one did, on either side.
+            print(
+                f"{r.scenario}: requests moved into tenant queues, each alternating run: "
+                f"here {r.ab_moved[0]}, there {r.ab_moved[1]}"
             )
     if any(r.flow is not None for r in results):
         print("\n" + flow_table(results))

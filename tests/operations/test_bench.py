@@ -116,6 +116,11 @@ async def test_bench_runs_every_scenario(tmp_path: Path) -> None:
     assert f"small: {small['ab']:.3f}x the req/s of {ROOT.name} (median of the" in text
     assert len(small["ab_pairs"]) == 2
     assert small["ab"] == pytest.approx(statistics.median(small["ab_pairs"]), abs=0.001)
+    # Each alternating run's moves into tenant queues, on both sides (one tenant here).
+    here, there = small["ab_moved"]
+    assert len(here) == len(there) == 2
+    assert all(isinstance(m, int) and 0 <= m <= 4 for m in here + there)
+    assert f"small: requests moved into tenant queues, each alternating run: here {here}" in text
     assert rows["small"]["outcomes"] == {"succeeded": 4}
     assert rows["caps"]["outcomes"] == {"too_large": 4}
     assert report["copy_baseline"]["files"] == 4
