@@ -5,8 +5,11 @@ then consumes it holding every delivery unacked, as a consumer that looked past 
 backlog for another tenant's requests without moving them into tenant queues would,
 and prints how fast the deliveries came and this process's CPU for each. Then the
 same with an unlimited prefetch (0), which a quorum queue caps: it prints how many
-deliveries came before they stopped. Courier cannot read past this way: the contract ties the prefetch to ``COURIER_CONCURRENCY``
-(docs/isolation.md, "What bounds it"). Run with ``python -m bench.read_ahead [N]``.
+deliveries came before they stopped. Last, for comparison, it moves them all into a
+second quorum queue as a bare aio-pika mover would with the prefetch the contract
+allows (a confirmed publish, then the ack). Courier cannot read past without moving:
+the contract ties the prefetch to ``COURIER_CONCURRENCY`` (docs/isolation.md, "What
+bounds it"). Run with ``python -m bench.read_ahead [N]``.
 """
 
 from __future__ import annotations
@@ -21,11 +24,13 @@ import aio_pika
 import orjson
 from aio_pika.abc import AbstractIncomingMessage
 
+from bench.run import broker_pid, cpu_seconds
 from testbed.support import AMQP_URL
 
 N = 20_000
 PUBLISHING = 256  # publishes in flight while filling the queue
 QUIET = 2.0  # seconds without a delivery after which an unlimited prefetch has stalled
+PREFETCH = 32  # COURIER_CONCURRENCY's default, which the contract makes the prefetch too
 
 
 def request(i: int) -> bytes:
@@ -87,27 +92,86 @@ async def hold(
     return count, last - began, (used - cpu) / max(count, 1) * 1e6
 
 
+async def move(
+    connection: aio_pika.abc.AbstractConnection, source: str, target: str, n: int
+) -> tuple[float, float]:
+    """Move ``n`` deliveries from ``source`` to ``target`` as a bare aio-pika mover does
+    (prefetch :data:`PREFETCH`; a confirmed publish, then the ack); (seconds, CPU us each)."""
+    channel = await connection.channel(publisher_confirms=True)
+    await channel.set_qos(prefetch_count=PREFETCH)
+    moved, done = 0, asyncio.Event()
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def one(message: AbstractIncomingMessage) -> None:
+        nonlocal moved
+        copy = aio_pika.Message(message.body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
+        await channel.default_exchange.publish(copy, routing_key=target)
+        await message.ack()
+        moved += 1
+        if moved == n:
+            done.set()
+
+    async def on_message(message: AbstractIncomingMessage) -> None:
+        task = asyncio.create_task(one(message))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    began, cpu = time.perf_counter(), time.process_time()
+    await (await channel.get_queue(source, ensure=False)).consume(on_message)
+    await done.wait()
+    took, used = time.perf_counter() - began, time.process_time() - cpu
+    await channel.close()
+    return took, used / n * 1e6
+
+
 async def main(n: int) -> None:
-    """Fill a queue, read it holding everything, once with prefetch ``n`` and once with 0."""
+    """Fill a queue, read it holding everything (prefetch ``n``, then 0), then move it."""
     url = os.environ.get("COURIER_AMQP_URL", AMQP_URL)
+    broker = broker_pid(url).get("broker")
+
+    def broker_us(since: float, count: int) -> str:
+        if broker is None:
+            return ""
+        return f"; the broker's CPU {(cpu_seconds(broker) - since) / count * 1e6:.0f} us each"
+
+    def broker_now() -> float:
+        return cpu_seconds(broker) if broker is not None else 0.0
+
     name = f"bench.read-ahead.{uuid.uuid4().hex[:8]}"
     async with await aio_pika.connect(url) as connection:
         channel = await connection.channel(publisher_confirms=True)
-        queue = await channel.declare_queue(
-            name, durable=True, arguments={"x-queue-type": "quorum"}
-        )
+        queues = [
+            await channel.declare_queue(
+                f"{name}.{role}", durable=True, arguments={"x-queue-type": "quorum"}
+            )
+            for role in ("requests", "tenant")
+        ]
+        requests, tenant = (queue.name for queue in queues)
         try:
-            took = await fill(channel, name, n)
-            print(f"{n} requests published to a quorum queue in {took:.2f} s ({n / took:.0f}/s)")
+            since = broker_now()
+            took = await fill(channel, requests, n)
+            print(
+                f"{n} requests published to a quorum queue in {took:.2f} s ({n / took:.0f}/s)"
+                f"{broker_us(since, n)}"
+            )
             for prefetch in (n, 0):
-                count, seconds, cpu_us = await hold(connection, name, n, prefetch)
+                since = broker_now()
+                count, seconds, cpu_us = await hold(connection, requests, n, prefetch)
                 rate = f"{count / seconds:.0f}/s" if seconds > 0 else "-"
                 print(
                     f"prefetch {prefetch}: {count} of {n} deliveries held unacked, the last after "
                     f"{seconds:.2f} s ({rate}); {cpu_us:.0f} us of this process's CPU each"
                 )
+            since = broker_now()
+            took, cpu_us = await move(connection, requests, tenant, n)
+            print(
+                f"prefetch {PREFETCH}: {n} moved to another quorum queue in {took:.2f} s "
+                f"({n / took:.0f}/s); {cpu_us:.0f} us of this process's CPU each"
+                f"{broker_us(since, n)}"
+            )
         finally:
-            await queue.delete(if_unused=False, if_empty=False)
+            for queue in queues:
+                await queue.delete(if_unused=False, if_empty=False)
 
 
 if __name__ == "__main__":
