@@ -43,6 +43,7 @@ MAX_HTTP_URL = 2048
 _CONTROL = re.compile("[\x00-\x1f\x7f]")
 MINDSET_MAX_URL = 2048  # sourceUrl, externalUrl, thumbnailUrl
 MINDSET_MAX_NAME = 100  # the limit of `name` below
+MINDSET_MAX_HASH = 200  # the limit of `contentHash` below
 
 Identifier = Annotated[str, StringConstraints(pattern=IDENT_PATTERN)]
 Text = Annotated[str, StringConstraints(min_length=1)]
@@ -267,7 +268,10 @@ class MindsetDestination(_Strict):
     )
     thumbnail: Annotated[str, StringConstraints(max_length=65536), _api_max(65536)] | None = None
     viewOriginalSource: bool | None = None
-    contentHash: Annotated[str, StringConstraints(max_length=200), _api_max(200)] | None = None
+    contentHash: (
+        Annotated[str, StringConstraints(max_length=MINDSET_MAX_HASH), _api_max(MINDSET_MAX_HASH)]
+        | None
+    ) = None
     labels: Annotated[list[Text], Field(max_length=10)] | None = None
     runId: Annotated[str, StringConstraints(max_length=200), _api_max(200)] | None = None
 

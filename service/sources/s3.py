@@ -7,6 +7,7 @@ One client for the process, created at start-up from the standard AWS chain
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import re
 import urllib.request
@@ -25,7 +26,7 @@ from botocore.exceptions import (
 )
 from multidict import CIMultiDictProxy
 
-from service.contracts import MINDSET_MAX_URL, SourceSpec
+from service.contracts import MINDSET_MAX_HASH, MINDSET_MAX_URL, SourceSpec
 from service.errors import ErrorCode, PermanentError
 from service.redact import redact_url
 from service.retry import parse_retry_after, retried
@@ -288,7 +289,25 @@ class S3Source:
             content_type=pick_type(spec, head.get(hdrs.CONTENT_TYPE), name),
             size=int(length) if length and length.isdigit() else None,
             url=redact_url(spec.url),
+            content_tag=content_tag(head),
         )
+
+
+def content_tag(head: CIMultiDictProxy[str]) -> str | None:
+    """What changes with the object's content, from its HEAD: ``s3-version:<id>`` in a
+    versioned bucket, else ``s3-etag:<etag>``; hashed when longer than Mindset's
+    ``contentHash`` takes (:data:`MINDSET_MAX_HASH`)."""
+    version = head.get("x-amz-version-id")
+    etag = (head.get(hdrs.ETAG) or "").strip('"')
+    if version and version != "null":  # "null": the version of an unversioned write
+        tag = f"s3-version:{version}"
+    elif etag:
+        tag = f"s3-etag:{etag}"
+    else:
+        return None
+    if len(tag) > MINDSET_MAX_HASH:
+        tag = f"s3-tag-sha256:{hashlib.sha256(tag.encode()).hexdigest()}"
+    return tag
 
 
 def _ttl_capped(ttl: float, left: float) -> str:

@@ -18,12 +18,13 @@ from aiobotocore.credentials import AioRefreshableCredentials
 from aiobotocore.session import get_session
 from aiohttp import web
 from botocore.exceptions import ParamValidationError
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from service.contracts import SourceSpec, api_length
 from service.destinations.mindset import infer_mime_type
 from service.errors import CourierError, ErrorCode, RetryableError
 from service.sources.base import SizeLimit
-from service.sources.s3 import S3Source, env_proxy
+from service.sources.s3 import S3Source, content_tag, env_proxy
 from service.sources.s3_errors import S3Location, map_error
 from testbed.loopback import serve
 from testbed.stage import Stage
@@ -182,12 +183,45 @@ async def test_describe_heads_a_presigned_url(s3: S3Client, bucket: str) -> None
             SourceSpec(url=f"s3://{bucket}/notes.txt?versionId={first['VersionId']}")
         )
         assert old.size == len(b"first")
+        assert old.content_tag == f"s3-version:{first['VersionId']}"
         async with http.get(old.fetch_url) as response:
             assert await response.read() == b"first"
+        latest = await source.describe(SourceSpec(url=f"s3://{bucket}/notes.txt"))
+        assert latest.content_tag is not None and latest.content_tag != old.content_tag
         with pytest.raises(CourierError) as info:
             await source.describe(SourceSpec(url=f"s3://{bucket}/talks/missing.pdf"))
         assert info.value.code is ErrorCode.SOURCE_NOT_FOUND
         assert info.value.http_status == 404
+
+
+async def test_describe_tags_an_unversioned_object_by_its_etag(s3: S3Client) -> None:
+    """Without versioning the content tag is the ETag, which follows the bytes."""
+    bucket = f"courier-{uuid.uuid4().hex[:12]}"
+    await s3.create_bucket(Bucket=bucket)
+    async with (
+        get_session().create_client("s3", region_name="us-east-1", config=SIGV4) as client,
+        aiohttp.ClientSession() as http,
+    ):
+        source = S3Source(client, http)
+        tags = []
+        for body in (b"one", b"two", b"one"):
+            put = await s3.put_object(Bucket=bucket, Key="a.txt", Body=body)
+            facts = await source.describe(SourceSpec(url=f"s3://{bucket}/a.txt"))
+            assert facts.content_tag == f"s3-etag:{put['ETag'].strip(chr(34))}"
+            tags.append(facts.content_tag)
+    assert tags[0] == tags[2] != tags[1]
+
+
+def test_content_tag_fits_mindset_and_needs_a_version_or_etag() -> None:
+    """A "null" version (an unversioned write) falls back to the ETag; a tag too long
+    for Mindset's contentHash is hashed; nothing to go by gives no tag."""
+    assert (
+        content_tag(CIMultiDictProxy(CIMultiDict({"x-amz-version-id": "null", "ETag": '"e1"'})))
+        == "s3-etag:e1"
+    )
+    long = content_tag(CIMultiDictProxy(CIMultiDict({"x-amz-version-id": "v" * 300})))
+    assert long is not None and long.startswith("s3-tag-sha256:") and len(long) <= 200
+    assert content_tag(CIMultiDictProxy(CIMultiDict())) is None
 
 
 @contextlib.asynccontextmanager
@@ -560,6 +594,31 @@ async def test_mindset_externalid_deduplicates(
     assert events["second"]["deduplicated"] is True
     assert events["second"]["result"]["uid"] == events["first"]["result"]["uid"]
     assert len(stage.mindset.ingests) == 1
+
+
+async def test_a_new_s3_version_replaces_the_file_and_the_same_is_kept(
+    stage: Stage, s3: S3Client, bucket: str
+) -> None:
+    """A presigned S3 source under one externalId: a new version of the object replaces
+    the file (its version as the contentHash); the same version again is deduplicated."""
+    url = f"s3://{bucket}/handbook.pdf"
+    v1 = await s3.put_object(Bucket=bucket, Key="handbook.pdf", Body=PDF)
+    async with stage.running():
+        await stage.publish(mindset_request(url, "v1", externalId="handbook"))
+        await stage.collector.wait_for(1)
+        [old] = stage.mindset.files
+        v2 = await s3.put_object(Bucket=bucket, Key="handbook.pdf", Body=PDF + b"%v2\n")
+        await stage.publish(mindset_request(url, "v2", externalId="handbook"))
+        await stage.collector.wait_for(2)
+        await stage.publish(mindset_request(url, "v2-again", externalId="handbook"))
+        events = {e["data"]["requestId"]: e["data"] for e in await stage.collector.wait_for(3)}
+    assert old["contentHash"] == f"s3-version:{v1['VersionId']}"
+    [new] = stage.mindset.files
+    assert new["contentHash"] == f"s3-version:{v2['VersionId']}" and new["uid"] != old["uid"]
+    assert events["v2"]["replaced"] is True and events["v2"]["replacedUid"] == old["uid"]
+    assert events["v2-again"]["deduplicated"] is True
+    assert events["v2-again"]["result"]["uid"] == new["uid"]
+    assert len(stage.mindset.ingests) == 2
 
 
 @pytest.mark.parametrize(
