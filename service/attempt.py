@@ -24,8 +24,15 @@ async def attempt(
         return decoded, await work.follow(request, rid)
     if request is not None:
         return decoded, await work.process(request, rid)
+    return decoded, refused(decoded)
+
+
+def refused(decoded: Decoded) -> Outcome:
+    """The outcome of a body that is not run: its error, with what could be salvaged."""
     assert decoded.error is not None  # noqa: S101 - a refused body always says why
-    outcome = Outcome.refused(
-        decoded.error, destination=decoded.destination, source_url=decoded.source_url
+    return Outcome.refused(
+        decoded.error,
+        destination=decoded.destination,
+        source_url=decoded.source_url,
+        operation=decoded.operation,
     )
-    return decoded, outcome

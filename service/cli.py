@@ -116,16 +116,13 @@ async def _connect(settings: Settings) -> AbstractConnection:
 
 
 async def _process(settings: Settings, body: bytes) -> int:
+    from service.attempt import refused
     from service.events import build_event
-    from service.outcome import Outcome
     from service.runtime import pipeline_for
 
     decoded = decode(body, Envelope(), settings.max_message_bytes)
     if decoded.request is None:  # the same invalid_request event `courier run` publishes
-        assert decoded.error is not None  # noqa: S101 - decode says why there is no request
-        outcome = Outcome.refused(
-            decoded.error, destination=decoded.destination, source_url=decoded.source_url
-        )
+        outcome = refused(decoded)
     else:
         async with pipeline_for(settings) as pipeline:
             outcome = await pipeline.process(decoded.request, decoded.request_id)

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from service.contracts import DESTINATIONS, REQUEST, Request
 from service.errors import CourierError, ErrorCode, PermanentError
+from service.outcome import Operation
 from service.redact import redact_url
 from service.topology import (
     ATTEMPT_HEADER,
@@ -200,6 +201,7 @@ class Peek:
     destination: str | None = None
     source_url: str | None = None
     metadata: dict[str, str] | None = None
+    operation: Operation = "upload"
 
 
 def peek(body: bytes, max_bytes: int) -> Peek:
@@ -226,6 +228,7 @@ def peek(body: bytes, max_bytes: int) -> Peek:
         destination=kind if kind in DESTINATIONS else None,
         source_url=redact_url(url) if isinstance(url, str) and len(url) <= 4096 else None,
         metadata=dict(metadata) if valid_metadata else None,  # type: ignore[arg-type]
+        operation="delete" if data.get("operation") == "delete" else "upload",
     )
 
 
@@ -253,6 +256,7 @@ class Decoded:
     error: CourierError | None = None
     destination: str | None = None  # what could be salvaged for the event of a refused one
     source_url: str | None = None
+    operation: Operation = "upload"  # a refused one's, as its body says
 
 
 def decode(body: bytes, envelope: Envelope, max_bytes: int) -> Decoded:
@@ -274,4 +278,5 @@ def refuse(body: bytes, envelope: Envelope, max_bytes: int, error: CourierError)
         error,
         info.destination,
         info.source_url,
+        info.operation,
     )

@@ -64,11 +64,17 @@ class Outcome:
 
     @classmethod
     def refused(
-        cls, error: CourierError, *, destination: str | None, source_url: str | None
+        cls,
+        error: CourierError,
+        *,
+        destination: str | None,
+        source_url: str | None,
+        operation: Operation = "upload",
     ) -> Outcome:
-        """A request that never started: unreadable, invalid or poisoned."""
-        source = SourceInfo(url=source_url) if source_url else None
-        return cls(0.0, destination, source=source, error=error)
+        """A request that never started: unreadable, invalid or poisoned (a delete's event
+        is a delete's, with no source)."""
+        source = SourceInfo(url=source_url) if source_url and operation == "upload" else None
+        return cls(0.0, destination, source=source, error=error, operation=operation)
 
     def masked(self, mask: Callable[[str], str]) -> Outcome:
         """This outcome with ``mask`` applied to its error message (an API may echo secrets)."""

@@ -263,6 +263,41 @@ async def test_an_invalid_body_fails_with_its_event_and_is_dead_lettered() -> No
     assert rig.outbox.entries("confirmed")[1].target == f"queue:{rig.topology.dead.name}"
 
 
+@pytest.mark.parametrize(
+    ("body", "headers", "code"),
+    [
+        (
+            b'{"id": "del-1", "operation": "delete", "source": {"url": "https://x.example/a.csv"},'
+            b' "destination": {"type": "inconvo", "userIdentifier": "u", "fileName": "a.csv"}}',
+            {},
+            "invalid_request",
+        ),
+        (
+            b'{"id": "del-1", "operation": "delete",'
+            b' "destination": {"type": "inconvo", "userIdentifier": "u", "fileName": "a.csv"}}',
+            {"x-delivery-count": 99},
+            "poison_message",
+        ),
+    ],
+)
+async def test_a_refused_delete_ends_in_a_delete_event(
+    body: bytes, headers: dict[str, Any], code: str
+) -> None:
+    """A delete that is never run (invalid, or poisoned) ends in courier.delete.failed with
+    operation delete and no source, as every delete does; never in an upload's event."""
+
+    async def never(request: Request, request_id: str) -> Outcome:
+        raise AssertionError("a refused request must not run")
+
+    rig = Rig(never)
+    rig.deliver(body, headers=headers)
+    await rig.settled()
+    event = rig.outbox.entries("confirmed")[0].body
+    assert event["type"] == "courier.delete.failed"
+    assert event["data"]["operation"] == "delete" and event["data"]["source"] is None
+    assert event["data"]["error"]["code"] == code and event["data"]["destination"] == "inconvo"
+
+
 async def test_secrets_are_masked_in_the_event_and_the_dead_letter() -> None:
     """A destination that echoes the API key: neither the event nor the dead letter shows it."""
     leaky = PermanentError(ErrorCode.DESTINATION_REJECTED, f"bad key {SECRET}")

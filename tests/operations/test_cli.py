@@ -124,6 +124,20 @@ async def test_process_prints_the_event_of_an_invalid_request() -> None:
     assert event["data"]["destination"] == "inconvo"
 
 
+async def test_process_prints_a_delete_event_for_an_invalid_delete() -> None:
+    """An invalid delete gets courier.delete.failed (operation delete), not an upload's event."""
+    body = (
+        b'{"id": "bad-del", "operation": "delete", "destination": {"type": "inconvo",'
+        b' "userIdentifier": "u1", "fileName": "a.csv", "notes": "n"}}'
+    )
+    code, out, _ = await courier("process", "-", env=courier_env(), stdin=body)
+    assert code == 1
+    event = orjson.loads(out)
+    assert event["type"] == "courier.delete.failed" and event["subject"] == "bad-del"
+    assert event["data"]["operation"] == "delete"
+    assert event["data"]["error"]["code"] == "invalid_request"
+
+
 async def test_process_runs_a_delete(inconvo: FakeInconvo) -> None:
     """`courier process` takes a delete too: a file that is not there is existed: false."""
     env = courier_env(
