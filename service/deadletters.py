@@ -34,7 +34,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from service.amqp.declare import declare_queue
 from service.amqp.wire import copy_message
 from service.config import parse_duration
-from service.settle import carried_headers, replay_headers
+from service.copies import carried_headers, replay_headers
 from service.topology import (
     ATTEMPTS_HEADER,
     ERROR_CODE_HEADER,

@@ -25,6 +25,7 @@ from service.topology import (
     DELIVERY_COUNT_HEADER,
     FOLLOW_SINCE_HEADER,
     HELD_SINCE_HEADER,
+    READ_AT_HEADER,
     REDELIVERIES_HEADER,
     TRACEPARENT_HEADER,
 )
@@ -92,6 +93,7 @@ class Envelope:
     copy_id: str | None = None  # set on every copy Courier publishes
     follow_since: datetime | None = None  # a copy following its uploaded file: since when
     checks: int = 0  # the status reads made so far for such a copy
+    read_at: datetime | None = None  # when such a copy's next read is due
 
     @classmethod
     def read(cls, message: Properties) -> Envelope:
@@ -113,6 +115,7 @@ class Envelope:
             copy_id=header_text(headers.get(COPY_ID_HEADER)),
             follow_since=header_time(headers.get(FOLLOW_SINCE_HEADER)),
             checks=header_int(headers.get(CHECKS_HEADER)),
+            read_at=header_time(headers.get(READ_AT_HEADER)),
         )
 
 

@@ -11,13 +11,13 @@ delivery's :class:`Envelope` to one :class:`Decision`:
   fresh upload, its terminal event goes first);
 - ``Ingested``: the file's state is final: publish the ingestion event.
 
-A delivery that follows a file (:func:`decide_follow`) never spends an attempt.
+A delivery that follows a file (:func:`decide_follow`) never spends an attempt, and
+one whose next read is not due yet goes round the delay tiers unread (:func:`not_due`).
 
-Each decision also names the headers its copies carry, and so do the other
-copies Courier makes of a delivery (:func:`give_back_headers`,
-:func:`replay_headers`). :mod:`service.amqp.settler` carries decisions out and
-is the only code that acks; nothing here talks to a broker, so every branch is
-tested without one.
+Each decision also names the headers its copies carry (the other copies Courier
+makes of a delivery are in :mod:`service.copies`). :mod:`service.amqp.settler`
+carries decisions out and is the only code that acks; nothing here talks to a
+broker, so every branch is tested without one.
 """
 
 from __future__ import annotations
@@ -27,32 +27,31 @@ import logging
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from service.config import Settings
+from service.copies import carried_headers, next_copy
 from service.errors import CourierError, ErrorCode, PermanentError, RetryableError
 from service.messages import Envelope
 from service.outcome import Ingestion, Outcome, PlatformFile
 from service.topology import (
     ATTEMPT_HEADER,
     ATTEMPTS_HEADER,
-    BROKER_HEADERS,
     CHECKS_HEADER,
     COPY_ID_HEADER,
-    COURIER_HEADER_PREFIX,
-    DELIVERY_COUNT_HEADER,
     ERROR_CODE_HEADER,
     ERROR_MESSAGE_HEADER,
     FAILED_AT_HEADER,
     FOLLOW_SINCE_HEADER,
     HELD_SINCE_HEADER,
+    READ_AT_HEADER,
     REDELIVERIES_HEADER,
-    TENANT_HEADER,
 )
 
 MAX_HEADER_MESSAGE = 1000
-# Between reads of a file's state, after 0, 1, 2, ... reads (the nearest delay tier each).
+# Between reads of a file's state, after 0, 1, 2, ... reads, at most the longest delay
+# tier. A wait no tier has is made of rounds through them, unread until the read is due.
 FOLLOW_BACKOFF = (5, 15, 60, 300, 900)
 
 
@@ -117,12 +116,7 @@ class Republish:
 
     def headers(self, original: Mapping[str, Any] | None) -> dict[str, Any]:
         """The copy's headers: the original's, less the marks of its own copy, plus ours."""
-        kept = {
-            k: v
-            for k, v in (original or {}).items()
-            if k not in (DELIVERY_COUNT_HEADER, HELD_SINCE_HEADER)
-        }
-        return kept | dict(self.written)
+        return next_copy(original, self.written)
 
 
 class Retry(Republish):
@@ -144,12 +138,7 @@ class Follow:
 
     def headers(self, original: Mapping[str, Any] | None) -> dict[str, Any]:
         """The copy's headers: the original's, less the marks of its own copy, plus ours."""
-        kept = {
-            k: v
-            for k, v in (original or {}).items()
-            if k not in (DELIVERY_COUNT_HEADER, HELD_SINCE_HEADER)
-        }
-        return kept | dict(self.written)
+        return next_copy(original, self.written)
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,11 +225,7 @@ def decide(
         return finish
     if file.final:
         return Finish(outcome, envelope.attempt, _ingestion(outcome, file, 0.0, 0))
-    return Follow(
-        delay=_follow_delay(policy, 0),
-        written=_follow_marks(envelope, now, 0),
-        upload=finish,
-    )
+    return _follow(policy, envelope, now, 0, FOLLOW_BACKOFF[0], now, upload=finish)
 
 
 def decide_follow(
@@ -276,12 +261,31 @@ def decide_follow(
         )
         return Ingested(_ingestion(outcome, file, waited, checks, timeout))
     held = outcome.held
-    delay = (
+    wait = (
         nearest_delay(policy.delays, held.seconds)
         if held is not None
-        else _follow_delay(policy, checks)
+        else FOLLOW_BACKOFF[min(checks, len(FOLLOW_BACKOFF) - 1)]
     )
-    return Follow(delay=delay, written=_follow_marks(envelope, since, checks))
+    return _follow(policy, envelope, since, checks, wait, now)
+
+
+def not_due(envelope: Envelope, policy: Policy, *, now: datetime | None = None) -> Follow | None:
+    """For a copy following its file whose next read is not due yet: another round
+    through the delay tiers, unread (None: read now).
+
+    Read now when one more round would end further from the time due than now is, and
+    once the ingestion timeout has passed (the read ends the following).
+    """
+    since, due = envelope.follow_since, envelope.read_at
+    if since is None or due is None or not policy.track_ingestion:
+        return None
+    now = now or datetime.now(UTC)
+    left = (due - now).total_seconds()
+    if (now - since).total_seconds() >= policy.ingestion_timeout:
+        return None
+    if follow_hop(policy.delays, left) >= 2 * left:
+        return None
+    return _follow(policy, envelope, since, envelope.checks, left, now, due=due)
 
 
 def _ingestion(
@@ -294,17 +298,35 @@ def _ingestion(
     return Ingestion(outcome.destination or "unknown", file, round(waited * 1000, 1), checks, error)
 
 
-def _follow_delay(policy: Policy, checks: int) -> int:
-    return nearest_delay(policy.delays, FOLLOW_BACKOFF[min(checks, len(FOLLOW_BACKOFF) - 1)])
+def follow_hop(delays: tuple[int, ...], seconds: float) -> int:
+    """The delay tier of the next round towards a read due in ``seconds``: the longest
+    tier no longer than that, or the shortest tier."""
+    return max((d for d in delays if d <= seconds), default=min(delays))
 
 
-def _follow_marks(envelope: Envelope, since: datetime, checks: int) -> dict[str, Any]:
-    return {
+def _follow(
+    policy: Policy,
+    envelope: Envelope,
+    since: datetime,
+    checks: int,
+    wait: float,
+    now: datetime,
+    upload: Finish | None = None,
+    due: datetime | None = None,
+) -> Follow:
+    """Follow on: the next read due ``wait`` seconds from ``now`` (at most the longest
+    delay tier: short tiers, as in a test setup, make short waits), or at ``due`` when
+    it is set already; one round towards it."""
+    due = due or now + timedelta(seconds=min(wait, max(policy.delays)))
+    marks = {
         FOLLOW_SINCE_HEADER: since.isoformat(timespec="milliseconds"),
         CHECKS_HEADER: checks,
+        READ_AT_HEADER: due.isoformat(timespec="milliseconds"),
         REDELIVERIES_HEADER: envelope.redeliveries,
         COPY_ID_HEADER: str(uuid.uuid4()),
     }
+    hop = follow_hop(policy.delays, (due - now).total_seconds())
+    return Follow(delay=hop, written=marks, upload=upload)
 
 
 def describe(decision: Decision, attempt: int) -> tuple[int, str, str | None]:
@@ -325,43 +347,6 @@ def describe(decision: Decision, attempt: int) -> tuple[int, str, str | None]:
     if error is not None:
         return logging.WARNING, "failed", error.code.value
     return logging.INFO, "succeeded", None
-
-
-def carried_headers(original: Mapping[str, Any] | None) -> dict[str, Any]:
-    """A copy's headers, carried over from the delivery, less the broker's delivery count
-    (a new copy has not been delivered yet)."""
-    return {k: v for k, v in (original or {}).items() if k != DELIVERY_COUNT_HEADER}
-
-
-def give_back_headers(original: Mapping[str, Any] | None, envelope: Envelope) -> dict[str, Any]:
-    """Headers of a fresh copy handing unfinished work back (a shutdown ran out of time).
-
-    Same attempt; the crashes counted so far carried over, this return not among them.
-    """
-    return carried_headers(original) | {
-        REDELIVERIES_HEADER: envelope.redeliveries,
-        COPY_ID_HEADER: str(uuid.uuid4()),
-    }
-
-
-def moved_headers(original: Mapping[str, Any] | None, tenant: str) -> dict[str, Any]:
-    """A request moved into its tenant's queue: untouched, but for whose it is."""
-    return carried_headers(original) | {TENANT_HEADER: tenant}
-
-
-def beacon_headers(original: Mapping[str, Any] | None) -> dict[str, Any]:
-    """A beacon parked for another round: a fresh copy."""
-    return carried_headers(original) | {COPY_ID_HEADER: str(uuid.uuid4())}
-
-
-def replay_headers(original: Mapping[str, Any]) -> dict[str, Any]:
-    """A replayed dead letter's headers: the producer's own, without Courier's and the
-    broker's bookkeeping (so its attempt count starts again)."""
-    return {
-        k: v
-        for k, v in original.items()
-        if not k.startswith(COURIER_HEADER_PREFIX) and not k.startswith(BROKER_HEADERS)
-    }
 
 
 def _copy_marks(attempt: int, envelope: Envelope) -> dict[str, Any]:

@@ -20,9 +20,11 @@ HELD_SINCE_HEADER = "x-courier-held-since"  # when a held request was first held
 COPY_ID_HEADER = "x-courier-copy-id"  # identifies one copy Courier published
 # Crashes of earlier copies of this request, carried over when Courier republishes it.
 REDELIVERIES_HEADER = "x-courier-redeliveries"
-# A copy that follows an uploaded file (not an upload): since when, and the reads so far.
+# A copy that follows an uploaded file (not an upload): since when, the reads so far, and
+# when the next read is due (until then the copy goes round the delay tiers unread).
 FOLLOW_SINCE_HEADER = "x-courier-follow-since"
 CHECKS_HEADER = "x-courier-checks"
+READ_AT_HEADER = "x-courier-read-at"
 # A request moved into its tenant's queue: whose it is (so it is not parsed again).
 TENANT_HEADER = "x-courier-tenant"
 # Not a request: a marker that circulates through the delay tiers while a tenant's queue

@@ -32,18 +32,18 @@ from service.amqp.wire import copy_message
 from service.attempt import attempt
 from service.config import Settings
 from service.contracts import DEFAULT_TENANT
+from service.copies import beacon_headers, give_back_headers, moved_headers
 from service.messages import Decoded, Envelope
 from service.outcome import Work
 from service.redact import mask_text
 from service.settle import (
     Decision,
+    Follow,
     Policy,
-    beacon_headers,
     decide,
     decide_follow,
     describe,
-    give_back_headers,
-    moved_headers,
+    not_due,
 )
 from service.topology import Topology
 
@@ -190,6 +190,11 @@ class Settler:
                     self._hooks.duplicate_dropped()
                     await self._ack(work)
                     return
+                hop = not_due(envelope, self.policy)
+                if hop is not None:  # a followed file whose next read is not due: unread
+                    await self._round(work, hop)
+                    self._settled.remember(envelope.copy_id)
+                    return
                 decoded, outcome = await attempt(
                     self._work_for, message.body, envelope, self.policy, self._max_bytes
                 )
@@ -217,6 +222,14 @@ class Settler:
             raise
         finally:
             self._hooks.in_flight(-1)
+
+    async def _round(self, work: InFlight, hop: Follow) -> None:
+        """One more round through the delay tiers for a copy following its file."""
+        work.begin_settle()
+        copy = copy_message(work.message, hop.headers(work.message.headers))
+        [send] = work.publishing(1)
+        await self._publisher.to_queue(self.topology.tier(hop.delay).name, copy, send)
+        await self._ack(work)
 
     def _log(self, envelope: Envelope, decision: Decision, decoded: Decoded) -> None:
         level, text, code = describe(decision, envelope.attempt)

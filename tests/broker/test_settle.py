@@ -9,12 +9,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 
+from service.copies import give_back_headers, replay_headers
 from service.errors import CourierError, ErrorCode, PermanentError, RetryableError
-from service.messages import Envelope
+from service.messages import Envelope, Properties
 from service.outcome import Held, Outcome, PlatformFile
 from service.redact import mask_text
 from service.settle import (
@@ -27,11 +29,10 @@ from service.settle import (
     Retry,
     decide,
     decide_follow,
-    give_back_headers,
     nearest_delay,
+    not_due,
     pick_delay,
     poisoned,
-    replay_headers,
 )
 from service.topology import (
     ATTEMPT_HEADER,
@@ -44,6 +45,7 @@ from service.topology import (
     FAILED_AT_HEADER,
     FOLLOW_SINCE_HEADER,
     HELD_SINCE_HEADER,
+    READ_AT_HEADER,
     REDELIVERIES_HEADER,
 )
 
@@ -530,6 +532,83 @@ def test_decide_follow(read: Read) -> None:
     assert (ingestion.error.code if ingestion.error else None) == read.code
     assert ingestion.completed == (read.code is None)
     assert ingestion.waited_ms == (NOW - (read.envelope.follow_since or NOW)).total_seconds() * 1000
+
+
+def test_reads_keep_their_backoff_with_the_default_tiers() -> None:
+    """The default tiers (10 s, 1 m, 5 m, 30 m) have no 15 m: that wait goes round the 5 m
+    tier three times, the copy unread until its read is due. So a file still pending is
+    read after about 5 s (the shortest tier), 15 s, 1 m, 5 m, then every 15 m until the
+    6 h timeout: 28 reads, where reading at every tier's return made one every 5 m (72)."""
+    now = NOW
+    decision = decide(uploaded(PENDING), facts(), POLICY, now=now)
+    headers: dict[str, Any] = {}
+    reads: list[float] = []
+    rounds = 0
+    while not isinstance(decision, Ingested):
+        assert isinstance(decision, Follow)
+        headers = decision.headers(headers)
+        now += timedelta(seconds=decision.delay)
+        envelope = Envelope.read(
+            cast(
+                Properties,
+                SimpleNamespace(
+                    message_id=None, correlation_id=None, reply_to=None, headers=headers
+                ),
+            )
+        )
+        hop = not_due(envelope, POLICY, now=now)
+        if hop is not None:
+            assert hop.headers(headers)[CHECKS_HEADER] == envelope.checks, "no read, no check"
+            decision, rounds = hop, rounds + 1
+            continue
+        reads.append((now - NOW).total_seconds())
+        decision = decide_follow(uploaded(PENDING), envelope, POLICY, now=now)
+    gaps = [b - a for a, b in zip([0.0, *reads], reads, strict=False)]
+    assert gaps[:4] == [10, 10, 60, 300]
+    assert set(gaps[4:-1]) == {900} and gaps[-1] <= 900
+    assert len(reads) == 28 and rounds == 2 * 23 + 1
+    assert decision.ingestion is not None and decision.ingestion.checks == 28
+    assert decision.ingestion.error is not None
+    assert decision.ingestion.error.code is ErrorCode.INGESTION_TIMEOUT
+
+
+def test_a_round_unread_keeps_the_marks_and_the_timeout_reads_at_once() -> None:
+    """A round through the tiers keeps since-when and the checks; once the ingestion
+    timeout has passed, or tracking is off, the copy is read (which ends it) at once."""
+    due = NOW + timedelta(seconds=600)
+    envelope = Envelope(follow_since=NOW - timedelta(hours=1), checks=7, read_at=due)
+    hop = not_due(envelope, POLICY, now=NOW)
+    assert hop is not None and hop.delay == 300 and hop.upload is None
+    written = hop.headers({})
+    assert written[FOLLOW_SINCE_HEADER] == (NOW - timedelta(hours=1)).isoformat(
+        timespec="milliseconds"
+    )
+    assert written[CHECKS_HEADER] == 7 and written[READ_AT_HEADER] == due.isoformat(
+        timespec="milliseconds"
+    )
+    assert (
+        not_due(dataclasses.replace(envelope, read_at=NOW + timedelta(seconds=4)), POLICY, now=NOW)
+        is None
+    )
+    late = dataclasses.replace(envelope, follow_since=NOW - timedelta(hours=6))
+    assert not_due(late, POLICY, now=NOW) is None
+    off = dataclasses.replace(POLICY, track_ingestion=False)
+    assert not_due(envelope, off, now=NOW) is None
+    assert not_due(facts(), POLICY, now=NOW) is None, "an upload, not a follow"
+    assert not_due(following(2), POLICY, now=NOW) is None, "a copy from before read-at: read"
+
+
+def test_reads_wait_no_longer_than_the_longest_tier() -> None:
+    """Short tiers (a test setup's 1 s and 2 s) make short waits: a read every tier's
+    return at most, as before waits were made of rounds."""
+    short = dataclasses.replace(POLICY, delays=(1, 2))
+    first = decide(uploaded(PENDING), facts(), short, now=NOW)
+    assert isinstance(first, Follow) and first.delay == 2
+    for checks in range(6):
+        later = decide_follow(uploaded(PENDING), following(checks), short, now=NOW)
+        assert isinstance(later, Follow) and later.delay == 2
+        due = later.headers({})[READ_AT_HEADER]
+        assert due == (NOW + timedelta(seconds=2)).isoformat(timespec="milliseconds")
 
 
 def test_reads_back_off() -> None:

@@ -33,6 +33,7 @@ from service.topology import (
     ERROR_CODE_HEADER,
     FOLLOW_SINCE_HEADER,
     HELD_SINCE_HEADER,
+    READ_AT_HEADER,
     REDELIVERIES_HEADER,
     Topology,
 )
@@ -443,6 +444,29 @@ async def test_a_read_copy_ends_with_the_ingestion_event_alone() -> None:
     assert event.body["data"]["checks"] == 3
     assert event.body["data"]["fileStatus"] == "published"
     assert rig.metrics.tracked._value.get() == -1, "this replica saw one followed file return"
+
+
+async def test_a_copy_whose_read_is_not_due_goes_round_unread() -> None:
+    """A followed file's copy back before its next read is due: one more round through
+    the longest tier that fits, the same marks kept, the file not read, no event."""
+
+    async def never(request: Request, request_id: str) -> Outcome:
+        raise AssertionError("a round reads nothing and uploads nothing")
+
+    rig = Rig(never, never)
+    since = (datetime.now(UTC) - timedelta(minutes=1)).isoformat(timespec="milliseconds")
+    due = (datetime.now(UTC) + timedelta(minutes=10)).isoformat(timespec="milliseconds")
+    delivery = rig.deliver(
+        headers={FOLLOW_SINCE_HEADER: since, CHECKS_HEADER: 4, READ_AT_HEADER: due}
+    )
+    await rig.settled()
+    [copy] = rig.outbox.entries("confirmed")
+    assert copy.target == f"queue:{rig.topology.tier(2).name}"
+    assert copy.message is not None and copy.message.body == BODY
+    assert copy.headers[CHECKS_HEADER] == 4 and copy.headers[FOLLOW_SINCE_HEADER] == since
+    assert copy.headers[READ_AT_HEADER] == due
+    assert rig.outbox.kinds()[-1] == f"ack {delivery.delivery_tag}"
+    assert rig.metrics.tracked._value.get() == 0, "still followed: gone out and back in"
 
 
 async def test_a_read_copy_still_pending_is_parked_again_without_an_event() -> None:

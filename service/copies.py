@@ -1,0 +1,69 @@
+"""The headers of every copy Courier makes of a delivery, in one place.
+
+A copy carries the producer's headers and Courier's bookkeeping over, never the
+broker's delivery count (a new copy has not been delivered yet); the decisions of
+:mod:`service.settle` add their own marks (:func:`next_copy`).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from service.messages import Envelope
+from service.topology import (
+    BROKER_HEADERS,
+    COPY_ID_HEADER,
+    COURIER_HEADER_PREFIX,
+    DELIVERY_COUNT_HEADER,
+    HELD_SINCE_HEADER,
+    REDELIVERIES_HEADER,
+    TENANT_HEADER,
+)
+
+_OWN_MARKS = (DELIVERY_COUNT_HEADER, HELD_SINCE_HEADER)  # a copy's own, never carried over
+
+
+def next_copy(original: Mapping[str, Any] | None, written: Mapping[str, Any]) -> dict[str, Any]:
+    """A delay tier's copy: the original's headers, less the marks of the delivery's own
+    copy (its delivery count, since when it was held), plus ``written``."""
+    kept = {k: v for k, v in (original or {}).items() if k not in _OWN_MARKS}
+    return kept | dict(written)
+
+
+def carried_headers(original: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A copy's headers, carried over from the delivery, less the broker's delivery count
+    (a new copy has not been delivered yet)."""
+    return {k: v for k, v in (original or {}).items() if k != DELIVERY_COUNT_HEADER}
+
+
+def give_back_headers(original: Mapping[str, Any] | None, envelope: Envelope) -> dict[str, Any]:
+    """Headers of a fresh copy handing unfinished work back (a shutdown ran out of time).
+
+    Same attempt; the crashes counted so far carried over, this return not among them.
+    """
+    return carried_headers(original) | {
+        REDELIVERIES_HEADER: envelope.redeliveries,
+        COPY_ID_HEADER: str(uuid.uuid4()),
+    }
+
+
+def moved_headers(original: Mapping[str, Any] | None, tenant: str) -> dict[str, Any]:
+    """A request moved into its tenant's queue: untouched, but for whose it is."""
+    return carried_headers(original) | {TENANT_HEADER: tenant}
+
+
+def beacon_headers(original: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A beacon parked for another round: a fresh copy."""
+    return carried_headers(original) | {COPY_ID_HEADER: str(uuid.uuid4())}
+
+
+def replay_headers(original: Mapping[str, Any]) -> dict[str, Any]:
+    """A replayed dead letter's headers: the producer's own, without Courier's and the
+    broker's bookkeeping (so its attempt count starts again)."""
+    return {
+        k: v
+        for k, v in original.items()
+        if not k.startswith(COURIER_HEADER_PREFIX) and not k.startswith(BROKER_HEADERS)
+    }
