@@ -412,6 +412,40 @@ async def test_a_file_final_at_once_gets_its_ingestion_event_after_the_upload_s(
     assert rig.outbox.kinds()[-1] == f"ack {delivery.delivery_tag}"
 
 
+async def test_ingestion_events_carry_the_correlation_and_go_to_reply_to() -> None:
+    """The ingestion event is correlated as the upload event is, and copied to reply_to
+    too: after an upload final at once, and from a copy that read its file."""
+    rig = Rig(returning(dataclasses.replace(SUCCEEDED, file=STORED)))
+    rig.deliver(reply_to="replies", correlation_id="c-9")
+    await rig.settled()
+    confirmed = [e for e in rig.outbox.entries("confirmed") if e.target.startswith("exchange:")]
+    replies = [e for e in rig.outbox.log if e.target == "queue:replies"]
+    assert (
+        [e.body["type"] for e in replies]
+        == [e.body["type"] for e in confirmed]
+        == [
+            "courier.upload.succeeded",
+            "courier.ingestion.completed",
+        ]
+    )
+    for entry in (*confirmed, *replies):
+        assert entry.message is not None and entry.message.correlation_id == "c-9"
+    published = dataclasses.replace(ACCEPTED, status="published", state="completed")
+    reader = Rig(returning(SUCCEEDED), returning(Outcome(2.0, "mindset", file=published)))
+    since = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
+    reader.deliver(
+        headers={FOLLOW_SINCE_HEADER: since, CHECKS_HEADER: 1},
+        reply_to="replies",
+        correlation_id="c-10",
+    )
+    await reader.settled()
+    [event] = reader.outbox.entries("confirmed")
+    [reply] = [e for e in reader.outbox.log if e.target == "queue:replies"]
+    assert event.body["type"] == reply.body["type"] == "courier.ingestion.completed"
+    assert event.message is not None and event.message.correlation_id == "c-10"
+    assert reply.message is not None and reply.message.correlation_id == "c-10"
+
+
 async def test_a_file_still_ingesting_is_parked_to_be_read_again() -> None:
     """Mindset accepted the file: upload.succeeded, then a copy in a delay tier that will
     read the file's state; nothing is kept in memory."""
