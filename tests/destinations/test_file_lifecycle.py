@@ -168,6 +168,57 @@ async def test_each_uploaded_file_gets_one_ingestion_event(
         assert mindset.reads_of(external_id=f"courier:{fate}") == fates[fate] + 1
 
 
+async def test_a_file_the_platform_loses_ends_in_ingestion_failed_saying_so(
+    make_settings: Callable[..., Settings],
+    amqp: AbstractRobustConnection,
+    names: Names,
+    files: FileServer,
+    mindset: FakeMindset,
+    everything: EventCollector,
+) -> None:
+    """The file disappears while Courier follows it (a read finds no file by its
+    externalId): ingestion.failed, code ingestion_failed, the message saying so."""
+    mindset.ingestion = lambda body: IngestionRule("gone", after_reads=1)
+    async with running(make_settings()):
+        url = files.add("/lost.pdf", b"%PDF")
+        await publish(amqp, names.queue, mindset_request(url, "lost"))
+        await wait_types(everything, {"lost": "courier.ingestion.failed"})
+    assert of(everything, "lost") == ["courier.upload.succeeded", "courier.ingestion.failed"]
+    failed = data(everything, "lost", "courier.ingestion.failed")
+    assert failed["error"]["code"] == "ingestion_failed" and not failed["error"]["retryable"]
+    assert "no longer in Mindset" in failed["error"]["message"]
+    assert failed["checks"] == 2, "one read that saw accepted, one that found nothing"
+    assert mindset.files == []
+
+
+async def test_a_deduplicated_upload_is_followed_as_well(
+    make_settings: Callable[..., Settings],
+    amqp: AbstractRobustConnection,
+    names: Names,
+    files: FileServer,
+    mindset: FakeMindset,
+    everything: EventCollector,
+) -> None:
+    """A second request for a file already there (the same externalId and content):
+    deduplicated, then its own ingestion event from the existing file's state."""
+    mindset.ingestion = lambda body: IngestionRule("published", after_reads=1)
+    url = files.add("/kb.txt", b"the handbook", content_type="text/plain")
+    async with running(make_settings()):
+        await publish(amqp, names.queue, mindset_request(url, "first", externalId="kb"))
+        await wait_types(everything, {"first": "courier.ingestion.completed"})
+        await publish(amqp, names.queue, mindset_request(url, "again", externalId="kb"))
+        await wait_types(everything, {"again": "courier.ingestion.completed"})
+    assert of(everything, "again") == ["courier.upload.succeeded", "courier.ingestion.completed"]
+    assert data(everything, "again", "courier.upload.succeeded")["deduplicated"] is True
+    ingestion = data(everything, "again", "courier.ingestion.completed")
+    assert ingestion["fileStatus"] == "published" and ingestion["checks"] == 0
+    assert (
+        ingestion["result"]["uid"]
+        == data(everything, "first", "courier.ingestion.completed")["result"]["uid"]
+    )
+    assert len(mindset.files) == 1
+
+
 async def test_a_file_never_final_ends_in_ingestion_timeout(
     make_settings: Callable[..., Settings],
     amqp: AbstractRobustConnection,
