@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 from aio_pika.abc import AbstractRobustConnection
 from prometheus_client.parser import text_string_to_metric_families
@@ -24,6 +25,7 @@ from testbed.support import (
     EventCollector,
     FileServer,
     Names,
+    drain,
     inconvo_request,
     publish,
     publish_requests,
@@ -458,6 +460,65 @@ async def test_deletes_at_both_destinations_are_idempotent(
     assert inconvo.files == {} and mindset.files == []
     assert [d.file_name for d in inconvo.deletes] == ["q4.csv"]
     assert len(mindset.deletes) == 1
+
+
+async def test_context_and_agent_scoped_deletes_take_their_routes(
+    service_for_mindset: None,
+    amqp: AbstractRobustConnection,
+    names: Names,
+    files: FileServer,
+    inconvo: FakeInconvo,
+    collector: EventCollector,
+) -> None:
+    """A context-scoped delete, with an agent and without, removes the file that the
+    upload of the same scope made, through the route of that scope."""
+    scopes = {
+        "ctx": {"contextKey": "team", "contextValue": "blue"},
+        "agent-ctx": {"contextKey": "team", "contextValue": "blue", "agentId": "agent-7"},
+    }
+    for rid, scope in scopes.items():
+        url = files.add(f"/{rid}.csv", b"1\n")
+        upload = {"id": rid, "source": {"url": url}, "destination": {"type": "inconvo", **scope}}
+        await publish(amqp, names.queue, upload)
+    await collector.wait_for_ids(set(scopes))
+    assert len(inconvo.files) == 2
+    for rid, scope in scopes.items():
+        destination = {"type": "inconvo", "fileName": f"{rid}.csv", **scope}
+        await publish(
+            amqp,
+            names.queue,
+            {"id": f"del-{rid}", "operation": "delete", "destination": destination},
+        )
+    await collector.wait_for_ids({f"del-{rid}" for rid in scopes})
+    for rid in scopes:
+        assert data(collector, f"del-{rid}", "courier.delete.succeeded")["existed"] is True
+    assert inconvo.files == {}
+    assert {(d.scope, d.agent_id, d.file_name) for d in inconvo.deletes} == {
+        ("userContext/team:blue", None, "ctx.csv"),
+        ("userContext/team:blue", "agent-7", "agent-ctx.csv"),
+    }
+
+
+async def test_a_delete_that_keeps_failing_is_retried_then_dead_lettered(
+    make_settings: Callable[..., Settings],
+    amqp: AbstractRobustConnection,
+    names: Names,
+    inconvo: FakeInconvo,
+    collector: EventCollector,
+) -> None:
+    """Inconvo answers every DELETE 500: the delete spends its attempts through the delay
+    tiers, as an upload would, then ends in delete.failed and the dead-letter queue."""
+    rule = inconvo.fail_when(lambda request: request.method == "DELETE", 500)
+    async with running(make_settings(max_attempts=3)):
+        await publish(amqp, names.queue, inconvo_delete("del-bad", "x.csv"))
+        await collector.wait_for_ids({"del-bad"}, timeout=60)
+    event = data(collector, "del-bad", "courier.delete.failed")
+    assert event["operation"] == "delete" and event["attempts"] == 3
+    assert event["error"]["code"] == "destination_unavailable" and event["error"]["retryable"]
+    assert rule.calls >= 3
+    letters = [message async for message in drain(amqp, names.dead_queue)]
+    assert [orjson.loads(m.body)["id"] for m in letters] == ["del-bad"]
+    assert letters[0].headers["x-courier-error-code"] == "destination_unavailable"
 
 
 async def test_a_delete_is_held_by_an_open_breaker(
