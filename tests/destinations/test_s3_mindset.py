@@ -477,16 +477,21 @@ async def test_mindset_source_url_from_http_and_s3(
     s3: S3Client,
     bucket: str,
 ) -> None:
-    """http sources pass as given (mimeType inferred); S3 sources become presigned URLs that serve the object."""
+    """http sources pass as given (mimeType inferred), with no contentHash; S3 sources
+    become presigned URLs that serve the object, their version as the contentHash unless
+    the request brings its own."""
     video = b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 40
-    await s3.put_object(Bucket=bucket, Key="media/talk.mp4", Body=video)
+    put = await s3.put_object(Bucket=bucket, Key="media/talk.mp4", Body=video)
+    await s3.put_object(Bucket=bucket, Key="media/own.mp4", Body=video)
     http_url = stage.files.add("/decks/intro.pptx?sig=abc", b"PK\x03\x04")
     async with stage.running():
         await stage.publish(
             mindset_request(http_url, "http-1", externalId="ext-1", labels=["l1"]),
         )
         await stage.publish(mindset_request(f"s3://{bucket}/media/talk.mp4", "s3-1"))
-        events = {e["data"]["requestId"]: e["data"] for e in await stage.collector.wait_for(2)}
+        own = mindset_request(f"s3://{bucket}/media/own.mp4", "s3-own", contentHash="mine:v7")
+        await stage.publish(own)
+        events = {e["data"]["requestId"]: e["data"] for e in await stage.collector.wait_for(3)}
     assert events["http-1"]["status"] == "succeeded", events["http-1"]
     assert events["s3-1"]["status"] == "succeeded", events["s3-1"]
     assert events["http-1"]["delivery"] == events["s3-1"]["delivery"] == "sourceUrl"
@@ -498,10 +503,12 @@ async def test_mindset_source_url_from_http_and_s3(
         == "application/vnd.openxmlformats-officedocument.presentationml.presentation"
     )
     assert pptx["externalId"] == "ext-1" and pptx["labels"] == ["l1"]
-    assert "documentContent" not in pptx
+    assert "documentContent" not in pptx and "contentHash" not in pptx
+    assert bodies["own.mp4"]["contentHash"] == "mine:v7"
     assert stage.files.hits == []  # no bytes passed through Courier
     mp4 = bodies["talk.mp4"]
     assert mp4["mimeType"] == "video/mp4"
+    assert mp4["contentHash"] == f"s3-version:{put['VersionId']}"
     presigned = mp4["sourceUrl"]
     assert AWS_SECRET not in presigned
     query = parse_qs(urlsplit(presigned).query)
