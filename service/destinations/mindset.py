@@ -297,7 +297,7 @@ class Mindset:
         destination = self._destination(request)
         where = Context(destination.appUid, destination.contextUid)
         external_id = destination.externalId or f"courier:{request_id}"
-        found = await self._files.by_external_id(where, external_id)
+        found = await self._files.by_external_id(where, external_id, once=True)
         return GONE if found is None else platform_file(found, external_id)
 
 

@@ -90,9 +90,13 @@ class MindsetFiles:
 
         return await retried(once)
 
-    async def by_external_id(self, where: Context, external_id: str) -> Any | None:
-        """The file holding ``external_id``, or None."""
-        return await retried(lambda: self._call("GET", self._by_external_id(where, external_id)))
+    async def by_external_id(
+        self, where: Context, external_id: str, *, once: bool = False
+    ) -> Any | None:
+        """The file holding ``external_id``, or None; ``once``: one GET, not retried here
+        (a followed file's read: a failed one is read again from the broker, later)."""
+        url = self._by_external_id(where, external_id)
+        return await (self._call("GET", url) if once else retried(lambda: self._call("GET", url)))
 
     def _by_external_id(self, where: Context, external_id: str) -> str:
         return f"{self._files(where)}/externalId/{quote(external_id, safe='')}"

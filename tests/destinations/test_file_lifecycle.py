@@ -170,6 +170,27 @@ async def test_each_uploaded_file_gets_one_ingestion_event(
         assert mindset.reads_of(external_id=f"courier:{fate}") == fates[fate] + 1
 
 
+async def test_a_read_that_fails_is_one_get_and_the_next_comes_from_the_broker(
+    make_settings: Callable[..., Settings],
+    amqp: AbstractRobustConnection,
+    names: Names,
+    files: FileServer,
+    mindset: FakeMindset,
+    everything: EventCollector,
+) -> None:
+    """A status read answered 503 is one GET, counted as a check, not retried on the
+    spot: the next read comes after the next delay, and the file ends completed."""
+    mindset.ingestion = lambda body: IngestionRule("published", after_reads=1)
+    mindset.fail_next(503, method="GET")
+    async with running(make_settings()):
+        await publish(amqp, names.queue, mindset_request(files.add("/r.pdf", b"%PDF"), "r"))
+        await wait_types(everything, {"r": "courier.ingestion.completed"})
+    ingestion = data(everything, "r", "courier.ingestion.completed")
+    assert ingestion["checks"] == 3, "the refused read, one that saw accepted, the last"
+    assert mindset.reads_of(external_id="courier:r") == 2
+    assert len([r for r in mindset.requests if r.method == "GET"]) == 3
+
+
 async def test_a_file_the_platform_loses_ends_in_ingestion_failed_saying_so(
     make_settings: Callable[..., Settings],
     amqp: AbstractRobustConnection,
