@@ -225,7 +225,7 @@ def decide(
         return finish
     if file.final:
         return Finish(outcome, envelope.attempt, _ingestion(outcome, file, 0.0, 0))
-    return _follow(policy, envelope, now, 0, FOLLOW_BACKOFF[0], now, upload=finish)
+    return _follow(policy, envelope, now, 0, now, _read_due(policy, now, FOLLOW_BACKOFF[0]), finish)
 
 
 def decide_follow(
@@ -266,7 +266,7 @@ def decide_follow(
         if held is not None
         else FOLLOW_BACKOFF[min(checks, len(FOLLOW_BACKOFF) - 1)]
     )
-    return _follow(policy, envelope, since, checks, wait, now)
+    return _follow(policy, envelope, since, checks, now, _read_due(policy, now, wait))
 
 
 def not_due(envelope: Envelope, policy: Policy, *, now: datetime | None = None) -> Follow | None:
@@ -285,7 +285,7 @@ def not_due(envelope: Envelope, policy: Policy, *, now: datetime | None = None) 
         return None
     if follow_hop(policy.delays, left) >= 2 * left:
         return None
-    return _follow(policy, envelope, since, envelope.checks, left, now, due=due)
+    return _follow(policy, envelope, since, envelope.checks, now, due)
 
 
 def _ingestion(
@@ -304,20 +304,22 @@ def follow_hop(delays: tuple[int, ...], seconds: float) -> int:
     return max((d for d in delays if d <= seconds), default=min(delays))
 
 
+def _read_due(policy: Policy, now: datetime, wait: float) -> datetime:
+    """When a read ``wait`` seconds from ``now`` is due: at most the longest delay tier
+    away (short tiers, as in a test setup, make short waits)."""
+    return now + timedelta(seconds=min(wait, max(policy.delays)))
+
+
 def _follow(
     policy: Policy,
     envelope: Envelope,
     since: datetime,
     checks: int,
-    wait: float,
     now: datetime,
+    due: datetime,
     upload: Finish | None = None,
-    due: datetime | None = None,
 ) -> Follow:
-    """Follow on: the next read due ``wait`` seconds from ``now`` (at most the longest
-    delay tier: short tiers, as in a test setup, make short waits), or at ``due`` when
-    it is set already; one round towards it."""
-    due = due or now + timedelta(seconds=min(wait, max(policy.delays)))
+    """Follow on: the next read is due at ``due``; one round through the tiers towards it."""
     marks = {
         FOLLOW_SINCE_HEADER: since.isoformat(timespec="milliseconds"),
         CHECKS_HEADER: checks,

@@ -20,12 +20,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.config import Settings
 from testbed.fakes import FakeInconvo, FakeMindset, IngestionRule
+from testbed.stage import Stage
 from testbed.support import (
     CourierProcess,
     EventCollector,
     FileServer,
     Names,
-    drain,
     inconvo_request,
     publish,
     publish_requests,
@@ -171,75 +171,57 @@ async def test_each_uploaded_file_gets_one_ingestion_event(
 
 
 async def test_a_read_that_fails_is_one_get_and_the_next_comes_from_the_broker(
-    make_settings: Callable[..., Settings],
-    amqp: AbstractRobustConnection,
-    names: Names,
-    files: FileServer,
-    mindset: FakeMindset,
-    everything: EventCollector,
+    stage: Stage, everything: EventCollector
 ) -> None:
     """A status read answered 503 is one GET, counted as a check, not retried on the
     spot: the next read comes after the next delay, and the file ends completed."""
-    mindset.ingestion = lambda body: IngestionRule("published", after_reads=1)
-    mindset.fail_next(503, method="GET")
-    async with running(make_settings()):
-        await publish(amqp, names.queue, mindset_request(files.add("/r.pdf", b"%PDF"), "r"))
+    stage.mindset.ingestion = lambda body: IngestionRule("published", after_reads=1)
+    stage.mindset.fail_next(503, method="GET")
+    async with stage.running():
+        await stage.publish(mindset_request(stage.files.add("/r.pdf", b"%PDF"), "r"))
         await wait_types(everything, {"r": "courier.ingestion.completed"})
     ingestion = data(everything, "r", "courier.ingestion.completed")
     assert ingestion["checks"] == 3, "the refused read, one that saw accepted, the last"
-    assert mindset.reads_of(external_id="courier:r") == 2
-    assert len([r for r in mindset.requests if r.method == "GET"]) == 3
+    assert stage.mindset.reads_of(external_id="courier:r") == 2
+    assert len([r for r in stage.mindset.requests if r.method == "GET"]) == 3
 
 
 async def test_a_file_the_platform_loses_ends_in_ingestion_failed_saying_so(
-    make_settings: Callable[..., Settings],
-    amqp: AbstractRobustConnection,
-    names: Names,
-    files: FileServer,
-    mindset: FakeMindset,
-    everything: EventCollector,
+    stage: Stage, everything: EventCollector
 ) -> None:
     """The file disappears while Courier follows it (a read finds no file by its
     externalId): ingestion.failed, code ingestion_failed, the message saying so."""
-    mindset.ingestion = lambda body: IngestionRule("gone", after_reads=1)
-    async with running(make_settings()):
-        url = files.add("/lost.pdf", b"%PDF")
-        await publish(amqp, names.queue, mindset_request(url, "lost"))
+    stage.mindset.ingestion = lambda body: IngestionRule("gone", after_reads=1)
+    async with stage.running():
+        await stage.publish(mindset_request(stage.files.add("/lost.pdf", b"%PDF"), "lost"))
         await wait_types(everything, {"lost": "courier.ingestion.failed"})
     assert of(everything, "lost") == ["courier.upload.succeeded", "courier.ingestion.failed"]
     failed = data(everything, "lost", "courier.ingestion.failed")
     assert failed["error"]["code"] == "ingestion_failed" and not failed["error"]["retryable"]
     assert "no longer in Mindset" in failed["error"]["message"]
     assert failed["checks"] == 2, "one read that saw accepted, one that found nothing"
-    assert mindset.files == []
+    assert stage.mindset.files == []
 
 
 async def test_a_deduplicated_upload_is_followed_as_well(
-    make_settings: Callable[..., Settings],
-    amqp: AbstractRobustConnection,
-    names: Names,
-    files: FileServer,
-    mindset: FakeMindset,
-    everything: EventCollector,
+    stage: Stage, everything: EventCollector
 ) -> None:
     """A second request for a file already there (the same externalId and content):
     deduplicated, then its own ingestion event from the existing file's state."""
-    mindset.ingestion = lambda body: IngestionRule("published", after_reads=1)
-    url = files.add("/kb.txt", b"the handbook", content_type="text/plain")
-    async with running(make_settings()):
-        await publish(amqp, names.queue, mindset_request(url, "first", externalId="kb"))
+    stage.mindset.ingestion = lambda body: IngestionRule("published", after_reads=1)
+    url = stage.files.add("/kb.txt", b"the handbook", content_type="text/plain")
+    async with stage.running():
+        await stage.publish(mindset_request(url, "first", externalId="kb"))
         await wait_types(everything, {"first": "courier.ingestion.completed"})
-        await publish(amqp, names.queue, mindset_request(url, "again", externalId="kb"))
+        await stage.publish(mindset_request(url, "again", externalId="kb"))
         await wait_types(everything, {"again": "courier.ingestion.completed"})
     assert of(everything, "again") == ["courier.upload.succeeded", "courier.ingestion.completed"]
     assert data(everything, "again", "courier.upload.succeeded")["deduplicated"] is True
     ingestion = data(everything, "again", "courier.ingestion.completed")
+    first = data(everything, "first", "courier.ingestion.completed")
     assert ingestion["fileStatus"] == "published" and ingestion["checks"] == 0
-    assert (
-        ingestion["result"]["uid"]
-        == data(everything, "first", "courier.ingestion.completed")["result"]["uid"]
-    )
-    assert len(mindset.files) == 1
+    assert ingestion["result"]["uid"] == first["result"]["uid"]
+    assert len(stage.mindset.files) == 1
 
 
 async def test_a_file_never_final_ends_in_ingestion_timeout(
@@ -483,61 +465,48 @@ async def test_deletes_at_both_destinations_are_idempotent(
     assert len(mindset.deletes) == 1
 
 
-async def test_context_and_agent_scoped_deletes_take_their_routes(
-    service_for_mindset: None,
-    amqp: AbstractRobustConnection,
-    names: Names,
-    files: FileServer,
-    inconvo: FakeInconvo,
-    collector: EventCollector,
-) -> None:
+async def test_context_and_agent_scoped_deletes_take_their_routes(stage: Stage) -> None:
     """A context-scoped delete, with an agent and without, removes the file that the
     upload of the same scope made, through the route of that scope."""
     scopes = {
         "ctx": {"contextKey": "team", "contextValue": "blue"},
         "agent-ctx": {"contextKey": "team", "contextValue": "blue", "agentId": "agent-7"},
     }
-    for rid, scope in scopes.items():
-        url = files.add(f"/{rid}.csv", b"1\n")
-        upload = {"id": rid, "source": {"url": url}, "destination": {"type": "inconvo", **scope}}
-        await publish(amqp, names.queue, upload)
-    await collector.wait_for_ids(set(scopes))
-    assert len(inconvo.files) == 2
-    for rid, scope in scopes.items():
-        destination = {"type": "inconvo", "fileName": f"{rid}.csv", **scope}
-        await publish(
-            amqp,
-            names.queue,
-            {"id": f"del-{rid}", "operation": "delete", "destination": destination},
-        )
-    await collector.wait_for_ids({f"del-{rid}" for rid in scopes})
+    async with stage.running(track_ingestion=False):
+        for rid, scope in scopes.items():
+            url = stage.files.add(f"/{rid}.csv", b"1\n")
+            await stage.publish(
+                {"id": rid, "source": {"url": url}, "destination": {"type": "inconvo", **scope}}
+            )
+        await stage.collector.wait_for_ids(set(scopes))
+        assert len(stage.inconvo.files) == 2
+        for rid, scope in scopes.items():
+            destination = {"type": "inconvo", "fileName": f"{rid}.csv", **scope}
+            await stage.publish(
+                {"id": f"del-{rid}", "operation": "delete", "destination": destination}
+            )
+        await stage.collector.wait_for_ids({f"del-{rid}" for rid in scopes})
     for rid in scopes:
-        assert data(collector, f"del-{rid}", "courier.delete.succeeded")["existed"] is True
-    assert inconvo.files == {}
-    assert {(d.scope, d.agent_id, d.file_name) for d in inconvo.deletes} == {
+        assert data(stage.collector, f"del-{rid}", "courier.delete.succeeded")["existed"] is True
+    assert stage.inconvo.files == {}
+    assert {(d.scope, d.agent_id, d.file_name) for d in stage.inconvo.deletes} == {
         ("userContext/team:blue", None, "ctx.csv"),
         ("userContext/team:blue", "agent-7", "agent-ctx.csv"),
     }
 
 
-async def test_a_delete_that_keeps_failing_is_retried_then_dead_lettered(
-    make_settings: Callable[..., Settings],
-    amqp: AbstractRobustConnection,
-    names: Names,
-    inconvo: FakeInconvo,
-    collector: EventCollector,
-) -> None:
+async def test_a_delete_that_keeps_failing_is_retried_then_dead_lettered(stage: Stage) -> None:
     """Inconvo answers every DELETE 500: the delete spends its attempts through the delay
     tiers, as an upload would, then ends in delete.failed and the dead-letter queue."""
-    rule = inconvo.fail_when(lambda request: request.method == "DELETE", 500)
-    async with running(make_settings(max_attempts=3)):
-        await publish(amqp, names.queue, inconvo_delete("del-bad", "x.csv"))
-        await collector.wait_for_ids({"del-bad"}, timeout=60)
-    event = data(collector, "del-bad", "courier.delete.failed")
+    rule = stage.inconvo.fail_when(lambda request: request.method == "DELETE", 500)
+    async with stage.running(max_attempts=3):
+        await stage.publish(inconvo_delete("del-bad", "x.csv"))
+        await stage.collector.wait_for_ids({"del-bad"}, timeout=60)
+    event = data(stage.collector, "del-bad", "courier.delete.failed")
     assert event["operation"] == "delete" and event["attempts"] == 3
     assert event["error"]["code"] == "destination_unavailable" and event["error"]["retryable"]
     assert rule.calls >= 3
-    letters = [message async for message in drain(amqp, names.dead_queue)]
+    letters = await stage.dead_letters()
     assert [orjson.loads(m.body)["id"] for m in letters] == ["del-bad"]
     assert letters[0].headers["x-courier-error-code"] == "destination_unavailable"
 
