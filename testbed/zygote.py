@@ -137,6 +137,7 @@ class Forked:
         caller: socket.socket,
         stdout: asyncio.StreamReader,
         stderr: asyncio.StreamReader,
+        feeding: asyncio.Future[None] | None = None,
     ) -> None:
         self.pid = pid
         self.returncode: int | None = None
@@ -144,10 +145,13 @@ class Forked:
         self.stderr = stderr
         self._caller = caller
         self._exit: asyncio.Future[int] | None = None
+        self._feeding = feeding  # the write of its stdin, which ends when the process does
 
     async def _receive_exit(self) -> int:
         status = await asyncio.get_running_loop().sock_recv(self._caller, 64)
         self._caller.close()
+        if self._feeding is not None:
+            await self._feeding  # a failed write is the test's error, not a lost one
         if not status:
             raise RuntimeError("the zygote went away before the process ended")
         self.returncode = os.waitstatus_to_exitcode(int(status))
@@ -253,11 +257,12 @@ async def spawn(
             os.close(fd)
     caller.setblocking(False)
     pid = int(await loop.sock_recv(caller, 64))
+    feeding = None
     if stdin:
-        loop.run_in_executor(None, _feed, in_write, stdin)
+        feeding = loop.run_in_executor(None, _feed, in_write, stdin)
     else:
         os.close(in_write)
-    return Forked(pid, caller, await _reader(out_read), await _reader(err_read))
+    return Forked(pid, caller, await _reader(out_read), await _reader(err_read), feeding)
 
 
 def enabled() -> bool:
