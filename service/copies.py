@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from service.messages import Envelope
+from service.messages import Envelope, header_int
 from service.topology import (
     BROKER_HEADERS,
     COPY_ID_HEADER,
@@ -50,8 +50,16 @@ def give_back_headers(original: Mapping[str, Any] | None, envelope: Envelope) ->
 
 
 def moved_headers(original: Mapping[str, Any] | None, tenant: str) -> dict[str, Any]:
-    """A request moved into its tenant's queue: untouched, but for whose it is."""
-    return carried_headers(original) | {TENANT_HEADER: tenant}
+    """A request moved into its tenant's queue: untouched, but for whose it is and the
+    crashes counted so far (the broker's count of this copy is not carried over)."""
+    headers = carried_headers(original) | {TENANT_HEADER: tenant}
+    original = original or {}
+    crashes = header_int(original.get(REDELIVERIES_HEADER)) + header_int(
+        original.get(DELIVERY_COUNT_HEADER)
+    )
+    if crashes:
+        headers[REDELIVERIES_HEADER] = crashes
+    return headers
 
 
 def beacon_headers(original: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -28,6 +28,12 @@ OTHER = "other"  # the metric label of every tenant not named in COURIER_TENANT_
 _TENANT = re.compile(TENANT_PATTERN)
 
 
+def tenant_name(value: object) -> str | None:
+    """``value`` when it is a tenant name the contract allows (1-64 of A-Za-z0-9_.:-),
+    else None."""
+    return value if isinstance(value, str) and _TENANT.fullmatch(value) else None
+
+
 def parse_weights(text: str) -> dict[str, float]:
     """``web=4,backfill=1`` -> ``{"web": 4.0, "backfill": 1.0}``; ValueError for nonsense."""
     weights: dict[str, float] = {}
@@ -36,7 +42,7 @@ def parse_weights(text: str) -> dict[str, float]:
             continue
         name, sep, value = item.partition("=")
         name = name.strip()
-        if not sep or not _TENANT.fullmatch(name):
+        if not sep or not tenant_name(name):
             raise ValueError(f"{item!r} is not tenant=weight (a tenant is 1-64 of A-Za-z0-9_.:-)")
         try:
             weight = float(value)
@@ -72,8 +78,8 @@ def tenant_of(body: bytes) -> str:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
         return DEFAULT_TENANT
-    tenant = data.get("tenant") if isinstance(data, dict) else None
-    return tenant if isinstance(tenant, str) and _TENANT.fullmatch(tenant) else DEFAULT_TENANT
+    tenant = tenant_name(data.get("tenant")) if isinstance(data, dict) else None
+    return tenant or DEFAULT_TENANT
 
 
 class FairQueue(Generic[T]):

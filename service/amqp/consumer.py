@@ -27,12 +27,11 @@ from service.amqp.link import CONNECTION_ERRORS, Link
 from service.amqp.publisher import Publisher
 from service.amqp.settler import Settler
 from service.amqp.subscriptions import Sub, Subscriptions
-from service.amqp.wire import beacon_message
+from service.amqp.wire import beacon_message, beacon_of
 from service.config import Settings
 from service.fair import SpillBudget, Tenants, cpu_clock
-from service.messages import header_text
 from service.outcome import Work
-from service.topology import BEACON_HEADER, Topology
+from service.topology import Topology
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +228,7 @@ class Consumer:
         self._gate.delivered()
         if (sub := self.subs.subs.get(source)) is not None:
             sub.last = time.monotonic()
-        beacon = header_text((message.headers or {}).get(BEACON_HEADER))
+        beacon = beacon_of(message)
         if beacon is not None:
             self._step(self._beacon(message, channel, beacon))
         else:

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 from aio_pika.abc import AbstractIncomingMessage
 
-from service.fair import FairQueue, SpillBudget, Tenants, tenant_of
+from service.fair import FairQueue, SpillBudget, Tenants, tenant_name, tenant_of
 from service.messages import header_text
 from service.topology import TENANT_HEADER, Topology
 
@@ -103,7 +103,7 @@ class Dispatcher:
     def offer(self, message: AbstractIncomingMessage, channel: object, source: str) -> None:
         """A delivery arrived on ``channel`` from queue ``source``."""
         headers = message.headers or {}
-        tenant = header_text(headers.get(TENANT_HEADER)) or tenant_of(message.body)
+        tenant = tenant_name(header_text(headers.get(TENANT_HEADER))) or tenant_of(message.body)
         from_requests = source == self._topology.requests.name
         if self._stopped:  # it came before the broker saw the consumer's cancel
             self._runner.give_back(message, channel)

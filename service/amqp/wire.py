@@ -11,6 +11,8 @@ import orjson
 from aio_pika.abc import AbstractIncomingMessage
 
 from service.events import CONTENT_TYPE, Event
+from service.fair import tenant_name
+from service.messages import header_text
 from service.topology import BEACON_HEADER, COPY_ID_HEADER, TRACEPARENT_HEADER
 
 
@@ -46,6 +48,13 @@ def event_message(event: Event, correlation_id: str, traceparent: str | None) ->
         type=event["type"],
         timestamp=datetime.now(UTC),
     )
+
+
+def beacon_of(message: AbstractIncomingMessage) -> str | None:
+    """The tenant a beacon names; None for anything else. A beacon's body is its tenant's
+    name, so a request that carries the header by mistake is still a request."""
+    tenant = tenant_name(header_text((message.headers or {}).get(BEACON_HEADER)))
+    return tenant if tenant is not None and message.body == tenant.encode() else None
 
 
 def beacon_message(tenant: str) -> aio_pika.Message:

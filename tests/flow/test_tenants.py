@@ -13,10 +13,18 @@ import pytest
 
 from service import fair
 from service.amqp.dispatch import LOOKAHEAD, Dispatcher
+from service.amqp.wire import beacon_of
+from service.copies import moved_headers
 from service.fair import FairQueue, SpillBudget, Tenants, cpu_clock, parse_weights, tenant_of
 from service.instrument import Instruments
 from service.metrics import Metrics
-from service.topology import TENANT_HEADER, Topology
+from service.topology import (
+    BEACON_HEADER,
+    DELIVERY_COUNT_HEADER,
+    REDELIVERIES_HEADER,
+    TENANT_HEADER,
+    Topology,
+)
 from testbed.stage import Stage
 from testbed.support import inconvo_request, publish_requests
 
@@ -100,6 +108,18 @@ async def test_weights_share_the_capacity(stage: Stage) -> None:
     assert 0.65 <= share <= 0.85, f"b's share while both waited: {share:.2f} of {len(both)}"
 
 
+async def test_a_request_carrying_couriers_own_headers_still_ends_in_its_event(stage: Stage) -> None:
+    """A request that carries Courier's beacon header, or a tenant header no tenant can have
+    (a queue name past AMQP's 255 bytes), is still a request: each ends in one event."""
+    url = stage.files.add("/a.csv", b"1\n")
+    async with stage.running():
+        await stage.publish(request(url, "beacon-0", "web"), headers={BEACON_HEADER: "web"})
+        await stage.publish(request(url, "long-0", "web"), headers={TENANT_HEADER: "x" * 300})
+        await stage.collector.wait_for_ids({"beacon-0", "long-0"}, timeout=30)
+    assert [e["type"] for e in stage.collector.events] == ["courier.upload.succeeded"] * 2
+    assert len(stage.inconvo.uploads) == 2
+
+
 # -- the pure parts ------------------------------------------------------------------
 
 
@@ -163,6 +183,39 @@ def test_the_newest_of_the_busiest_tenant_is_moved_and_counted() -> None:
     value = metrics.registry.get_sample_value
     assert value("courier_tenant_moved_total", {"tenant": "a"}) == 2
     assert value("courier_tenant_moved_total", {"tenant": "other"}) == 2
+
+
+def test_a_tenant_header_no_tenant_can_have_is_ignored() -> None:
+    """Only a tenant name the contract allows is taken from the header (Courier's mark on a
+    moved copy); anything else, a producer's mistake, gives way to the body's tenant."""
+    topology = Topology.build(
+        queue="t-marks", events_exchange="t-marks.events", retry_delays=(1,), max_redeliveries=5
+    )
+    runner = Runner()
+    instruments = Instruments(Metrics(), Tenants())
+    budget = cast(SpillBudget, Unlimited())
+    dispatcher = Dispatcher(runner, topology, 1, Tenants(), budget, instruments, lambda _: None)
+    for i in range(LOOKAHEAD + 2):
+        body = b'{"tenant": "b", "n": %d}' % i
+        dispatcher.offer(cast(Any, Delivery(body, {TENANT_HEADER: "x" * 300})), None, "t-marks")
+    assert [tenant for _, tenant in runner.moves] == ["b"]
+
+
+def test_a_beacon_is_told_apart_by_its_body_too() -> None:
+    """A beacon is its tenant's name under the beacon header; a request carrying the
+    header, or a name no tenant can have, is not one."""
+    assert beacon_of(cast(Any, Delivery(b"web", {BEACON_HEADER: "web"}))) == "web"
+    assert beacon_of(cast(Any, Delivery(b'{"id": "r"}', {BEACON_HEADER: "web"}))) is None
+    assert beacon_of(cast(Any, Delivery(b"x" * 300, {BEACON_HEADER: "x" * 300}))) is None
+    assert beacon_of(cast(Any, Delivery(b"web"))) is None
+
+
+def test_a_move_keeps_the_crashes_counted() -> None:
+    """A copy moved into its tenant's queue carries the crashes of the delivery it copies
+    (the broker's count of this copy and earlier ones), so the poison limit still holds."""
+    headers = moved_headers({DELIVERY_COUNT_HEADER: 3, REDELIVERIES_HEADER: 1, "p": "kept"}, "a")
+    assert headers == {REDELIVERIES_HEADER: 4, TENANT_HEADER: "a", "p": "kept"}
+    assert moved_headers(None, "a") == {TENANT_HEADER: "a"}
 
 
 def test_weighted_turns() -> None:
