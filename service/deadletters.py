@@ -35,6 +35,7 @@ from service.amqp.declare import declare_queue
 from service.amqp.wire import copy_message
 from service.config import parse_duration
 from service.copies import carried_headers, replay_headers
+from service.messages import Envelope, request_id
 from service.topology import (
     ATTEMPTS_HEADER,
     ERROR_CODE_HEADER,
@@ -73,7 +74,7 @@ def _text(value: Any) -> str | None:
 class Letter:
     """What an operator wants to know about one dead letter, read from its headers and body."""
 
-    request_id: str | None
+    request_id: str
     code: str | None
     message: str | None
     attempts: int | None
@@ -89,7 +90,8 @@ class Letter:
         body_id, destination = _body_facts(message.body)
         attempts = headers.get(ATTEMPTS_HEADER)
         return cls(
-            request_id=body_id or message.message_id,
+            # The id its events carry, derived from the body when it names none.
+            request_id=request_id(body_id, Envelope(message.message_id or None), message.body),
             code=_text(headers.get(ERROR_CODE_HEADER)),
             message=_text(headers.get(ERROR_MESSAGE_HEADER)),
             attempts=attempts if isinstance(attempts, int) else None,
@@ -281,7 +283,7 @@ def table(letters: list[Letter]) -> str:
             text = text[: _MESSAGE_WIDTH - 3] + "..."
         rows.append(
             (
-                letter.request_id or "-",
+                letter.request_id,
                 letter.code or "-",
                 letter.destination or "-",
                 "-" if letter.attempts is None else str(letter.attempts),

@@ -7,7 +7,7 @@ import itertools
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import aio_pika
 import orjson
@@ -17,6 +17,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobus
 from service import deadletters
 from service.amqp.declare import declare_queue
 from service.deadletters import Selection
+from service.messages import Envelope, decode
 from service.runtime import Service
 from service.topology import (
     ATTEMPT_HEADER,
@@ -435,3 +436,28 @@ async def test_replay_rate_reaches_the_command(
     )
     assert _ids(await _contents(amqp, names.queue)) == [f"r{i}" for i in range(8)]
     assert b"courier dead replay: " in err and b"letters looked at" in err
+
+
+@dataclass
+class _Letter:
+    """A dead letter as the broker hands it over, without a message_id (aio-pika and
+    aiormq make one up for every publish; other clients, pika or amqplib, do not)."""
+
+    body: bytes
+    headers: dict[str, Any]
+    message_id: str | None = None
+
+
+def test_a_letter_without_an_id_is_found_by_the_id_its_event_carries() -> None:
+    """A request with neither `id` nor `message_id` runs under an id derived from its body;
+    its dead letter is listed, replayed or purged by that same id."""
+    body = orjson.dumps(inconvo_request("https://files.example/a.csv"))  # no id
+    event_id = decode(body, Envelope(), 1 << 20).request_id
+    letter = deadletters.Letter.from_message(
+        cast(
+            AbstractIncomingMessage,
+            _Letter(body, Seed("-", "source_not_found", "inconvo", timedelta()).headers()),
+        )
+    )
+    assert letter.request_id == event_id
+    assert Selection(request_ids=frozenset({event_id})).matches(letter)
