@@ -98,12 +98,19 @@ class Finish:
         """The dead letter's headers: the request's own, plus why and when it failed."""
         error = self.outcome.error
         assert error is not None  # noqa: S101 - only called for failures
-        return carried_headers(original) | {
-            ERROR_CODE_HEADER: error.code.value,
-            ERROR_MESSAGE_HEADER: error.message[:MAX_HEADER_MESSAGE],
-            ATTEMPTS_HEADER: self.attempts,
-            FAILED_AT_HEADER: now.isoformat(timespec="milliseconds"),
-        }
+        return failure_headers(original, error, self.attempts, now)
+
+
+def failure_headers(
+    original: Mapping[str, Any] | None, error: CourierError, attempts: int, now: datetime
+) -> dict[str, Any]:
+    """A dead letter's headers: the request's own, plus why and when it failed."""
+    return carried_headers(original) | {
+        ERROR_CODE_HEADER: error.code.value,
+        ERROR_MESSAGE_HEADER: error.message[:MAX_HEADER_MESSAGE],
+        ATTEMPTS_HEADER: attempts,
+        FAILED_AT_HEADER: now.isoformat(timespec="milliseconds"),
+    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,9 +151,13 @@ class Follow:
 @dataclass(frozen=True, slots=True)
 class Ingested:
     """The followed file's state is final: publish its ingestion event (None: publish
-    nothing, ingestion is no longer followed)."""
+    nothing, ingestion is no longer followed); ``dead_letter``: the following ended in
+    Courier's own fault, so the copy goes to the dead letters too (after ``attempts``,
+    the upload's)."""
 
     ingestion: Ingestion | None
+    dead_letter: bool = False
+    attempts: int = 0
 
 
 Decision = Finish | Retry | Park | Follow | Ingested
@@ -228,6 +239,13 @@ def decide(
     return _follow(policy, envelope, now, 0, now, _read_due(policy, now, FOLLOW_BACKOFF[0]), finish)
 
 
+# A copy refused before it ran: no read was made.
+_NOT_RUN = frozenset({ErrorCode.POISON_MESSAGE, ErrorCode.INVALID_REQUEST})
+# Ends that are Courier's fault, not the platform's word on the file (section 3: such a
+# message is dead-lettered, never dropped).
+_COURIER_FAULTS = frozenset({ErrorCode.POISON_MESSAGE, ErrorCode.INTERNAL_ERROR})
+
+
 def decide_follow(
     outcome: Outcome, envelope: Envelope, policy: Policy, *, now: datetime | None = None
 ) -> Decision:
@@ -242,11 +260,14 @@ def decide_follow(
     waited = max((now - since).total_seconds(), 0.0)
     if not policy.track_ingestion:
         return Ingested(None)
-    read = outcome.file is not None or outcome.error is not None
-    checks = envelope.checks + (1 if read else 0)
     error, file = outcome.error, outcome.file
+    read = file is not None or (error is not None and error.code not in _NOT_RUN)
+    checks = envelope.checks + (1 if read else 0)
     if error is not None and not error.retryable:
-        return Ingested(_ingestion(outcome, file, waited, checks, error))
+        ingestion = _ingestion(outcome, file, waited, checks, error)
+        if error.code in _COURIER_FAULTS:  # never dropped: dead-lettered, as any request
+            return Ingested(ingestion, dead_letter=True, attempts=envelope.attempt)
+        return Ingested(ingestion)
     if file is not None and file.final:
         failure = None
         if file.state == "failed":

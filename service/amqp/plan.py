@@ -16,7 +16,7 @@ from service.amqp.wire import copy_message, event_message
 from service.events import Event, build_event, build_ingestion_event
 from service.messages import Decoded, Envelope
 from service.outcome import Ingestion
-from service.settle import Decision, Finish, Follow, Ingested, Republish
+from service.settle import Decision, Finish, Follow, Ingested, Republish, failure_headers
 from service.topology import Topology, event_routing_key
 
 
@@ -56,7 +56,13 @@ def publishes(
     if isinstance(decision, Ingested):
         if decision.ingestion is None:
             return []
-        return _ingestion_event(decision.ingestion, envelope, decoded, wiring)
+        plan = _ingestion_event(decision.ingestion, envelope, decoded, wiring)
+        error = decision.ingestion.error
+        if decision.dead_letter and error is not None:
+            now = datetime.now(UTC)
+            headers = failure_headers(message.headers, error, decision.attempts, now)
+            plan.append(Publish(copy_message(message, headers), queue=topology.dead.name))
+        return plan
     if isinstance(decision, Follow):
         plan = (
             []

@@ -28,6 +28,7 @@ from service.metrics import Metrics
 from service.outcome import Held, Outcome, PlatformFile
 from service.topology import (
     ATTEMPT_HEADER,
+    ATTEMPTS_HEADER,
     CHECKS_HEADER,
     COPY_ID_HEADER,
     ERROR_CODE_HEADER,
@@ -478,6 +479,48 @@ async def test_a_read_copy_ends_with_the_ingestion_event_alone() -> None:
     assert event.body["data"]["checks"] == 3
     assert event.body["data"]["fileStatus"] == "published"
     assert rig.metrics.tracked._value.get() == -1, "this replica saw one followed file return"
+
+
+@pytest.mark.parametrize(
+    ("headers", "read_error", "code", "checks"),
+    [
+        ({REDELIVERIES_HEADER: 9}, None, "poison_message", 2),
+        (
+            {},
+            PermanentError(ErrorCode.INTERNAL_ERROR, "unexpected error in Courier"),
+            "internal_error",
+            3,
+        ),
+    ],
+    ids=["poisoned", "internal-error"],
+)
+async def test_a_follow_that_ends_in_couriers_own_fault_is_dead_lettered(
+    headers: dict[str, Any], read_error: PermanentError | None, code: str, checks: int
+) -> None:
+    """A followed file's copy that crashes consumers, or whose read hits a fault of
+    Courier's, ends with ingestion.failed and is dead-lettered, never dropped; a copy
+    refused before its read counts no check."""
+
+    async def never(request: Request, request_id: str) -> Outcome:
+        raise AssertionError("a follow-up never uploads")
+
+    rig = Rig(never, returning(Outcome(2.0, "mindset", error=read_error)))
+    since = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
+    rig.deliver(
+        headers={FOLLOW_SINCE_HEADER: since, CHECKS_HEADER: 2, ATTEMPT_HEADER: 2, **headers}
+    )
+    await rig.settled()
+    event, dead = rig.outbox.entries("confirmed")
+    assert event.body["type"] == "courier.ingestion.failed"
+    assert event.body["data"]["error"]["code"] == code
+    assert event.body["data"]["checks"] == checks
+    assert dead.target == f"queue:{rig.topology.dead.name}"
+    assert dead.message is not None and dead.message.body == BODY
+    assert dead.headers[ERROR_CODE_HEADER] == code and dead.headers[ATTEMPTS_HEADER] == 2
+    assert (
+        rig.metrics.registry.get_sample_value("courier_dead_lettered_total", {"error_code": code})
+        == 1
+    )
 
 
 async def test_a_copy_whose_read_is_not_due_goes_round_unread() -> None:
