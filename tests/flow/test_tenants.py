@@ -108,7 +108,9 @@ async def test_weights_share_the_capacity(stage: Stage) -> None:
     assert 0.65 <= share <= 0.85, f"b's share while both waited: {share:.2f} of {len(both)}"
 
 
-async def test_a_request_carrying_couriers_own_headers_still_ends_in_its_event(stage: Stage) -> None:
+async def test_a_request_carrying_couriers_own_headers_still_ends_in_its_event(
+    stage: Stage,
+) -> None:
     """A request that carries Courier's beacon header, or a tenant header no tenant can have
     (a queue name past AMQP's 255 bytes), is still a request: each ends in one event."""
     url = stage.files.add("/a.csv", b"1\n")
