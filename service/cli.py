@@ -274,6 +274,7 @@ async def _dead(settings: Settings, args: argparse.Namespace) -> int:
                 dry_run=getattr(args, "dry_run", False),
                 publish_timeout=settings.publish_timeout,
                 progress=progress,
+                max_bytes=settings.max_message_bytes,
             )
         except aio_pika.exceptions.ChannelNotFoundEntity:
             raise UserError(

@@ -43,6 +43,7 @@ SECRET_VARIABLES = (
     "AWS_SECRET_ACCESS_KEY",
     "AWS_SESSION_TOKEN",
 )
+MAX_MESSAGE_BYTES = 1024 * 1024  # COURIER_MAX_MESSAGE_BYTES's default
 MAX_NAME_BYTES = 255  # an AMQP short string: queue and exchange names
 # The longest name Courier adds to COURIER_QUEUE: a delay tier's, or a tenant queue's.
 _LONGEST_SUFFIX = max(len(f".retry.{MAX_TTL_MS // 1000}s"), len(TENANT_INFIX) + LONGEST_TENANT)
@@ -119,7 +120,7 @@ class Settings(BaseSettings):
     log_format: Literal["json", "console"] = "json"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     event_source: str = Field(default_factory=_default_event_source, min_length=1)
-    max_message_bytes: int = Field(default=1024 * 1024, ge=1024)
+    max_message_bytes: int = Field(default=MAX_MESSAGE_BYTES, ge=1024)
     http_connect_timeout: float = Field(default=10.0, gt=0)
     http_read_timeout: float = Field(default=60.0, gt=0)
     destination_timeout: float = Field(default=60.0, gt=0)

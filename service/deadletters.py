@@ -33,9 +33,9 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from service.amqp.declare import declare_queue
 from service.amqp.wire import copy_message
-from service.config import parse_duration
+from service.config import MAX_MESSAGE_BYTES, parse_duration
 from service.copies import carried_headers, replay_headers
-from service.messages import Envelope, request_id
+from service.messages import Envelope, peek, request_id
 from service.topology import (
     ATTEMPTS_HEADER,
     ERROR_CODE_HEADER,
@@ -47,7 +47,6 @@ from service.topology import (
 Action = Literal["list", "replay", "purge"]
 _GET_TIMEOUT = 10.0
 _PROGRESS_EVERY = 1.0  # seconds between progress lines on stderr
-_MAX_ID = 200  # the longest request id the contract allows
 
 
 def parse_since(text: str, now: datetime | None = None) -> datetime:
@@ -84,19 +83,22 @@ class Letter:
     body: bytes = field(repr=False)
 
     @classmethod
-    def from_message(cls, message: AbstractIncomingMessage) -> Letter:
-        """Read a dead letter as Courier writes it; anything missing is None."""
+    def from_message(
+        cls, message: AbstractIncomingMessage, max_bytes: int = MAX_MESSAGE_BYTES
+    ) -> Letter:
+        """Read a dead letter as Courier writes it; anything missing is None. Its
+        ``request_id`` is the one its events carry (read as the service read the body,
+        whose size limit is ``max_bytes``; derived from the body when it names none)."""
         headers = message.headers or {}
-        body_id, destination = _body_facts(message.body)
+        body_id = peek(message.body, max_bytes).request_id
         attempts = headers.get(ATTEMPTS_HEADER)
         return cls(
-            # The id its events carry, derived from the body when it names none.
             request_id=request_id(body_id, Envelope(message.message_id or None), message.body),
             code=_text(headers.get(ERROR_CODE_HEADER)),
             message=_text(headers.get(ERROR_MESSAGE_HEADER)),
             attempts=attempts if isinstance(attempts, int) else None,
             failed_at=_text(headers.get(FAILED_AT_HEADER)),
-            destination=destination,
+            destination=_destination_of(message.body),
             message_id=message.message_id,
             body=message.body,
         )
@@ -126,21 +128,16 @@ class Letter:
         }
 
 
-def _body_facts(body: bytes) -> tuple[str | None, str | None]:
-    """The body's request ``id`` and ``destination.type``, where it has them."""
+def _destination_of(body: bytes) -> str | None:
+    """The body's ``destination.type``, where it has one (any text: a filter may look for
+    a wrong one)."""
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return None, None
-    if not isinstance(data, dict):
-        return None, None
-    body_id = data.get("id")
-    destination = data.get("destination")
+        return None
+    destination = data.get("destination") if isinstance(data, dict) else None
     kind = destination.get("type") if isinstance(destination, dict) else None
-    return (
-        body_id if isinstance(body_id, str) and 0 < len(body_id) <= _MAX_ID else None,
-        kind if isinstance(kind, str) else None,
-    )
+    return kind if isinstance(kind, str) else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,6 +207,7 @@ async def sweep(
     dry_run: bool = False,
     publish_timeout: float = 10.0,
     progress: Progress | None = None,
+    max_bytes: int = MAX_MESSAGE_BYTES,
 ) -> Sweep:
     """One pass over the dead-letter queue; ``channel`` must have publisher confirms.
 
@@ -217,7 +215,8 @@ async def sweep(
     moves the matching letters to the request queue (Courier's and the broker's
     bookkeeping headers stripped, so the attempt count starts again; body and
     message id kept), at most ``rate`` per second; ``purge`` deletes them.
-    ``limit`` caps how many matching letters are handled.
+    ``limit`` caps how many matching letters are handled; ``max_bytes`` is the
+    service's ``COURIER_MAX_MESSAGE_BYTES`` (letters are known by the ids it gave them).
     """
     moves = action != "list" and not dry_run
     try:
@@ -243,7 +242,7 @@ async def sweep(
         if progress is not None and time.monotonic() - last_report >= _PROGRESS_EVERY:
             last_report = time.monotonic()
             progress(result)
-        letter = Letter.from_message(message)
+        letter = Letter.from_message(message, max_bytes)
         chosen = selection.matches(letter)
         result.matching += chosen
         if chosen and (limit is None or len(result.handled) < limit):

@@ -227,7 +227,8 @@ async def _reader(fd: int) -> asyncio.StreamReader:
 
 
 def _feed(fd: int, data: bytes) -> None:
-    with os.fdopen(fd, "wb") as pipe, contextlib.suppress(BrokenPipeError):
+    # The suppress outside: a child gone before reading also breaks the flush at close.
+    with contextlib.suppress(BrokenPipeError), os.fdopen(fd, "wb") as pipe:
         pipe.write(data)
 
 

@@ -448,16 +448,25 @@ class _Letter:
     message_id: str | None = None
 
 
-def test_a_letter_without_an_id_is_found_by_the_id_its_event_carries() -> None:
-    """A request with neither `id` nor `message_id` runs under an id derived from its body;
-    its dead letter is listed, replayed or purged by that same id."""
-    body = orjson.dumps(inconvo_request("https://files.example/a.csv"))  # no id
+_DEEP = b'{"id": "r-deep", "x": ' + b"[" * 40 + b"]" * 40 + b"}"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [orjson.dumps(inconvo_request("https://files.example/a.csv")), _DEEP],
+    ids=["no-id", "unreadable-with-an-id"],
+)
+def test_a_letter_is_found_by_the_id_its_event_carries(body: bytes) -> None:
+    """A request with neither `id` nor `message_id`, or a body the service could not read
+    (nested too deep) and so gave a derived id, is listed, replayed or purged by the id
+    its events carry."""
     event_id = decode(body, Envelope(), 1 << 20).request_id
     letter = deadletters.Letter.from_message(
         cast(
             AbstractIncomingMessage,
-            _Letter(body, Seed("-", "source_not_found", "inconvo", timedelta()).headers()),
-        )
+            _Letter(body, Seed("-", "invalid_request", "inconvo", timedelta()).headers()),
+        ),
+        1 << 20,
     )
     assert letter.request_id == event_id
     assert Selection(request_ids=frozenset({event_id})).matches(letter)
