@@ -9,19 +9,26 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping
+from datetime import datetime
 from typing import Any
 
+from service.errors import CourierError
 from service.messages import Envelope, header_int
 from service.topology import (
+    ATTEMPTS_HEADER,
     BROKER_HEADERS,
     COPY_ID_HEADER,
     COURIER_HEADER_PREFIX,
     DELIVERY_COUNT_HEADER,
+    ERROR_CODE_HEADER,
+    ERROR_MESSAGE_HEADER,
+    FAILED_AT_HEADER,
     HELD_SINCE_HEADER,
     REDELIVERIES_HEADER,
     TENANT_HEADER,
 )
 
+MAX_HEADER_MESSAGE = 1000  # a dead letter's x-courier-error-message, in characters
 _OWN_MARKS = (DELIVERY_COUNT_HEADER, HELD_SINCE_HEADER)  # a copy's own, never carried over
 
 
@@ -74,4 +81,16 @@ def replay_headers(original: Mapping[str, Any]) -> dict[str, Any]:
         k: v
         for k, v in original.items()
         if not k.startswith(COURIER_HEADER_PREFIX) and not k.startswith(BROKER_HEADERS)
+    }
+
+
+def failure_headers(
+    original: Mapping[str, Any] | None, error: CourierError, attempts: int, now: datetime
+) -> dict[str, Any]:
+    """A dead letter's headers: the request's own, plus why and when it failed."""
+    return carried_headers(original) | {
+        ERROR_CODE_HEADER: error.code.value,
+        ERROR_MESSAGE_HEADER: error.message[:MAX_HEADER_MESSAGE],
+        ATTEMPTS_HEADER: attempts,
+        FAILED_AT_HEADER: now.isoformat(timespec="milliseconds"),
     }

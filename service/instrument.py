@@ -120,8 +120,8 @@ class Instruments:
         elif isinstance(decision, Ingested):
             if decision.ingestion is not None:
                 self._ingested(decision.ingestion)
-                if decision.dead_letter and decision.ingestion.error is not None:
-                    child(m.dead_lettered, decision.ingestion.error.code.value).inc()
+                if (error := decision.dead_lettered) is not None:
+                    child(m.dead_lettered, error.code.value).inc()
         else:
             self._finished(decision, destination, seconds)
 

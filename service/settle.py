@@ -31,25 +31,20 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from service.config import Settings
-from service.copies import carried_headers, next_copy
+from service.copies import failure_headers, next_copy
 from service.errors import CourierError, ErrorCode, PermanentError, RetryableError
 from service.messages import Envelope
 from service.outcome import Ingestion, Outcome, PlatformFile
 from service.topology import (
     ATTEMPT_HEADER,
-    ATTEMPTS_HEADER,
     CHECKS_HEADER,
     COPY_ID_HEADER,
-    ERROR_CODE_HEADER,
-    ERROR_MESSAGE_HEADER,
-    FAILED_AT_HEADER,
     FOLLOW_SINCE_HEADER,
     HELD_SINCE_HEADER,
     READ_AT_HEADER,
     REDELIVERIES_HEADER,
 )
 
-MAX_HEADER_MESSAGE = 1000
 # Between reads of a file's state, after 0, 1, 2, ... reads, at most the longest delay
 # tier. A wait no tier has is made of rounds through them, unread until the read is due.
 FOLLOW_BACKOFF = (5, 15, 60, 300, 900)
@@ -101,18 +96,6 @@ class Finish:
         return failure_headers(original, error, self.attempts, now)
 
 
-def failure_headers(
-    original: Mapping[str, Any] | None, error: CourierError, attempts: int, now: datetime
-) -> dict[str, Any]:
-    """A dead letter's headers: the request's own, plus why and when it failed."""
-    return carried_headers(original) | {
-        ERROR_CODE_HEADER: error.code.value,
-        ERROR_MESSAGE_HEADER: error.message[:MAX_HEADER_MESSAGE],
-        ATTEMPTS_HEADER: attempts,
-        FAILED_AT_HEADER: now.isoformat(timespec="milliseconds"),
-    }
-
-
 @dataclass(frozen=True, slots=True)
 class Republish:
     """Copy the message to the delay tier of ``delay`` seconds, writing ``written``; then ack."""
@@ -151,13 +134,28 @@ class Follow:
 @dataclass(frozen=True, slots=True)
 class Ingested:
     """The followed file's state is final: publish its ingestion event (None: publish
-    nothing, ingestion is no longer followed); ``dead_letter``: the following ended in
-    Courier's own fault, so the copy goes to the dead letters too (after ``attempts``,
-    the upload's)."""
+    nothing, ingestion is no longer followed). ``dead_letter_attempts`` set: the
+    following itself failed, and the copy goes to the dead letters too, after the
+    upload's attempts."""
 
     ingestion: Ingestion | None
-    dead_letter: bool = False
-    attempts: int = 0
+    dead_letter_attempts: int | None = None
+
+    @property
+    def dead_lettered(self) -> CourierError | None:
+        """The error the copy is dead-lettered for; None when it is not."""
+        if self.dead_letter_attempts is None or self.ingestion is None:
+            return None
+        return self.ingestion.error
+
+    def dead_letter_headers(
+        self, original: Mapping[str, Any] | None, now: datetime
+    ) -> dict[str, Any] | None:
+        """The dead letter's headers; None when the copy is not dead-lettered."""
+        error = self.dead_lettered
+        if error is None or self.dead_letter_attempts is None:
+            return None
+        return failure_headers(original, error, self.dead_letter_attempts, now)
 
 
 Decision = Finish | Retry | Park | Follow | Ingested
@@ -240,10 +238,14 @@ def decide(
 
 
 # A copy refused before it ran: no read was made.
-_NOT_RUN = frozenset({ErrorCode.POISON_MESSAGE, ErrorCode.INVALID_REQUEST})
-# Ends that are Courier's fault, not the platform's word on the file (section 3: such a
-# message is dead-lettered, never dropped).
-_COURIER_FAULTS = frozenset({ErrorCode.POISON_MESSAGE, ErrorCode.INTERNAL_ERROR})
+_NOT_RUN = frozenset(
+    {ErrorCode.POISON_MESSAGE, ErrorCode.INVALID_REQUEST, ErrorCode.DESTINATION_NOT_CONFIGURED}
+)
+# Section 8's own endings: the platform's word on the file. Any other error that ends
+# the following is the request's failure, dead-lettered as section 4 says.
+_FILE_ENDINGS = frozenset(
+    {ErrorCode.INGESTION_FAILED, ErrorCode.INGESTION_TIMEOUT, ErrorCode.DESTINATION_REJECTED}
+)
 
 
 def decide_follow(
@@ -265,9 +267,9 @@ def decide_follow(
     checks = envelope.checks + (1 if read else 0)
     if error is not None and not error.retryable:
         ingestion = _ingestion(outcome, file, waited, checks, error)
-        if error.code in _COURIER_FAULTS:  # never dropped: dead-lettered, as any request
-            return Ingested(ingestion, dead_letter=True, attempts=envelope.attempt)
-        return Ingested(ingestion)
+        if error.code in _FILE_ENDINGS:
+            return Ingested(ingestion)
+        return Ingested(ingestion, dead_letter_attempts=envelope.attempt)
     if file is not None and file.final:
         failure = None
         if file.state == "failed":

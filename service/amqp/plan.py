@@ -16,7 +16,7 @@ from service.amqp.wire import copy_message, event_message
 from service.events import Event, build_event, build_ingestion_event
 from service.messages import Decoded, Envelope
 from service.outcome import Ingestion
-from service.settle import Decision, Finish, Follow, Ingested, Republish, failure_headers
+from service.settle import Decision, Finish, Follow, Ingested, Republish
 from service.topology import Topology, event_routing_key
 
 
@@ -57,10 +57,8 @@ def publishes(
         if decision.ingestion is None:
             return []
         plan = _ingestion_event(decision.ingestion, envelope, decoded, wiring)
-        error = decision.ingestion.error
-        if decision.dead_letter and error is not None:
-            now = datetime.now(UTC)
-            headers = failure_headers(message.headers, error, decision.attempts, now)
+        headers = decision.dead_letter_headers(message.headers, datetime.now(UTC))
+        if headers is not None:
             plan.append(Publish(copy_message(message, headers), queue=topology.dead.name))
         return plan
     if isinstance(decision, Follow):

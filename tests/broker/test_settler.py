@@ -485,42 +485,60 @@ async def test_a_read_copy_ends_with_the_ingestion_event_alone() -> None:
     ("headers", "read_error", "code", "checks"),
     [
         ({REDELIVERIES_HEADER: 9}, None, "poison_message", 2),
-        (
-            {},
-            PermanentError(ErrorCode.INTERNAL_ERROR, "unexpected error in Courier"),
-            "internal_error",
-            3,
-        ),
+        ({}, PermanentError(ErrorCode.INTERNAL_ERROR, "unexpected"), "internal_error", 3),
+        ({}, PermanentError(ErrorCode.DESTINATION_NOT_CONFIGURED, "no key"), None, 2),
     ],
-    ids=["poisoned", "internal-error"],
+    ids=["poisoned", "internal-error", "not-configured"],
 )
-async def test_a_follow_that_ends_in_couriers_own_fault_is_dead_lettered(
-    headers: dict[str, Any], read_error: PermanentError | None, code: str, checks: int
+async def test_a_follow_that_fails_itself_is_dead_lettered(
+    headers: dict[str, Any], read_error: PermanentError | None, code: str | None, checks: int
 ) -> None:
-    """A followed file's copy that crashes consumers, or whose read hits a fault of
-    Courier's, ends with ingestion.failed and is dead-lettered, never dropped; a copy
-    refused before its read counts no check."""
+    """A followed file's copy that crashes consumers, or whose read fails for a reason
+    other than the file's own fate, ends with ingestion.failed and is dead-lettered
+    (then acked), never dropped; a copy refused before its read counts no check."""
 
     async def never(request: Request, request_id: str) -> Outcome:
         raise AssertionError("a follow-up never uploads")
 
     rig = Rig(never, returning(Outcome(2.0, "mindset", error=read_error)))
+    code = code or (read_error.code.value if read_error else "")
     since = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
-    rig.deliver(
+    delivery = rig.deliver(
         headers={FOLLOW_SINCE_HEADER: since, CHECKS_HEADER: 2, ATTEMPT_HEADER: 2, **headers}
     )
     await rig.settled()
+    dead_queue = f"queue:{rig.topology.dead.name}"
+    kinds = rig.outbox.kinds()
+    assert kinds[-1] == f"ack {delivery.delivery_tag}"
+    assert {"confirmed exchange:ingestion.failed", f"confirmed {dead_queue}"} <= set(kinds[:-1])
     event, dead = rig.outbox.entries("confirmed")
-    assert event.body["type"] == "courier.ingestion.failed"
     assert event.body["data"]["error"]["code"] == code
     assert event.body["data"]["checks"] == checks
-    assert dead.target == f"queue:{rig.topology.dead.name}"
+    assert dead.target == dead_queue
     assert dead.message is not None and dead.message.body == BODY
     assert dead.headers[ERROR_CODE_HEADER] == code and dead.headers[ATTEMPTS_HEADER] == 2
-    assert (
-        rig.metrics.registry.get_sample_value("courier_dead_lettered_total", {"error_code": code})
-        == 1
-    )
+    dead_lettered = {"error_code": code}
+    assert rig.metrics.registry.get_sample_value("courier_dead_lettered_total", dead_lettered) == 1
+
+
+@pytest.mark.parametrize("code", [ErrorCode.INGESTION_FAILED, ErrorCode.DESTINATION_REJECTED])
+async def test_the_files_own_fate_ends_the_following_without_a_dead_letter(
+    code: ErrorCode,
+) -> None:
+    """A file gone (ingestion_failed) or a read the destination refuses (401/403): the
+    ingestion.failed event alone; the request itself had succeeded."""
+
+    async def never(request: Request, request_id: str) -> Outcome:
+        raise AssertionError("a follow-up never uploads")
+
+    rig = Rig(never, returning(Outcome(2.0, "mindset", error=PermanentError(code, "x"))))
+    since = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
+    rig.deliver(headers={FOLLOW_SINCE_HEADER: since, CHECKS_HEADER: 2})
+    await rig.settled()
+    [event] = rig.outbox.entries("confirmed")
+    assert event.body["type"] == "courier.ingestion.failed"
+    assert event.body["data"]["error"]["code"] == code.value
+    assert event.body["data"]["checks"] == 3
 
 
 async def test_a_copy_whose_read_is_not_due_goes_round_unread() -> None:
