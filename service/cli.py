@@ -126,6 +126,7 @@ async def _process(settings: Settings, body: bytes) -> int:
     else:
         async with pipeline_for(settings) as pipeline:
             outcome = await pipeline.process(decoded.request, decoded.request_id)
+        outcome = outcome.held_as_failure()  # no broker to hold it in
     event = build_event(
         event_source=settings.event_source,
         request_id=decoded.request_id,

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from service.contracts import DeliveryMode, Request, SourceInfo, UploadRequest
-from service.errors import CourierError
+from service.errors import CourierError, ErrorCode, RetryableError
 
 Operation = Literal["upload", "delete"]
 FileState = Literal["pending", "completed", "failed"]
@@ -61,6 +61,18 @@ class Outcome:
     def succeeded(self) -> bool:
         """Whether the attempt succeeded."""
         return self.error is None and self.held is None
+
+    def held_as_failure(self) -> Outcome:
+        """A held attempt as the failed try it is where it cannot wait in the broker
+        (tried, then held; or ``courier process``): ``destination_unavailable``, retryable
+        after the hold. Any other outcome as it is."""
+        held = self.held
+        if held is None:
+            return self
+        error = RetryableError(
+            ErrorCode.DESTINATION_UNAVAILABLE, held.reason, retry_after=held.seconds
+        )
+        return dataclasses.replace(self, held=None, error=error)
 
     @classmethod
     def refused(

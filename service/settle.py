@@ -216,12 +216,9 @@ def decide(
             | {HELD_SINCE_HEADER: held_since.isoformat(timespec="milliseconds")},
             error=RetryableError(ErrorCode.DESTINATION_UNAVAILABLE, held.reason),
         )
-    if held is not None:
-        # Tried and then held (the breaker opened meanwhile): a real, failed try.
-        error = RetryableError(
-            ErrorCode.DESTINATION_UNAVAILABLE, held.reason, retry_after=held.seconds
-        )
-        outcome = dataclasses.replace(outcome, held=None, error=error)
+    if held is not None:  # tried and then held (the breaker opened meanwhile): a real try
+        outcome = outcome.held_as_failure()
+        error = outcome.error
     if error is not None and error.retryable and envelope.attempt < policy.max_attempts:
         return Retry(
             delay=pick_delay(policy.delays, envelope.attempt, error.retry_after),

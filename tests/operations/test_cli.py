@@ -16,7 +16,7 @@ from aio_pika.abc import AbstractRobustConnection
 from service.amqp.declare import declare_queue
 from service.config import Settings
 from service.topology import Topology
-from testbed.fakes import FakeInconvo
+from testbed.fakes import FakeInconvo, FakeMindset
 from testbed.stage import Stage
 from testbed.support import (
     CourierProcess,
@@ -30,7 +30,7 @@ from testbed.support import (
     publish,
     wait_status,
 )
-from tests.conftest import INCONVO_KEY
+from tests.conftest import INCONVO_KEY, MINDSET_KEY
 
 
 @pytest.mark.parametrize(
@@ -153,6 +153,39 @@ async def test_process_runs_a_delete(inconvo: FakeInconvo) -> None:
     event = orjson.loads(out)
     assert event["type"] == "courier.delete.succeeded"
     assert event["data"]["existed"] is False and event["data"]["operation"] == "delete"
+
+
+async def test_process_reports_a_held_request_as_failed(
+    files: FileServer, mindset: FakeMindset
+) -> None:
+    """With no broker to hold it in, a request the rate limit would hold ends in its
+    failed event (destination_unavailable, retryable), never a succeeded one without a
+    result: here a Mindset delete whose second call (the DELETE after the lookup) would
+    wait 100 s for its turn at 0.01 requests/s."""
+    env = courier_env(
+        COURIER_MINDSET_API_KEY=MINDSET_KEY,
+        COURIER_MINDSET_BASE_URL=mindset.base_url,
+        COURIER_SOURCE_ALLOWED_HOSTS=f"127.0.0.1:{files.port}",
+    )
+    where = {"type": "mindset", "appUid": "app", "contextUid": "ctx"}
+    upload = {"id": "held-1", "source": {"url": files.add("/a.pdf", b"%PDF-1.4")}}
+    code, _, err = await courier(
+        "process", "-", env=env, stdin=orjson.dumps(upload | {"destination": where})
+    )
+    assert code == 0, err.decode()
+    delete = {
+        "id": "held-del",
+        "operation": "delete",
+        "destination": where | {"externalId": "courier:held-1"},
+    }
+    held = env | {"COURIER_MINDSET_RATE_LIMIT": "0.01"}
+    code, out, _ = await courier("process", "-", env=held, stdin=orjson.dumps(delete))
+    assert code == 1
+    event = orjson.loads(out)
+    assert event["type"] == "courier.delete.failed"
+    assert event["data"]["error"]["code"] == "destination_unavailable"
+    assert event["data"]["error"]["retryable"] is True
+    assert len(mindset.files) == 1, "nothing was deleted"
 
 
 async def test_process_masks_secrets_in_the_printed_event(
