@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Any
 
 from service.errors import CourierError
-from service.messages import Envelope, header_int
+from service.messages import Envelope, crashes
 from service.topology import (
     ATTEMPTS_HEADER,
     BROKER_HEADERS,
@@ -60,12 +60,8 @@ def moved_headers(original: Mapping[str, Any] | None, tenant: str) -> dict[str, 
     """A request moved into its tenant's queue: untouched, but for whose it is and the
     crashes counted so far (the broker's count of this copy is not carried over)."""
     headers = carried_headers(original) | {TENANT_HEADER: tenant}
-    original = original or {}
-    crashes = header_int(original.get(REDELIVERIES_HEADER)) + header_int(
-        original.get(DELIVERY_COUNT_HEADER)
-    )
-    if crashes:
-        headers[REDELIVERIES_HEADER] = crashes
+    if counted := crashes(original or {}):
+        headers[REDELIVERIES_HEADER] = counted
     return headers
 
 

@@ -109,14 +109,21 @@ class Envelope:
             reply_to=message.reply_to or None,
             traceparent=_traceparent(headers.get(TRACEPARENT_HEADER)),
             attempt=header_int(headers.get(ATTEMPT_HEADER), default=1, least=1),
-            redeliveries=header_int(headers.get(REDELIVERIES_HEADER))
-            + header_int(headers.get(DELIVERY_COUNT_HEADER)),
+            redeliveries=crashes(headers),
             held_since=header_time(headers.get(HELD_SINCE_HEADER)),
             copy_id=header_text(headers.get(COPY_ID_HEADER)),
             follow_since=header_time(headers.get(FOLLOW_SINCE_HEADER)),
             checks=header_int(headers.get(CHECKS_HEADER)),
             read_at=header_time(headers.get(READ_AT_HEADER)),
         )
+
+
+def crashes(headers: Mapping[str, Any]) -> int:
+    """The crashes a delivery's headers count: earlier copies' (``x-courier-redeliveries``)
+    plus the broker's count of this copy (``x-delivery-count``)."""
+    return header_int(headers.get(REDELIVERIES_HEADER)) + header_int(
+        headers.get(DELIVERY_COUNT_HEADER)
+    )
 
 
 def header_int(value: Any, *, default: int = 0, least: int = 0) -> int:
